@@ -1,0 +1,184 @@
+"""Shared fixtures: a real wsboard process on loopback and clients for its two sockets."""
+
+# The unit tests import wsboard, which patches with gevent; do it before anything else loads.
+from gevent import monkey
+
+monkey.patch_all()
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+import websocket  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Control:
+    """A client of the UNIX control socket that reads answers line by line."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"control socket closed; unread: {self.buffer!r}")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line
+
+    def ask(self, line: str) -> str:
+        self.send(line.encode("utf-8") + b"\n")
+        return self.line().decode("utf-8")
+
+    def list(self) -> list:
+        self.send(b"LIST WEBSOCKETS\n")
+        assert self.line() == b"=== START ==="
+        rows = []
+        while (row := self.line()) != b"=== END ===":
+            rows.append(row.decode())
+        return rows
+
+    def at_eof(self) -> bool:
+        """True when the server has closed its side and nothing more is unread."""
+        return not self.buffer and self.sock.recv(1) == b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Server:
+    """wsboard started for real as `python wsboard.py` on a free loopback port."""
+
+    def __init__(self, tmp_path, *args: str, env=None) -> None:
+        self.port = free_port()
+        self.control_path = str(tmp_path / "control.sock")
+        self.log_path = tmp_path / "wsboard.log"
+        self.args = ["--port", str(self.port), "--control", self.control_path, *args]
+        self.env = {**os.environ, **(env or {})}
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ws_url(self, client_id: str) -> str:
+        return f"ws://127.0.0.1:{self.port}/websocket?id={client_id}"
+
+    def start(self, wait: bool = True) -> "Server":
+        self.log_file = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "wsboard.py"), *self.args],
+                                     stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     env=self.env, cwd=ROOT)
+        if wait:
+            wait_until(self.ready, what=f"wsboard to start; log:\n{self.log()}")
+        return self
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"wsboard exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            Control(self.control_path, timeout=1).close()
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def control(self) -> Control:
+        return Control(self.control_path)
+
+    def websocket(self, client_id: str, **kwargs) -> websocket.WebSocket:
+        return websocket.create_connection(self.ws_url(client_id), timeout=10, **kwargs)
+
+    def wait_listed(self, count: int) -> list:
+        def rows():
+            control = self.control()
+            try:
+                listed = control.list()
+            finally:
+                control.close()
+            return listed if len(listed) == count else None
+        return wait_until(rows, what=f"{count} listed sockets")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self.log_file.close()
+        return code
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    servers = []
+
+    def make(*args: str, start: bool = True, env=None) -> Server:
+        server = Server(tmp_path, *args, env=env)
+        servers.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in servers:
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+@pytest.fixture
+def server(server_factory):
+    return server_factory()
+
+
+def raw_http(port: int, request: bytes, timeout: float = 5) -> bytes:
+    """Send raw bytes to the HTTP port and return everything the server answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer and b"Content-Length" not in answer:
+                break
+            head, _, body = answer.partition(b"\r\n\r\n")
+            for header in head.split(b"\r\n"):
+                if header.lower().startswith(b"content-length:"):
+                    if len(body) >= int(header.split(b":")[1]):
+                        return answer
+        return answer
+
+
+def upgrade_request(query: str, key: str = "dGhlIHNhbXBsZSBub25jZQ==", version: str = "13",
+                    method: str = "GET") -> bytes:
+    return (f"{method} /websocket{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: {version}\r\n\r\n").encode()

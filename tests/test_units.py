@@ -1,0 +1,192 @@
+"""The pure parts of wsboard, called directly: no sockets."""
+
+import struct
+
+import pytest
+
+import wsboard
+from wsboard import Command, parse_control_line
+
+# Control line parser ##########################################################
+
+
+def test_list_websockets_parses():
+    assert parse_control_line(b"LIST WEBSOCKETS") == Command("list")
+
+
+def test_a_trailing_carriage_return_is_ignored():
+    assert parse_control_line(b"LIST WEBSOCKETS\r") == Command("list")
+    assert parse_control_line(b"SEND MESSAGE a hi\r") == Command("send", ("a", "hi"))
+
+
+def test_send_message_keeps_spaces_in_the_text():
+    command = parse_control_line(b"SEND MESSAGE abc  two  spaces and a tail ")
+    assert command == Command("send", ("abc", " two  spaces and a tail "))
+
+
+def test_send_message_keeps_utf8_in_the_text():
+    line = "SEND MESSAGE id1 {\"message\":\"h\u00e9llo \u2603 \U0001F600\"}".encode()
+    assert parse_control_line(line) == Command("send", ("id1", "{\"message\":\"h\u00e9llo \u2603 \U0001F600\"}"))
+
+
+@pytest.mark.parametrize("line, error", [
+    (b"SEND MESSAGE abc", "Missing message text"),
+    (b"SEND MESSAGE abc ", "Missing message text"),
+    (b"SEND MESSAGE  text", "Missing client id"),
+    (b"SEND MESSAGE a<b text", "Invalid client id"),
+    (b"SEND MESSAGE \xc3\xa9 text", "Invalid client id"),
+    (b"SEND MESSAGE abc \xff\xfe", "Message is not valid UTF-8"),
+    (b"", "Unknown command"),
+    (b"list websockets", "Unknown command"),
+    (b"LIST WEBSOCKETS NOW", "Unknown command"),
+    (b"SEND abc hi", "Unknown command"),
+    (b"\x00\x01\x02", "Unknown command"),
+])
+def test_bad_control_lines_are_refused_with_a_reason(line, error):
+    assert parse_control_line(line) == Command("error", (error,))
+
+
+def test_every_command_answers_with_at_least_one_line():
+    for verb, args in (("list", ()), ("send", ("nobody", "x")), ("error", ("why",))):
+        lines = wsboard.run_command(Command(verb, args))
+        assert lines and all("\n" not in line for line in lines)
+
+
+def test_split_lines_keeps_the_unfinished_tail():
+    lines, rest = wsboard.split_lines(bytearray(b"one\ntwo\r\nthr"))
+    assert lines == [b"one", b"two\r"] and rest == bytearray(b"thr")
+
+
+# Client ids ###################################################################
+
+
+@pytest.mark.parametrize("client_id", ["a", "ABC123", "user_1.tab-2:x", "x" * 128])
+def test_valid_client_ids(client_id):
+    assert wsboard.is_valid_client_id(client_id)
+
+
+@pytest.mark.parametrize("client_id", ["", "x" * 129, "a b", "a\nb", "<b>", "a/b", "\u00e9", None, 5])
+def test_invalid_client_ids(client_id):
+    assert not wsboard.is_valid_client_id(client_id)
+
+
+def test_board_ids_are_random_and_valid():
+    ids = {wsboard.new_board_id() for _ in range(100)}
+    assert len(ids) == 100
+    assert all(len(i) == 10 and wsboard.is_valid_client_id(i) for i in ids)
+
+
+# Frames #######################################################################
+
+
+def test_text_frame_is_one_final_unmasked_text_frame():
+    assert wsboard.text_frame("hi") == b"\x81\x02hi"
+    long = wsboard.text_frame("x" * 300)
+    assert long[:4] == b"\x81\x7e\x01\x2c" and len(long) == 304
+
+
+def test_close_payload_carries_code_then_reason():
+    assert wsboard.close_payload(4001, "bye") == struct.pack("!H", 4001) + b"bye"
+    assert wsboard.close_payload(1000, bytearray(b"ok")) == b"\x03\xe8ok"
+    assert wsboard.close_payload(None) == b""
+
+
+def test_close_payload_fits_a_control_frame_without_splitting_a_character():
+    payload = wsboard.close_payload(1001, "\u00e9" * 100)
+    assert len(payload) <= 125
+    payload[2:].decode("utf-8")
+
+
+def test_unmask_reverses_masking():
+    mask = b"\x01\x02\x03\x04"
+    data = bytes(range(256)) * 3 + b"tail"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    assert wsboard.unmask(masked, mask) == data
+    assert wsboard.unmask(b"", mask) == b""
+    assert wsboard.unmask(b"\x00\x00\x00", mask) == b"\x01\x02\x03"
+
+
+def test_websocket_accept_matches_rfc_6455_example():
+    assert wsboard.websocket_accept("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def good_handshake(**changes):
+    environ = {"REQUEST_METHOD": "GET", "HTTP_CONNECTION": "keep-alive, Upgrade",
+               "HTTP_SEC_WEBSOCKET_VERSION": "13",
+               "HTTP_SEC_WEBSOCKET_KEY": "dGhlIHNhbXBsZSBub25jZQ==", "QUERY_STRING": "id=abc"}
+    environ.update(changes)
+    return environ
+
+
+def test_a_good_handshake_is_not_refused():
+    assert wsboard.handshake_refusal(good_handshake(), "HTTP/1.1") is None
+
+
+@pytest.mark.parametrize("changes, version, status", [
+    ({"QUERY_STRING": ""}, "HTTP/1.1", "400 Bad Request"),
+    ({"QUERY_STRING": "id="}, "HTTP/1.1", "400 Bad Request"),
+    ({"QUERY_STRING": "id=a&id=b"}, "HTTP/1.1", "400 Bad Request"),
+    ({"QUERY_STRING": "id=%3Cscript%3E"}, "HTTP/1.1", "400 Bad Request"),
+    ({"HTTP_SEC_WEBSOCKET_KEY": "not base64!"}, "HTTP/1.1", "400 Bad Request"),
+    ({"HTTP_SEC_WEBSOCKET_KEY": "c2hvcnQ="}, "HTTP/1.1", "400 Bad Request"),
+    ({"HTTP_SEC_WEBSOCKET_VERSION": "8"}, "HTTP/1.1", "426 Upgrade Required"),
+    ({"REQUEST_METHOD": "POST"}, "HTTP/1.1", "400 Bad Request"),
+    ({}, "HTTP/1.0", "400 Bad Request"),
+    ({"HTTP_CONNECTION": "close"}, "HTTP/1.1", "400 Bad Request"),
+])
+def test_bad_handshakes_are_refused_with_a_status(changes, version, status):
+    refusal = wsboard.handshake_refusal(good_handshake(**changes), version)
+    assert refusal is not None and refusal[0] == status and refusal[1]
+
+
+# /sendMessage body ############################################################
+
+
+def test_send_request_body_parses():
+    assert wsboard.parse_send_request(b'{"clientId": "a1", "message": "hi there"}') == ("a1", "hi there")
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"not json", b"[]", b'"text"', b"\xff", b'{"message": "x"}', b'{"clientId": "a"}',
+    b'{"clientId": "a b", "message": "x"}', b'{"clientId": "a", "message": 5}',
+    b'{"clientId": 7, "message": "x"}',
+])
+def test_bad_send_request_bodies_raise_with_a_reason(body):
+    with pytest.raises(ValueError) as info:
+        wsboard.parse_send_request(body)
+    assert str(info.value)
+
+
+# Configuration ################################################################
+
+
+def test_defaults_are_safe_for_a_single_box():
+    config = wsboard.load_config([], environ={})
+    assert config.host == "127.0.0.1" and config.port == 8080
+    assert config.max_line == 1024 * 1024
+
+
+def test_a_flag_beats_the_environment_which_beats_the_default():
+    env = {"WSBOARD_PORT": "9000", "WSBOARD_HOST": "0.0.0.0"}
+    config = wsboard.load_config(["--port", "9001"], environ=env)
+    assert config.port == 9001 and config.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--port", "70000"], {}, "--port='70000': must be 0-65535"),
+    ([], {"WSBOARD_PORT": "http"}, "WSBOARD_PORT='http': is not a number"),
+    ([], {"WSBOARD_MAX_LINE": "0"}, "WSBOARD_MAX_LINE='0': must be at least 1"),
+    ([], {"WSBOARD_WRITE_TIMEOUT": "nan"}, "WSBOARD_WRITE_TIMEOUT='nan': must be a positive"),
+    ([], {"WSBOARD_CONTROL": "/tmp/" + "x" * 120}, "longer than the 107 bytes"),
+    (["--log-level", "loud"], {}, "must be one of"),
+])
+def test_bad_configuration_values_are_refused_by_name(argv, env, message):
+    with pytest.raises(wsboard.ConfigError) as info:
+        wsboard.load_config(argv, environ=env)
+    assert message in str(info.value)
+
+
+def test_every_option_has_a_flag_an_environment_variable_and_help():
+    text = wsboard.argument_parser().format_help()
+    for option in wsboard.OPTIONS:
+        assert option.flag in text and option.env in text

@@ -1,0 +1,37 @@
+<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>wsboard admin</title>
+  <link rel="stylesheet" href="/static/wsboard.css">
+</head>
+<body>
+  <h2>Clients</h2>
+  % if clients:
+  <table id="client_table">
+    <thead><tr><th>Client id</th><th>Host</th></tr></thead>
+    <tbody>
+    % for client in clients:
+      <tr><td>{{client.client_id}}</td><td>{{client.peer}}</td></tr>
+    % end
+    </tbody>
+  </table>
+  % else:
+  <p id="no_clients">No client is connected. Reload this page to see new ones.</p>
+  % end
+  <form id="send_form">
+    <label for="clients">Send to</label>
+    <select id="clients" name="clientId" required>
+    % for client_id in dict.fromkeys(c.client_id for c in clients):
+      <option value="{{client_id}}">{{client_id}}</option>
+    % end
+    </select>
+    <h2><label for="message">Message</label></h2>
+    <textarea id="message" name="message" rows="4" cols="60"></textarea>
+    <p><button id="send_message" type="submit">Send Message</button></p>
+    <p id="result" role="status"></p>
+  </form>
+  <script src="/static/admin.js"></script>
+</body>
+</html>

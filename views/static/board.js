@@ -1,0 +1,36 @@
+// The board page: one WebSocket to the server that served the page, under the board's id.
+// Every pushed message is shown as text (never as HTML): its "message" field when it is
+// JSON that has one, else the raw text.
+(function () {
+  "use strict";
+  var boardId = document.getElementById("boardId").textContent;
+  var board = document.getElementById("message_board");
+  var status = document.getElementById("status");
+  var scheme = location.protocol === "https:" ? "wss:" : "ws:";
+
+  function textOf(data) {
+    try {
+      var parsed = JSON.parse(data);
+      if (parsed !== null && typeof parsed === "object" && "message" in parsed) {
+        return typeof parsed.message === "string" ? parsed.message : JSON.stringify(parsed.message);
+      }
+    } catch (e) {
+      // not JSON: show it as it came
+    }
+    return String(data);
+  }
+
+  var ws = new WebSocket(scheme + "//" + location.host + "/websocket?id=" + encodeURIComponent(boardId));
+  ws.onopen = function () {
+    status.textContent = "connected";
+  };
+  ws.onclose = function (event) {
+    status.textContent = "disconnected (code " + event.code + "); reload the page to reconnect";
+  };
+  ws.onmessage = function (event) {
+    var line = document.createElement("div");
+    line.className = "message";
+    line.textContent = textOf(event.data);
+    board.appendChild(line);
+  };
+})();
