@@ -11,14 +11,16 @@ setup(
     py_modules=["wsboard"],
     data_files=[
         ("share/wsboard/views", ["views/board.tpl", "views/admin.tpl"]),
-        ("share/wsboard/views/static",
-         ["views/static/board.js", "views/static/admin.js", "views/static/wsboard.css"]),
+        (
+            "share/wsboard/views/static",
+            ["views/static/board.js", "views/static/admin.js", "views/static/wsboard.css"],
+        ),
     ],
     install_requires=[
         "gevent>=24",
         "gevent-websocket==0.10.1",
         "bottle>=0.13,<0.14",
-        # C-speed UTF-8 validation: gevent-websocket uses it when present (pure Python blocks the hub)
+        # C-speed UTF-8 checks: gevent-websocket uses it when present (pure Python blocks the hub)
         "wsaccel>=0.6.6",
     ],
     extras_require={

@@ -111,19 +111,43 @@ class Option(NamedTuple):
 
 
 OPTIONS = (
-    Option("host", "127.0.0.1", str,
-           "address the HTTP/WebSocket server binds; 0.0.0.0 exposes it to the network"),
+    Option(
+        "host",
+        "127.0.0.1",
+        str,
+        "address the HTTP/WebSocket server binds; 0.0.0.0 exposes it to the network",
+    ),
     Option("port", 8080, _port, "TCP port of the HTTP/WebSocket server"),
-    Option("control", "/tmp/wsboard.sock", _socket_path,
-           "path of the UNIX control socket the backend app talks to"),
-    Option("max_line", 1024 * 1024, _positive_int,
-           "longest control line in bytes; a longer one is refused and its connection closed"),
-    Option("max_message", 64 * 1024, _positive_int,
-           "largest message in bytes a browser may send; a larger one closes it with 1009"),
-    Option("write_timeout", 10.0, _positive_float,
-           "seconds a write to a socket may block before that socket is dropped"),
-    Option("shutdown_timeout", 5.0, _positive_float,
-           "seconds open WebSockets get to finish their close handshake on shutdown"),
+    Option(
+        "control",
+        "/tmp/wsboard.sock",
+        _socket_path,
+        "path of the UNIX control socket the backend app talks to",
+    ),
+    Option(
+        "max_line",
+        1024 * 1024,
+        _positive_int,
+        "longest control line in bytes; a longer one is refused and its connection closed",
+    ),
+    Option(
+        "max_message",
+        64 * 1024,
+        _positive_int,
+        "largest message in bytes a browser may send; a larger one closes it with 1009",
+    ),
+    Option(
+        "write_timeout",
+        10.0,
+        _positive_float,
+        "seconds a write to a socket may block before that socket is dropped",
+    ),
+    Option(
+        "shutdown_timeout",
+        5.0,
+        _positive_float,
+        "seconds open WebSockets get to finish their close handshake on shutdown",
+    ),
     Option("log_level", "info", _log_level, "debug, info, warning or error"),
 )
 
@@ -144,14 +168,18 @@ def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsboard",
         description="WebSocket push server: browsers connect to /websocket?id=ID, "
-                    "the backend app pushes to them over a UNIX control socket.",
+        "the backend app pushes to them over a UNIX control socket.",
         epilog="Each option can also be set by the environment variable named in brackets; "
-               "a flag wins over the environment.",
+        "a flag wins over the environment.",
     )
     parser.add_argument("--version", action="version", version=f"wsboard {__version__}")
     for option in OPTIONS:
-        parser.add_argument(option.flag, dest=option.name, metavar=option.name.upper(),
-                            help=f"{option.help} [{option.env}, default: {option.default}]")
+        parser.add_argument(
+            option.flag,
+            dest=option.name,
+            metavar=option.name.upper(),
+            help=f"{option.help} [{option.env}, default: {option.default}]",
+        )
     return parser
 
 
@@ -278,8 +306,9 @@ def handshake_refusal(environ: Mapping[str, str], http_version: str) -> tuple | 
         return "400 Bad Request", "Sec-WebSocket-Key must be 16 bytes in base64"
     ids = query_ids(environ)
     if len(ids) != 1 or not is_valid_client_id(ids[0]):
-        return "400 Bad Request", ("Invalid client id: give exactly one id of 1-128 characters "
-                                   "from A-Z a-z 0-9 _ - . :")
+        return "400 Bad Request", (
+            "Invalid client id: give exactly one id of 1-128 characters from A-Z a-z 0-9 _ - . :"
+        )
     return None
 
 
@@ -384,8 +413,10 @@ class WebSocketHandler(_GeventWebSocketHandler):
 
     def run_application(self) -> None:
         environ = self.environ
-        if (environ.get("PATH_INFO") != WEBSOCKET_PATH
-                or environ.get("HTTP_UPGRADE", "").lower() != "websocket"):
+        if (
+            environ.get("PATH_INFO") != WEBSOCKET_PATH
+            or environ.get("HTTP_UPGRADE", "").lower() != "websocket"
+        ):
             return WSGIHandler.run_application(self)
         refusal = handshake_refusal(environ, self.request_version)
         if refusal:
@@ -393,23 +424,32 @@ class WebSocketHandler(_GeventWebSocketHandler):
         self.websocket = BoardSocket(environ, Stream(self), self)
         environ["wsgi.websocket"] = self.websocket
         environ["wsgi.websocket_version"] = "13"
-        self.start_response("101 Switching Protocols", [
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Accept", websocket_accept(environ["HTTP_SEC_WEBSOCKET_KEY"].strip())),
-        ])
+        self.start_response(
+            "101 Switching Protocols",
+            [
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+                (
+                    "Sec-WebSocket-Accept",
+                    websocket_accept(environ["HTTP_SEC_WEBSOCKET_KEY"].strip()),
+                ),
+            ],
+        )
         self.write(b"")
         self.run_websocket()
 
     def log_request(self) -> None:
-        if not str(self.status).startswith("101"):  # sockets log their own connect/disconnect
+        status = self.status.decode() if isinstance(self.status, bytes) else str(self.status)
+        if not status.startswith("101"):  # sockets log their own connect/disconnect
             access_log.info(self.format_request())
 
     def refuse(self, status: str, reason: str) -> None:
         log.warning("refused websocket from %s: %s", format_peer(self.client_address), reason)
         body = (reason + "\n").encode("utf-8")
-        self.start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
-                                     ("Content-Length", str(len(body)))])
+        self.start_response(
+            status,
+            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+        )
         self.result = [body]
         self.process_result()
 
@@ -497,8 +537,12 @@ def serve_websocket(conn: Connection) -> None:
     finally:
         registry.remove(conn)
         ws.close()
-        log.info("disconnect %s %s after %.1fs", conn.client_id, conn.peer,
-                 time.time() - conn.connected_at)
+        log.info(
+            "disconnect %s %s after %.1fs",
+            conn.client_id,
+            conn.peer,
+            time.time() - conn.connected_at,
+        )
 
 
 def close_all(code: int, reason: str) -> int:
@@ -528,7 +572,7 @@ def parse_control_line(line: bytes) -> Command:
     if line.rstrip(b" ") == b"LIST WEBSOCKETS":
         return Command("list")
     if line.startswith(b"SEND MESSAGE "):
-        client_id, space, text = line[len(b"SEND MESSAGE "):].partition(b" ")
+        client_id, space, text = line[len(b"SEND MESSAGE ") :].partition(b" ")
         if not client_id:
             return Command("error", ("Missing client id",))
         try:
@@ -632,8 +676,10 @@ def write_control(sock: socket.socket, data: bytes) -> None:
 
 def find_views() -> str:
     """views/ beside this file (a checkout) or under <prefix>/share/wsboard (pip install)."""
-    for candidate in (os.path.join(HERE, "views"),
-                      os.path.join(sys.prefix, "share", "wsboard", "views")):
+    for candidate in (
+        os.path.join(HERE, "views"),
+        os.path.join(sys.prefix, "share", "wsboard", "views"),
+    ):
         if os.path.isdir(candidate):
             return candidate
     raise RuntimeError("wsboard: cannot find its views/ directory")
@@ -807,9 +853,13 @@ def drain(timeout: float) -> None:
 
 def serve(cfg: Config) -> int:
     """Run the HTTP/WebSocket server and the control socket until SIGTERM or SIGINT."""
-    http = WSGIServer((cfg.host, cfg.port), app, handler_class=WebSocketHandler,
-                      log=access_log,
-                      error_log=logging.getLogger("wsboard.error"))
+    http = WSGIServer(
+        (cfg.host, cfg.port),
+        app,
+        handler_class=WebSocketHandler,
+        log=access_log,
+        error_log=logging.getLogger("wsboard.error"),
+    )
     try:
         http.init_socket()
     except OSError as exc:
@@ -826,8 +876,13 @@ def serve(cfg: Config) -> int:
         gevent.signal_handler(signum, stopping.set)
     http.start()
     control.start()
-    log.info("wsboard %s on http://%s:%d, control socket %s",
-             __version__, cfg.host, http.server_port, cfg.control)
+    log.info(
+        "wsboard %s on http://%s:%d, control socket %s",
+        __version__,
+        cfg.host,
+        http.server_port,
+        cfg.control,
+    )
     stopping.wait()
     log.info("shutting down")
     http.close()
@@ -860,8 +915,12 @@ def start_in_worker() -> None:
     configure(load_config([]))
     worker_control = ControlServer(config.control)
     worker_control.start()
-    log.info("wsboard %s in gunicorn worker %d, control socket %s",
-             __version__, os.getpid(), config.control)
+    log.info(
+        "wsboard %s in gunicorn worker %d, control socket %s",
+        __version__,
+        os.getpid(),
+        config.control,
+    )
 
 
 def stop_in_worker() -> None:

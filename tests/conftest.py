@@ -28,7 +28,7 @@ def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
-        if value:
+        if value is not None and value is not False:
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
@@ -95,9 +95,13 @@ class Server:
 
     def start(self, wait: bool = True) -> "Server":
         self.log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "wsboard.py"), *self.args],
-                                     stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     env=self.env, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "wsboard.py"), *self.args],
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=ROOT,
+        )
         if wait:
             wait_until(self.ready, what=f"wsboard to start; log:\n{self.log()}")
         return self
@@ -129,6 +133,7 @@ class Server:
             finally:
                 control.close()
             return listed if len(listed) == count else None
+
         return wait_until(rows, what=f"{count} listed sockets")
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int:
@@ -177,8 +182,11 @@ def raw_http(port: int, request: bytes, timeout: float = 5) -> bytes:
         return answer
 
 
-def upgrade_request(query: str, key: str = "dGhlIHNhbXBsZSBub25jZQ==", version: str = "13",
-                    method: str = "GET") -> bytes:
-    return (f"{method} /websocket{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: {version}\r\n\r\n").encode()
+def upgrade_request(
+    query: str, key: str = "dGhlIHNhbXBsZSBub25jZQ==", version: str = "13", method: str = "GET"
+) -> bytes:
+    return (
+        f"{method} /websocket{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: {version}\r\n\r\n"
+    ).encode()

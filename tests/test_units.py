@@ -25,23 +25,28 @@ def test_send_message_keeps_spaces_in_the_text():
 
 
 def test_send_message_keeps_utf8_in_the_text():
-    line = "SEND MESSAGE id1 {\"message\":\"h\u00e9llo \u2603 \U0001F600\"}".encode()
-    assert parse_control_line(line) == Command("send", ("id1", "{\"message\":\"h\u00e9llo \u2603 \U0001F600\"}"))
+    line = 'SEND MESSAGE id1 {"message":"h\u00e9llo \u2603 \U0001f600"}'.encode()
+    assert parse_control_line(line) == Command(
+        "send", ("id1", '{"message":"h\u00e9llo \u2603 \U0001f600"}')
+    )
 
 
-@pytest.mark.parametrize("line, error", [
-    (b"SEND MESSAGE abc", "Missing message text"),
-    (b"SEND MESSAGE abc ", "Missing message text"),
-    (b"SEND MESSAGE  text", "Missing client id"),
-    (b"SEND MESSAGE a<b text", "Invalid client id"),
-    (b"SEND MESSAGE \xc3\xa9 text", "Invalid client id"),
-    (b"SEND MESSAGE abc \xff\xfe", "Message is not valid UTF-8"),
-    (b"", "Unknown command"),
-    (b"list websockets", "Unknown command"),
-    (b"LIST WEBSOCKETS NOW", "Unknown command"),
-    (b"SEND abc hi", "Unknown command"),
-    (b"\x00\x01\x02", "Unknown command"),
-])
+@pytest.mark.parametrize(
+    "line, error",
+    [
+        (b"SEND MESSAGE abc", "Missing message text"),
+        (b"SEND MESSAGE abc ", "Missing message text"),
+        (b"SEND MESSAGE  text", "Missing client id"),
+        (b"SEND MESSAGE a<b text", "Invalid client id"),
+        (b"SEND MESSAGE \xc3\xa9 text", "Invalid client id"),
+        (b"SEND MESSAGE abc \xff\xfe", "Message is not valid UTF-8"),
+        (b"", "Unknown command"),
+        (b"list websockets", "Unknown command"),
+        (b"LIST WEBSOCKETS NOW", "Unknown command"),
+        (b"SEND abc hi", "Unknown command"),
+        (b"\x00\x01\x02", "Unknown command"),
+    ],
+)
 def test_bad_control_lines_are_refused_with_a_reason(line, error):
     assert parse_control_line(line) == Command("error", (error,))
 
@@ -65,7 +70,9 @@ def test_valid_client_ids(client_id):
     assert wsboard.is_valid_client_id(client_id)
 
 
-@pytest.mark.parametrize("client_id", ["", "x" * 129, "a b", "a\nb", "<b>", "a/b", "\u00e9", None, 5])
+@pytest.mark.parametrize(
+    "client_id", ["", "x" * 129, "a b", "a\nb", "<b>", "a/b", "\u00e9", None, 5]
+)
 def test_invalid_client_ids(client_id):
     assert not wsboard.is_valid_client_id(client_id)
 
@@ -111,9 +118,13 @@ def test_websocket_accept_matches_rfc_6455_example():
 
 
 def good_handshake(**changes):
-    environ = {"REQUEST_METHOD": "GET", "HTTP_CONNECTION": "keep-alive, Upgrade",
-               "HTTP_SEC_WEBSOCKET_VERSION": "13",
-               "HTTP_SEC_WEBSOCKET_KEY": "dGhlIHNhbXBsZSBub25jZQ==", "QUERY_STRING": "id=abc"}
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "HTTP_CONNECTION": "keep-alive, Upgrade",
+        "HTTP_SEC_WEBSOCKET_VERSION": "13",
+        "HTTP_SEC_WEBSOCKET_KEY": "dGhlIHNhbXBsZSBub25jZQ==",
+        "QUERY_STRING": "id=abc",
+    }
     environ.update(changes)
     return environ
 
@@ -122,18 +133,21 @@ def test_a_good_handshake_is_not_refused():
     assert wsboard.handshake_refusal(good_handshake(), "HTTP/1.1") is None
 
 
-@pytest.mark.parametrize("changes, version, status", [
-    ({"QUERY_STRING": ""}, "HTTP/1.1", "400 Bad Request"),
-    ({"QUERY_STRING": "id="}, "HTTP/1.1", "400 Bad Request"),
-    ({"QUERY_STRING": "id=a&id=b"}, "HTTP/1.1", "400 Bad Request"),
-    ({"QUERY_STRING": "id=%3Cscript%3E"}, "HTTP/1.1", "400 Bad Request"),
-    ({"HTTP_SEC_WEBSOCKET_KEY": "not base64!"}, "HTTP/1.1", "400 Bad Request"),
-    ({"HTTP_SEC_WEBSOCKET_KEY": "c2hvcnQ="}, "HTTP/1.1", "400 Bad Request"),
-    ({"HTTP_SEC_WEBSOCKET_VERSION": "8"}, "HTTP/1.1", "426 Upgrade Required"),
-    ({"REQUEST_METHOD": "POST"}, "HTTP/1.1", "400 Bad Request"),
-    ({}, "HTTP/1.0", "400 Bad Request"),
-    ({"HTTP_CONNECTION": "close"}, "HTTP/1.1", "400 Bad Request"),
-])
+@pytest.mark.parametrize(
+    "changes, version, status",
+    [
+        ({"QUERY_STRING": ""}, "HTTP/1.1", "400 Bad Request"),
+        ({"QUERY_STRING": "id="}, "HTTP/1.1", "400 Bad Request"),
+        ({"QUERY_STRING": "id=a&id=b"}, "HTTP/1.1", "400 Bad Request"),
+        ({"QUERY_STRING": "id=%3Cscript%3E"}, "HTTP/1.1", "400 Bad Request"),
+        ({"HTTP_SEC_WEBSOCKET_KEY": "not base64!"}, "HTTP/1.1", "400 Bad Request"),
+        ({"HTTP_SEC_WEBSOCKET_KEY": "c2hvcnQ="}, "HTTP/1.1", "400 Bad Request"),
+        ({"HTTP_SEC_WEBSOCKET_VERSION": "8"}, "HTTP/1.1", "426 Upgrade Required"),
+        ({"REQUEST_METHOD": "POST"}, "HTTP/1.1", "400 Bad Request"),
+        ({}, "HTTP/1.0", "400 Bad Request"),
+        ({"HTTP_CONNECTION": "close"}, "HTTP/1.1", "400 Bad Request"),
+    ],
+)
 def test_bad_handshakes_are_refused_with_a_status(changes, version, status):
     refusal = wsboard.handshake_refusal(good_handshake(**changes), version)
     assert refusal is not None and refusal[0] == status and refusal[1]
@@ -143,14 +157,27 @@ def test_bad_handshakes_are_refused_with_a_status(changes, version, status):
 
 
 def test_send_request_body_parses():
-    assert wsboard.parse_send_request(b'{"clientId": "a1", "message": "hi there"}') == ("a1", "hi there")
+    assert wsboard.parse_send_request(b'{"clientId": "a1", "message": "hi there"}') == (
+        "a1",
+        "hi there",
+    )
 
 
-@pytest.mark.parametrize("body", [
-    b"", b"not json", b"[]", b'"text"', b"\xff", b'{"message": "x"}', b'{"clientId": "a"}',
-    b'{"clientId": "a b", "message": "x"}', b'{"clientId": "a", "message": 5}',
-    b'{"clientId": 7, "message": "x"}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'"text"',
+        b"\xff",
+        b'{"message": "x"}',
+        b'{"clientId": "a"}',
+        b'{"clientId": "a b", "message": "x"}',
+        b'{"clientId": "a", "message": 5}',
+        b'{"clientId": 7, "message": "x"}',
+    ],
+)
 def test_bad_send_request_bodies_raise_with_a_reason(body):
     with pytest.raises(ValueError) as info:
         wsboard.parse_send_request(body)
@@ -172,14 +199,17 @@ def test_a_flag_beats_the_environment_which_beats_the_default():
     assert config.port == 9001 and config.host == "0.0.0.0"
 
 
-@pytest.mark.parametrize("argv, env, message", [
-    (["--port", "70000"], {}, "--port='70000': must be 0-65535"),
-    ([], {"WSBOARD_PORT": "http"}, "WSBOARD_PORT='http': is not a number"),
-    ([], {"WSBOARD_MAX_LINE": "0"}, "WSBOARD_MAX_LINE='0': must be at least 1"),
-    ([], {"WSBOARD_WRITE_TIMEOUT": "nan"}, "WSBOARD_WRITE_TIMEOUT='nan': must be a positive"),
-    ([], {"WSBOARD_CONTROL": "/tmp/" + "x" * 120}, "longer than the 107 bytes"),
-    (["--log-level", "loud"], {}, "must be one of"),
-])
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        (["--port", "70000"], {}, "--port='70000': must be 0-65535"),
+        ([], {"WSBOARD_PORT": "http"}, "WSBOARD_PORT='http': is not a number"),
+        ([], {"WSBOARD_MAX_LINE": "0"}, "WSBOARD_MAX_LINE='0': must be at least 1"),
+        ([], {"WSBOARD_WRITE_TIMEOUT": "nan"}, "WSBOARD_WRITE_TIMEOUT='nan': must be a positive"),
+        ([], {"WSBOARD_CONTROL": "/tmp/" + "x" * 120}, "longer than the 107 bytes"),
+        (["--log-level", "loud"], {}, "must be one of"),
+    ],
+)
 def test_bad_configuration_values_are_refused_by_name(argv, env, message):
     with pytest.raises(wsboard.ConfigError) as info:
         wsboard.load_config(argv, environ=env)

@@ -1,0 +1,107 @@
+"""The pages in a real browser: Debian's headless Chromium driven by Selenium."""
+
+import json
+import shutil
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path}/chrome",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait(driver, condition, timeout=15):
+    return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+
+
+def open_board(browser, server) -> str:
+    browser.get(server.url + "/")
+    wait(browser, lambda d: d.find_element(By.ID, "status").text == "connected")
+    return browser.find_element(By.ID, "boardId").text
+
+
+def messages(browser) -> list:
+    return [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#message_board .message")]
+
+
+def test_the_board_page_connects_under_its_board_id(browser, server):
+    board_id = open_board(browser, server)
+    assert len(board_id) == 10 and board_id.isalnum()
+    rows = server.wait_listed(1)
+    assert rows[0].startswith(board_id + " 127.0.0.1:")
+
+
+def test_a_pushed_message_is_shown_as_text_never_as_html(browser, server):
+    board_id = open_board(browser, server)
+    server.wait_listed(1)
+    control = server.control()
+    hostile = "hello <b>bold</b> <img src=x onerror=\"document.title='pwned'\"> & caf\u00e9"
+    assert control.ask(f"SEND MESSAGE {board_id} " + json.dumps({"message": hostile})) == "OK"
+    assert control.ask(f"SEND MESSAGE {board_id} plain text, not JSON") == "OK"
+    assert control.ask(f"SEND MESSAGE {board_id} " + json.dumps({"other": 1})) == "OK"
+    wait(browser, lambda d: len(messages(d)) == 3)
+    assert messages(browser) == [hostile, "plain text, not JSON", '{"other": 1}']
+    board = browser.find_element(By.ID, "message_board")
+    assert board.find_elements(By.TAG_NAME, "b") == []
+    assert board.find_elements(By.TAG_NAME, "img") == []
+    assert browser.title != "pwned"
+
+
+def test_the_admin_page_sends_a_message_to_a_board(browser, server):
+    board_id = open_board(browser, server)
+    board_window = browser.current_window_handle
+    server.wait_listed(1)
+    browser.switch_to.new_window("tab")
+    browser.get(server.url + "/admin")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#client_table tbody tr")
+    assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows] == [board_id]
+    Select(browser.find_element(By.ID, "clients")).select_by_value(board_id)
+    browser.find_element(By.ID, "message").send_keys("sent from the admin page <i>as text</i>")
+    browser.find_element(By.ID, "send_message").click()
+    wait(browser, lambda d: d.find_element(By.ID, "result").text == "Message sent")
+    browser.switch_to.window(board_window)
+    wait(browser, lambda d: messages(d) == ["sent from the admin page <i>as text</i>"])
+
+
+def test_the_admin_page_reports_a_client_that_has_gone(browser, server):
+    ws = server.websocket("soon-gone")
+    server.wait_listed(1)
+    browser.get(server.url + "/admin")
+    ws.close()
+    server.wait_listed(0)
+    browser.find_element(By.ID, "message").send_keys("too late")
+    browser.find_element(By.ID, "send_message").click()
+    wait(browser, lambda d: d.find_element(By.ID, "result").text == "Error: Client Not Found")
+
+
+def test_the_board_page_shows_when_the_server_goes_away(browser, server):
+    open_board(browser, server)
+    server.wait_listed(1)
+    assert server.stop() == 0
+    wait(browser, lambda d: "code 1001" in d.find_element(By.ID, "status").text)
