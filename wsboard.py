@@ -924,11 +924,13 @@ def start_in_worker() -> None:
 
 
 def stop_in_worker() -> None:
-    """Close WebSockets with 1001 and remove the control socket as a worker stops."""
-    if worker_control is not None:
-        worker_control.server.close()
+    """Close WebSockets with 1001 and remove the control socket as a worker stops (once)."""
+    global worker_control
+    control, worker_control = worker_control, None
+    if control is not None:
+        control.server.close()
         drain(config.shutdown_timeout)
-        worker_control.stop()
+        control.stop()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""wsboard under gunicorn's gevent worker, configured by gunicorn.conf.py and WSBOARD_* vars."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, Control, free_port, wait_until
+from test_server import close_frame
+
+GUNICORN = [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py")]
+
+
+class Gunicorn:
+    def __init__(self, tmp_path, *args):
+        self.port = free_port()
+        self.control_path = str(tmp_path / "control.sock")
+        self.log_path = tmp_path / "gunicorn.log"
+        env = {**os.environ, "WSBOARD_PORT": str(self.port), "WSBOARD_CONTROL": self.control_path}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [*GUNICORN, *args, "wsboard:app"],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            Control(self.control_path, timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+
+@pytest.fixture
+def gunicorn(tmp_path):
+    started = []
+
+    def start(*args):
+        server = Gunicorn(tmp_path, *args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def test_gunicorn_serves_websockets_and_the_control_socket(gunicorn):
+    import websocket
+
+    server = gunicorn()
+    wait_until(server.ready, what="gunicorn to start")
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/websocket?id=gu1", timeout=10)
+    control = Control(server.control_path)
+    wait_until(lambda: len(control.list()) == 1 or None, what="the socket to be listed")
+    assert control.ask("SEND MESSAGE gu1 through gunicorn") == "OK"
+    assert ws.recv() == "through gunicorn"
+    ws.close()
+
+
+def test_gunicorn_refuses_a_bad_id_before_the_upgrade(gunicorn):
+    from conftest import raw_http, upgrade_request
+
+    server = gunicorn()
+    wait_until(server.ready, what="gunicorn to start")
+    assert raw_http(server.port, upgrade_request("?id=a%20b")).startswith(b"HTTP/1.1 400 ")
+
+
+def test_gunicorn_sigterm_closes_websockets_with_1001_and_removes_the_socket(gunicorn):
+    import websocket
+
+    server = gunicorn()
+    wait_until(server.ready, what="gunicorn to start")
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/websocket?id=bye", timeout=10)
+    wait_until(lambda: len(Control(server.control_path).list()) == 1 or None, what="listing")
+    server.proc.send_signal(signal.SIGTERM)
+    assert close_frame(ws) == (1001, "server shutting down")
+    assert server.proc.wait(timeout=20) == 0
+    assert not os.path.exists(server.control_path)
+    assert server.log().count("closed 1 websockets") == 1
+
+
+def test_gunicorn_refuses_more_than_one_worker(gunicorn):
+    server = gunicorn("--workers", "2")
+    assert server.proc.wait(timeout=30) != 0
+    assert "refusing to start 2 workers" in server.log()
+    assert not os.path.exists(server.control_path)
+
+
+def test_the_documented_gunicorn_command_line_works(tmp_path):
+    port = free_port()
+    env = {**os.environ, "WSBOARD_PORT": str(port), "WSBOARD_CONTROL": str(tmp_path / "c.sock")}
+    proc = subprocess.Popen(
+        ["gunicorn", "-c", "gunicorn.conf.py", "wsboard:app"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: os.path.exists(tmp_path / "c.sock") or None, what="the control socket")
+        assert Control(str(tmp_path / "c.sock")).list() == []
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
