@@ -143,6 +143,12 @@ OPTIONS = (
         "seconds a write to a socket may block before that socket is dropped",
     ),
     Option(
+        "handshake_timeout",
+        10.0,
+        _positive_float,
+        "seconds a client gets to send its HTTP request, and to idle between requests",
+    ),
+    Option(
         "shutdown_timeout",
         5.0,
         _positive_float,
@@ -411,6 +417,10 @@ class WebSocketHandler(_GeventWebSocketHandler):
     Everything else goes to the Bottle app. Refusals get a real status before any 101.
     """
 
+    def handle(self) -> None:
+        self.socket.settimeout(config.handshake_timeout)  # a silent client must not hold a greenlet
+        super().handle()
+
     def run_application(self) -> None:
         environ = self.environ
         if (
@@ -436,6 +446,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
             ],
         )
         self.write(b"")
+        self.socket.settimeout(None)  # an open WebSocket may idle; writes have their own timeout
         self.run_websocket()
 
     def log_request(self) -> None:
@@ -640,23 +651,37 @@ def serve_control(sock: socket.socket, address: object) -> None:
         sock.close()
 
 
+CONTROL_FLUSH_BYTES = 64 * 1024
+
+
 def answer_lines(sock: socket.socket, lines: Iterable[bytes]) -> bool:
-    """Answer lines in order; False when one was too long and the connection must end."""
-    answers = []
-    ok = True
+    """Answer lines in order; False when one was too long and the connection must end.
+
+    Answers are written whenever 64 KiB are pending, so a burst of LISTs cannot pile up.
+    """
+    pending: list = []
+    size = 0
     for line in lines:
         if len(line) > config.max_line:
-            ok = False
-            break
+            flush_control(sock, pending)
+            refuse_long_line(sock)
+            return False
         command = parse_control_line(line)
         if command.verb == "error":
             log.warning("control error: %s: %r", command.args[0], line[:80])
-        answers.extend(run_command(command))
+        for answer in run_command(command):
+            pending.append(answer)
+            size += len(answer) + 1
+        if size >= CONTROL_FLUSH_BYTES:
+            flush_control(sock, pending)
+            pending, size = [], 0
+    flush_control(sock, pending)
+    return True
+
+
+def flush_control(sock: socket.socket, answers: list) -> None:
     if answers:
         write_control(sock, ("\n".join(answers) + "\n").encode("utf-8"))
-    if not ok:
-        refuse_long_line(sock)
-    return ok
 
 
 def refuse_long_line(sock: socket.socket) -> None:
@@ -730,8 +755,9 @@ def parse_send_request(body: bytes) -> tuple:
 
 @app.post("/sendMessage")
 def send_message() -> str:
-    length = bottle.request.content_length
-    if length > MAX_FORM_BYTES:
+    if bottle.request.get_header("Transfer-Encoding"):  # Bottle would spool it whole first
+        return json_answer(411, True, "Send the body with a Content-Length")
+    if bottle.request.content_length > MAX_FORM_BYTES:
         return json_answer(413, True, f"Body larger than {MAX_FORM_BYTES} bytes")
     try:
         client_id, message = parse_send_request(bottle.request.body.read(MAX_FORM_BYTES))

@@ -497,6 +497,7 @@ def test_help_lists_every_option_with_its_environment_variable():
     )
     assert result.returncode == 0
     for flag in (
+        "--handshake-timeout",
         "--host",
         "--port",
         "--control",
@@ -540,3 +541,52 @@ def test_control_clients_are_isolated_from_each_other(server):
     quitter.send(b"SEND MESSAGE some")
     quitter.close()
     assert Control(server.control_path).list() == []
+
+
+def test_a_client_that_never_finishes_its_request_is_cut_off(server_factory):
+    server = server_factory("--handshake-timeout", "1")
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    silent.sendall(b"GET /websocket?id=slow HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+    started = time.monotonic()
+    answer = b""
+    while chunk := silent.recv(1024):
+        answer += chunk
+    assert time.monotonic() - started < 5
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 4")
+    idle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    assert idle.recv(1024) == b""  # connected, said nothing
+
+
+def test_an_open_websocket_may_idle_longer_than_the_handshake_timeout(server_factory):
+    server = server_factory("--handshake-timeout", "1")
+    ws = server.websocket("patient")
+    time.sleep(2)
+    assert server.control().ask("SEND MESSAGE patient still here") == "OK"
+    assert ws.recv() == "still here"
+
+
+def test_a_burst_of_lists_is_answered_without_piling_up(server):
+    sockets = [server.websocket(f"many-{i}") for i in range(20)]
+    server.wait_listed(20)
+    control = server.control()
+    control.send(b"LIST WEBSOCKETS\n" * 3000)
+    for _ in range(3000):
+        assert control.line() == b"=== START ==="
+        rows = [control.line() for _ in range(20)]
+        assert control.line() == b"=== END ==="
+    assert sorted(r.split()[0] for r in rows) == sorted(f"many-{i}".encode() for i in range(20))
+    assert len(sockets) == 20
+
+
+def test_a_chunked_send_message_body_is_refused_with_411(server):
+    body = b'{"clientId": "a", "message": "x"}'
+    request = (
+        b"POST /sendMessage HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + f"{len(body):x}\r\n".encode()
+        + body
+        + b"\r\n0\r\n\r\n"
+    )
+    answer = raw_http(server.port, request)
+    assert answer.startswith(b"HTTP/1.1 411 ")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] is True
