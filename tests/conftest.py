@@ -190,3 +190,18 @@ def upgrade_request(
         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
         f"Sec-WebSocket-Version: {version}\r\n\r\n"
     ).encode()
+
+
+_terminal_notes: list = []
+
+
+@pytest.fixture
+def terminal_notes() -> list:
+    """Text a test wants shown at the end of the run (e.g. the Autobahn summary table)."""
+    return _terminal_notes
+
+
+def pytest_terminal_summary(terminalreporter):
+    for note in _terminal_notes:
+        terminalreporter.write_sep("-", note.splitlines()[0])
+        terminalreporter.write_line("\n".join(note.splitlines()[1:]))

@@ -1,0 +1,49 @@
+"""A WebSocket echo built from wsboard's own handler, for Autobahn|Testsuite only.
+
+It upgrades through wsboard.WebSocketHandler (same handshake checks, BoardSocket framing,
+size limit and close logic) and echoes each message back as it came: text as text,
+binary as binary. A normal wsboard start never serves it.
+
+    python tests/autobahn/echo.py PORT [MAX_MESSAGE]
+"""
+
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from gevent.pywsgi import WSGIServer  # noqa: E402
+from geventwebsocket.exceptions import WebSocketError  # noqa: E402
+
+import wsboard  # noqa: E402  (patches with gevent first)
+
+
+class EchoHandler(wsboard.WebSocketHandler):
+    def run_websocket(self) -> None:
+        ws = self.websocket
+        try:
+            while (message := ws.receive()) is not None:
+                ws.send(message, binary=not isinstance(message, str))
+        except WebSocketError:
+            pass
+        finally:
+            ws.close()
+
+
+def main() -> None:
+    port = int(sys.argv[1])
+    max_message = int(sys.argv[2]) if len(sys.argv) > 2 else 64 * 1024 * 1024
+    wsboard.configure(wsboard.Config(max_message=max_message, log_level="warning"))
+    server = WSGIServer(
+        ("127.0.0.1", port),
+        wsboard.app,
+        handler_class=EchoHandler,
+        log=None,
+        error_log=logging.getLogger("echo.error"),
+    )
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
