@@ -13,8 +13,9 @@ from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
 bind = f"{os.environ.get('WSBOARD_HOST', '127.0.0.1')}:{os.environ.get('WSBOARD_PORT', '8080')}"
 # One worker holds every socket; more need the Redis backplane (not built yet).
 workers = 1
-# A hard cap on open connections per worker: a full pool stops accept().
-worker_connections = 10000
+# A hard cap on open connections per worker (a full pool stops accept()): wsboard's own
+# WebSocket limit, which answers 503 past it, plus room for page requests.
+worker_connections = int(os.environ.get("WSBOARD_MAX_CONNECTIONS", "10000")) + 1024
 # Bottle's request state must be made after gevent patches the worker, never in the master.
 preload_app = False
 graceful_timeout = 10

@@ -14,7 +14,14 @@ monkey.patch_all()
 import argparse
 import base64
 import binascii
+import collections
+import fnmatch
+import functools
+import getpass
+import grp
 import hashlib
+import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -28,12 +35,13 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import bottle
 import gevent
 import gevent.event
 import gevent.lock
+import gevent.pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.server import StreamServer
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
@@ -74,11 +82,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _seconds(text: str) -> float:
     value = float(text)
-    if not value > 0 or value != value or value == float("inf"):
+    if not 0 < value < float("inf"):
         raise ValueError("must be a positive number of seconds")
     return value
+
+
+def _seconds_or_off(text: str) -> float:
+    """Seconds, where 0 turns the timeout off."""
+    return 0.0 if float(text) == 0 else _seconds(text)
 
 
 def _socket_path(text: str) -> str:
@@ -89,6 +102,42 @@ def _socket_path(text: str) -> str:
     return text
 
 
+def _file_mode(text: str) -> int:
+    value = int(text, 8)
+    if not 0 <= value <= 0o777:
+        raise ValueError("must be an octal file mode such as 0660")
+    if value & 0o600 != 0o600:
+        raise ValueError("must let the owner read and write (0600 at least)")
+    return value
+
+
+def _group(text: str) -> int | None:
+    """A group name or number, as the gid to give the control socket; empty: leave it."""
+    if not text:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ValueError("is not a group on this machine") from None
+
+
+def _ids(text: str) -> frozenset:
+    """A comma-separated list of uids or gids."""
+    return frozenset(int(part) for part in text.split(",") if part.strip())
+
+
+def _words(text: str) -> tuple:
+    """A comma-separated list, blanks dropped."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _networks(text: str) -> tuple:
+    """A comma-separated list of addresses or networks (127.0.0.1, 10.0.0.0/8, ::1)."""
+    return tuple(ipaddress.ip_network(part, strict=False) for part in _words(text))
+
+
 def _log_level(text: str) -> str:
     if text.lower() not in ("debug", "info", "warning", "error"):
         raise ValueError("must be one of debug, info, warning, error")
@@ -97,7 +146,7 @@ def _log_level(text: str) -> str:
 
 class Option(NamedTuple):
     name: str
-    default: object
+    default: str  # as a user would type it; parsed like any other value
     parse: Callable[[str], object]
     help: str
 
@@ -110,64 +159,101 @@ class Option(NamedTuple):
         return "WSBOARD_" + self.name.upper()
 
 
+# fmt: off
 OPTIONS = (
-    Option(
-        "host",
-        "127.0.0.1",
-        str,
-        "address the HTTP/WebSocket server binds; 0.0.0.0 exposes it to the network",
-    ),
-    Option("port", 8080, _port, "TCP port of the HTTP/WebSocket server"),
-    Option(
-        "control",
-        "/tmp/wsboard.sock",
-        _socket_path,
-        "path of the UNIX control socket the backend app talks to",
-    ),
-    Option(
-        "max_line",
-        1024 * 1024,
-        _positive_int,
-        "longest control line in bytes; a longer one is refused and its connection closed",
-    ),
-    Option(
-        "max_message",
-        64 * 1024,
-        _positive_int,
-        "largest message in bytes a browser may send; a larger one closes it with 1009",
-    ),
-    Option(
-        "write_timeout",
-        10.0,
-        _positive_float,
-        "seconds a write to a socket may block before that socket is dropped",
-    ),
-    Option(
-        "handshake_timeout",
-        10.0,
-        _positive_float,
-        "seconds a client gets to send its HTTP request, and to idle between requests",
-    ),
-    Option(
-        "shutdown_timeout",
-        5.0,
-        _positive_float,
-        "seconds open WebSockets get to finish their close handshake on shutdown",
-    ),
+    # Where it listens
+    Option("host", "127.0.0.1", str,
+           "address the HTTP/WebSocket server binds; 0.0.0.0 exposes it to the network"),
+    Option("port", "8080", _port, "TCP port of the HTTP/WebSocket server"),
+    Option("control", "/tmp/wsboard.sock", _socket_path,
+           "path of the UNIX control socket the backend app talks to"),
+    # Who may connect
+    Option("secret", "", str,
+           "turns on signed client ids: sockets must bring exp and token=HMAC-SHA256(secret, "
+           "'ID.EXP'); at least 16 characters"),
+    Option("secret_file", "", str, "read the secret from this file instead"),
+    Option("token_ttl", "3600", _positive_int,
+           "seconds a token minted by wsboard (board page, `wsboard token`) stays valid"),
+    Option("allowed_origins", "", _words,
+           "comma-separated browser origins allowed to open WebSockets, wildcards allowed "
+           "(https://*.example.com); empty: the page's own host only"),
+    Option("admin_password", "", str,
+           "password for /admin and /sendMessage (HTTP Basic, user admin), plain or as made "
+           "by `wsboard hash-password`; empty: they answer to loopback only"),
+    Option("trusted_proxies", "", _networks,
+           "comma-separated proxy addresses whose X-Forwarded-For is believed"),
+    Option("control_mode", "0660", _file_mode, "file mode of the control socket"),
+    Option("control_group", "", _group, "group of the control socket (name or number)"),
+    Option("control_uids", "", _ids,
+           "comma-separated uids allowed on the control socket (checked with SO_PEERCRED)"),
+    Option("control_gids", "", _ids, "comma-separated gids allowed on the control socket"),
+    # Limits
+    Option("max_connections", "10000", _positive_int, "open WebSockets at most (more: 503)"),
+    Option("max_connections_per_ip", "256", _positive_int,
+           "open WebSockets per client address at most (more: 503)"),
+    Option("max_sockets_per_id", "32", _positive_int,
+           "open WebSockets per client id at most (more: 503)"),
+    Option("max_control_connections", "256", _positive_int,
+           "open control connections at most"),
+    Option("max_line", "1048576", _positive_int,
+           "longest control line in bytes; a longer one is refused and its connection closed"),
+    Option("max_message", "65536", _positive_int,
+           "largest message in bytes a browser may send; a larger one closes it with 1009"),
+    Option("handshake_timeout", "10", _seconds,
+           "seconds a client gets to send its HTTP request, and to idle between requests"),
+    Option("idle_timeout", "0", _seconds_or_off,
+           "seconds a WebSocket may send nothing before it is closed; 0: never"),
+    Option("control_idle_timeout", "600", _seconds_or_off,
+           "seconds a control connection may send nothing before it is closed; 0: never"),
+    Option("write_timeout", "10", _seconds,
+           "seconds a write to a socket may block before that socket is dropped"),
+    Option("shutdown_timeout", "5", _seconds,
+           "seconds open WebSockets get to finish their close handshake on shutdown"),
     Option("log_level", "info", _log_level, "debug, info, warning or error"),
 )
+# fmt: on
 
 
 class Config:
-    """The settings in force: one attribute per row of OPTIONS."""
+    """The settings in force: one attribute per row of OPTIONS, and what they derive."""
 
     def __init__(self, **values: object) -> None:
         for option in OPTIONS:
-            setattr(self, option.name, values.get(option.name, option.default))
+            value = values[option.name] if option.name in values else option.parse(option.default)
+            setattr(self, option.name, value)
+        self.secret_key = load_secret(self.secret, self.secret_file)
+        self.admin_hash = (
+            self.admin_password
+            if self.admin_password.startswith(HASH_PREFIX) or not self.admin_password
+            else hash_password(self.admin_password)
+        )
+        if self.admin_hash and parse_password_hash(self.admin_hash) is None:
+            raise ConfigError(
+                "admin password hash is malformed; make one with wsboard hash-password"
+            )
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{o.name}={getattr(self, o.name)!r}" for o in OPTIONS)
+        def shown(name: str) -> str:
+            value = getattr(self, name)
+            return "'***'" if name in ("secret", "admin_password") and value else repr(value)
+
+        fields = ", ".join(f"{o.name}={shown(o.name)}" for o in OPTIONS)
         return f"Config({fields})"
+
+
+def load_secret(secret: str, secret_file: str) -> bytes:
+    """The HMAC key for signed ids, from --secret or --secret-file; b'' when off."""
+    if secret and secret_file:
+        raise ConfigError("give --secret or --secret-file, not both")
+    if secret_file:
+        try:
+            with open(secret_file, encoding="utf-8") as f:
+                secret = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"--secret-file={secret_file!r}: {exc.strerror}") from None
+    if secret and len(secret) < 16:
+        raise ConfigError("the secret must be at least 16 characters")
+    return secret.encode("utf-8")
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -176,7 +262,8 @@ def argument_parser() -> argparse.ArgumentParser:
         description="WebSocket push server: browsers connect to /websocket?id=ID, "
         "the backend app pushes to them over a UNIX control socket.",
         epilog="Each option can also be set by the environment variable named in brackets; "
-        "a flag wins over the environment.",
+        "a flag wins over the environment. Also: `wsboard token ID [--ttl S]` prints a signed "
+        "query string for ID; `wsboard hash-password` hashes an admin password.",
     )
     parser.add_argument("--version", action="version", version=f"wsboard {__version__}")
     for option in OPTIONS:
@@ -208,9 +295,6 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] = os.enviro
     return Config(**values)
 
 
-config = Config()
-
-
 ###############################################################################
 # Client ids ##################################################################
 ###############################################################################
@@ -231,6 +315,163 @@ def new_board_id() -> str:
 
 
 ###############################################################################
+# Security ####################################################################
+###############################################################################
+# Small pure checks, each answering "why is this refused?" with a reason or None. The
+# handshake, the admin routes and the control socket call them at their edges.
+
+# Signed client ids: token = hex(HMAC-SHA256(secret, "<id>.<exp>")), exp a Unix time.
+# In PHP: hash_hmac('sha256', "$id.$exp", $secret)
+
+
+def mint_token(secret: bytes, client_id: str, exp: int) -> str:
+    return hmac.new(secret, f"{client_id}.{exp}".encode(), hashlib.sha256).hexdigest()
+
+
+def signed_query(secret: bytes, client_id: str, ttl: int, now: float | None = None) -> str:
+    """The query string a browser needs to connect as client_id for ttl seconds."""
+    exp = int(time.time() if now is None else now) + ttl
+    return urlencode({"id": client_id, "exp": exp, "token": mint_token(secret, client_id, exp)})
+
+
+def token_refusal(secret: bytes, client_id: str, exp: str, token: str, now: float) -> str | None:
+    if not exp or not token:
+        return "a signed id needs exp and token"
+    if not (exp.isascii() and exp.isdigit() and len(exp) <= 12):
+        return "exp must be a Unix time"
+    if int(exp) < now:
+        return "token expired"
+    expected = mint_token(secret, client_id, int(exp)).encode()
+    if not hmac.compare_digest(expected, token.encode("utf-8", "surrogateescape")):
+        return "token does not match"
+    return None
+
+
+# Origins: browsers send one with every WebSocket handshake; other clients may send none.
+
+DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+
+
+def _host_port(netloc: str, scheme: str) -> tuple | None:
+    try:
+        parts = urlsplit(f"{scheme}://{netloc}")
+        return (parts.hostname or "", parts.port or DEFAULT_PORTS.get(scheme, 0))
+    except ValueError:
+        return None
+
+
+def origin_allowed(origin: str | None, host: str, patterns: Sequence[str]) -> bool:
+    """Whether a handshake's Origin may connect: listed patterns, else the request's own host."""
+    if origin is None:
+        return True
+    origin = origin.strip().lower()
+    if patterns:
+        return any(fnmatch.fnmatchcase(origin, p.lower()) for p in patterns)
+    scheme, _, netloc = origin.partition("://")
+    if not netloc or "/" in netloc or scheme not in DEFAULT_PORTS:
+        return False
+    mine = _host_port(host.lower(), scheme)
+    return mine is not None and _host_port(netloc, scheme) == mine
+
+
+# The admin password, kept and compared only as a PBKDF2 hash.
+
+HASH_PREFIX = "pbkdf2_sha256$"
+HASH_ITERATIONS = 200_000
+
+
+def hash_password(
+    password: str, salt: bytes | None = None, iterations: int = HASH_ITERATIONS
+) -> str:
+    salt = salt or secrets.token_bytes(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    return f"{HASH_PREFIX}{iterations}${salt.hex()}${digest.hex()}"
+
+
+def parse_password_hash(stored: str) -> tuple | None:
+    try:
+        _, iterations, salt, digest = stored.split("$")
+        return int(iterations), bytes.fromhex(salt), bytes.fromhex(digest)
+    except ValueError:
+        return None
+
+
+def password_matches(password: str, stored: str) -> bool:
+    iterations, salt, digest = parse_password_hash(stored)
+    given = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    return hmac.compare_digest(given, digest)
+
+
+def basic_credentials(header: str) -> tuple | None:
+    """(user, password) from an Authorization: Basic header, or None."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, sep, password = (
+            base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+        )
+    except (binascii.Error, ValueError):
+        return None
+    return (user, password) if sep else None
+
+
+# Addresses: a proxy's X-Forwarded-For is believed only from the configured proxies.
+
+
+def client_ip(environ: Mapping[str, str], trusted: Sequence) -> str:
+    """The browser's address: REMOTE_ADDR, or the last untrusted hop of X-Forwarded-For."""
+    ip = environ.get("REMOTE_ADDR", "")
+    hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
+    while trusted and hops and _in_networks(ip, trusted):
+        ip = hops.pop()
+    return ip
+
+
+def _in_networks(ip: str, networks: Sequence) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def is_local_request(environ: Mapping[str, str]) -> bool:
+    """From this machine, and not relayed by a proxy on it (which would hide the real peer)."""
+    if any(environ.get(h) for h in ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")):
+        return False
+    try:
+        return ipaddress.ip_address(environ.get("REMOTE_ADDR", "")).is_loopback
+    except ValueError:
+        return False
+
+
+# Control socket peers (Linux SO_PEERCRED): the process at the other end, by uid and gid.
+
+
+def peer_credentials(sock: socket.socket) -> tuple:
+    """(pid, uid, gid) of the process at the other end of a UNIX socket."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+
+
+def peer_allowed(uid: int, gid: int, uids: frozenset, gids: frozenset) -> bool:
+    """With no allow-list anyone the file mode lets in may talk; else uid or gid must be listed."""
+    return not (uids or gids) or uid in uids or gid in gids
+
+
+# Refusals are logged once each and counted by kind; the admin page shows the counts.
+refusals: collections.Counter = collections.Counter()
+
+
+def refused(kind: str, message: str, *args: object) -> None:
+    refusals[kind] += 1
+    log.warning("refused " + message, *args)
+
+
+config = Config()
+
+
+###############################################################################
 # WebSocket adapter ###########################################################
 ###############################################################################
 # gevent-websocket 0.10.1 is unmaintained; its known defects are mended here and only
@@ -247,6 +488,7 @@ OPCODE_CLOSE = 0x8
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN_LATER = 1013
 
 
 class MessageTooBig(WebSocketError):
@@ -296,26 +538,73 @@ def query_ids(environ: Mapping[str, str]) -> list:
     return parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).get("id", [])
 
 
-def handshake_refusal(environ: Mapping[str, str], http_version: str) -> tuple | None:
-    """Why an upgrade request to /websocket must be refused, as (status, reason), or None."""
+class Refusal(NamedTuple):
+    status: str
+    reason: str
+    kind: str  # the counter it is counted under
+
+
+def handshake_refusal(environ: Mapping[str, str], http_version: str) -> Refusal | None:
+    """Why an upgrade request to /websocket is malformed, or None."""
     if environ.get("REQUEST_METHOD") != "GET" or http_version != "HTTP/1.1":
-        return "400 Bad Request", "WebSocket upgrades need GET over HTTP/1.1"
+        return Refusal("400 Bad Request", "WebSocket upgrades need GET over HTTP/1.1", "handshake")
     if "upgrade" not in environ.get("HTTP_CONNECTION", "").lower():
-        return "400 Bad Request", "Connection: Upgrade header missing"
+        return Refusal("400 Bad Request", "Connection: Upgrade header missing", "handshake")
     if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
-        return "426 Upgrade Required", "Only WebSocket version 13 is supported"
+        return Refusal(
+            "426 Upgrade Required", "Only WebSocket version 13 is supported", "handshake"
+        )
     try:
         key = base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip(), validate=True)
     except (binascii.Error, ValueError):
         key = b""
     if len(key) != 16:
-        return "400 Bad Request", "Sec-WebSocket-Key must be 16 bytes in base64"
+        return Refusal(
+            "400 Bad Request", "Sec-WebSocket-Key must be 16 bytes in base64", "handshake"
+        )
     ids = query_ids(environ)
     if len(ids) != 1 or not is_valid_client_id(ids[0]):
-        return "400 Bad Request", (
-            "Invalid client id: give exactly one id of 1-128 characters from A-Z a-z 0-9 _ - . :"
+        return Refusal(
+            "400 Bad Request",
+            "Invalid client id: give exactly one id of 1-128 characters from A-Z a-z 0-9 _ - . :",
+            "bad_id",
         )
     return None
+
+
+def access_refusal(
+    environ: Mapping[str, str], client_id: str, ip: str, now: float
+) -> Refusal | None:
+    """Why a well-formed upgrade may not connect (origin, signature, limits), or None."""
+    if not origin_allowed(
+        environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST", ""), config.allowed_origins
+    ):
+        return Refusal("403 Forbidden", "Origin not allowed", "origin")
+    if config.secret_key:
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        reason = token_refusal(
+            config.secret_key,
+            client_id,
+            query.get("exp", [""])[0],
+            query.get("token", [""])[0],
+            now,
+        )
+        if reason:
+            return Refusal("403 Forbidden", "Signed id refused: " + reason, "token")
+    return limit_refusal(client_id, ip)
+
+
+def limit_refusal(client_id: str, ip: str) -> Refusal | None:
+    """Whether one more socket for client_id from ip would pass a connection limit."""
+    if len(registry) >= config.max_connections:
+        reason = f"Too many connections (limit {config.max_connections})"
+    elif registry.count_for_ip(ip) >= config.max_connections_per_ip:
+        reason = f"Too many connections from this address (limit {config.max_connections_per_ip})"
+    elif registry.count_for_id(client_id) >= config.max_sockets_per_id:
+        reason = f"Too many sockets for this id (limit {config.max_sockets_per_id})"
+    else:
+        return None
+    return Refusal("503 Service Unavailable", reason, "limit")
 
 
 class BoardSocket(_GeventWebSocket):
@@ -390,6 +679,8 @@ class BoardSocket(_GeventWebSocket):
             return self.read_message()
         except MessageTooBig:
             self.close(CLOSE_MESSAGE_TOO_BIG, "message too big")
+        except TimeoutError:
+            self.close(CLOSE_NORMAL, "idle timeout")
         except UnicodeError:
             self.close(1007, "invalid UTF-8")
         except ProtocolError:
@@ -428,9 +719,11 @@ class WebSocketHandler(_GeventWebSocketHandler):
             or environ.get("HTTP_UPGRADE", "").lower() != "websocket"
         ):
             return WSGIHandler.run_application(self)
-        refusal = handshake_refusal(environ, self.request_version)
+        refusal = handshake_refusal(environ, self.request_version) or access_refusal(
+            environ, query_ids(environ)[0], client_ip(environ, config.trusted_proxies), time.time()
+        )
         if refusal:
-            return self.refuse(*refusal)
+            return self.refuse(refusal)
         self.websocket = BoardSocket(environ, Stream(self), self)
         environ["wsgi.websocket"] = self.websocket
         environ["wsgi.websocket_version"] = "13"
@@ -446,26 +739,31 @@ class WebSocketHandler(_GeventWebSocketHandler):
             ],
         )
         self.write(b"")
-        self.socket.settimeout(None)  # an open WebSocket may idle; writes have their own timeout
+        self.socket.settimeout(config.idle_timeout or None)  # writes have their own timeout
         self.run_websocket()
 
     def log_request(self) -> None:
         status = self.status.decode() if isinstance(self.status, bytes) else str(self.status)
         if not status.startswith("101"):  # sockets log their own connect/disconnect
-            access_log.info(self.format_request())
+            access_log.info(redact(self.format_request()))
 
-    def refuse(self, status: str, reason: str) -> None:
-        log.warning("refused websocket from %s: %s", format_peer(self.client_address), reason)
-        body = (reason + "\n").encode("utf-8")
+    def refuse(self, refusal: Refusal) -> None:
+        refused(
+            refusal.kind, "websocket from %s: %s", format_peer(self.client_address), refusal.reason
+        )
+        body = (refusal.reason + "\n").encode("utf-8")
         self.start_response(
-            status,
+            refusal.status,
             [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
         )
         self.result = [body]
         self.process_result()
 
     def run_websocket(self) -> None:
-        serve_websocket(Connection(query_ids(self.environ)[0], self.client_address, self.websocket))
+        ip = client_ip(self.environ, config.trusted_proxies)
+        serve_websocket(
+            Connection(query_ids(self.environ)[0], self.client_address, ip, self.websocket)
+        )
         self.environ["wsgi.websocket"] = None
         self.websocket = None
 
@@ -473,6 +771,11 @@ class WebSocketHandler(_GeventWebSocketHandler):
 ###############################################################################
 # Connection registry and delivery ############################################
 ###############################################################################
+
+
+def redact(line: str) -> str:
+    """A request line fit for the log: token values hidden."""
+    return re.sub(r"(token=)[^&\s]*", r"\1***", line)
 
 
 def format_peer(address: object) -> str:
@@ -486,11 +789,12 @@ def format_peer(address: object) -> str:
 class Connection:
     """One open WebSocket: who it is, where it comes from, and the socket itself."""
 
-    __slots__ = ("client_id", "peer", "ws", "connected_at")
+    __slots__ = ("client_id", "peer", "ip", "ws", "connected_at")
 
-    def __init__(self, client_id: str, peer: object, ws: BoardSocket) -> None:
+    def __init__(self, client_id: str, peer: object, ip: str, ws: BoardSocket) -> None:
         self.client_id = client_id
         self.peer = format_peer(peer)
+        self.ip = ip
         self.ws = ws
         self.connected_at = time.time()
 
@@ -500,16 +804,28 @@ class Registry:
 
     def __init__(self) -> None:
         self._by_id: dict[str, dict[Connection, None]] = {}
+        self._per_ip: collections.Counter = collections.Counter()
 
     def add(self, conn: Connection) -> None:
         self._by_id.setdefault(conn.client_id, {})[conn] = None
+        self._per_ip[conn.ip] += 1
 
     def remove(self, conn: Connection) -> None:
         sockets = self._by_id.get(conn.client_id)
-        if sockets is not None:
-            sockets.pop(conn, None)
-            if not sockets:
-                del self._by_id[conn.client_id]
+        if sockets is None or conn not in sockets:
+            return
+        del sockets[conn]
+        if not sockets:
+            del self._by_id[conn.client_id]
+        self._per_ip[conn.ip] -= 1
+        if not self._per_ip[conn.ip]:
+            del self._per_ip[conn.ip]
+
+    def count_for_id(self, client_id: str) -> int:
+        return len(self._by_id.get(client_id, ()))
+
+    def count_for_ip(self, ip: str) -> int:
+        return self._per_ip.get(ip, 0)
 
     def sockets_of(self, client_id: str) -> list:
         return list(self._by_id.get(client_id, ()))
@@ -539,6 +855,11 @@ def deliver(client_id: str, text: str) -> int:
 
 def serve_websocket(conn: Connection) -> None:
     """A socket's life: registered while open, its incoming messages read and discarded."""
+    refusal = limit_refusal(conn.client_id, conn.ip)
+    if refusal:  # others registered while our 101 was being written
+        refused(refusal.kind, "websocket %s %s: %s", conn.client_id, conn.peer, refusal.reason)
+        conn.ws.close(CLOSE_TRY_AGAIN_LATER, "too many connections")
+        return
     registry.add(conn)
     log.info("connect %s %s (%d open)", conn.client_id, conn.peer, len(registry))
     ws = conn.ws
@@ -627,8 +948,34 @@ def split_lines(buffer: bytearray) -> tuple:
     return lines, bytearray(rest)
 
 
+control_connections = 0
+
+
+def control_refusal(sock: socket.socket) -> str | None:
+    """Why a new control connection may not talk to us, or None."""
+    if control_connections >= config.max_control_connections:
+        return "Too many control connections"
+    if config.control_uids or config.control_gids:
+        pid, uid, gid = peer_credentials(sock)
+        if not peer_allowed(uid, gid, config.control_uids, config.control_gids):
+            return f"Permission denied (pid {pid} uid {uid} gid {gid})"
+    return None
+
+
 def serve_control(sock: socket.socket, address: object) -> None:
-    """One control connection: read lines, answer each in order, until EOF or abuse."""
+    """One control connection: read lines, answer each in order, until EOF, abuse or idleness."""
+    global control_connections
+    refusal = control_refusal(sock)
+    if refusal:
+        refused("control", "control connection: %s", refusal)
+        try:
+            write_control(sock, f"ERROR {refusal.split(' (')[0]}\n".encode())
+        except (OSError, WriteTimedOut):
+            pass
+        sock.close()
+        return
+    control_connections += 1
+    sock.settimeout(config.control_idle_timeout or None)
     buffer = bytearray()
     try:
         while True:
@@ -646,8 +993,9 @@ def serve_control(sock: socket.socket, address: object) -> None:
                 refuse_long_line(sock)
                 return
     except (OSError, WriteTimedOut) as exc:
-        log.info("control connection ended: %s", exc)
+        log.info("control connection ended: %s", exc or type(exc).__name__)
     finally:
+        control_connections -= 1
         sock.close()
 
 
@@ -721,14 +1069,111 @@ def render(name: str, **values: object) -> str:
     return bottle.template(name, template_lookup=[VIEWS], **values)
 
 
+@app.hook("after_request")
+def security_headers() -> None:
+    """Every answer: no framing, no sniffing, no referrer, scripts only from /static."""
+    host = bottle.request.environ.get("HTTP_HOST", "")
+    sockets = f" ws://{host} wss://{host}" if SAFE_HOST.fullmatch(host) else ""
+    headers = bottle.response.headers
+    headers["Content-Security-Policy"] = (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        f"connect-src 'self'{sockets}; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["X-Frame-Options"] = "DENY"
+    headers["Referrer-Policy"] = "no-referrer"
+    if bottle.request.path in ("/", "/admin"):
+        headers["Cache-Control"] = "no-store"
+
+
+SAFE_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
 @app.get("/")
 def board_page() -> str:
-    return render("board", board_id=new_board_id())
+    board_id = new_board_id()
+    if config.secret_key:  # signed mode: the page gets a server-minted token for its id
+        query = signed_query(config.secret_key, board_id, config.token_ttl)
+    else:
+        query = urlencode({"id": board_id})
+    return render("board", board_id=board_id, query=query)
+
+
+# The admin routes: a password when one is set, else this machine only.
+
+verified_passwords: set = set()  # digests of passwords PBKDF2 has already accepted
+
+
+def admin_password_ok(password: str) -> bool:
+    """Check against the PBKDF2 hash in a worker thread, so a flood of guesses never blocks."""
+    key = hashlib.sha256(f"{config.admin_hash}\0{password}".encode()).digest()
+    if key in verified_passwords:
+        return True
+    ok = gevent.get_hub().threadpool.apply(password_matches, (password, config.admin_hash))
+    if ok:
+        if len(verified_passwords) >= 16:
+            verified_passwords.clear()
+        verified_passwords.add(key)
+    return ok
+
+
+def admin_refusal(environ: Mapping[str, str]) -> tuple | None:
+    """(status, reason, headers) when this request may not use the admin routes, else None."""
+    if not config.admin_hash:
+        if is_local_request(environ):
+            return None
+        return 403, "The admin pages answer only to this machine until --admin-password is set", []
+    credentials = basic_credentials(environ.get("HTTP_AUTHORIZATION", ""))
+    if credentials and credentials[0] == "admin" and admin_password_ok(credentials[1]):
+        return None
+    return (
+        401,
+        "Admin password required",
+        [("WWW-Authenticate", 'Basic realm="wsboard admin", charset="UTF-8"')],
+    )
+
+
+def cross_site_refusal(environ: Mapping[str, str]) -> tuple | None:
+    """(status, reason) for a state-changing request that may come from another site."""
+    if environ.get("HTTP_SEC_FETCH_SITE", "same-origin") not in ("same-origin", "none"):
+        return 403, "Cross-site request refused"
+    if not origin_allowed(environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST", ""), ()):
+        return 403, "Cross-site request refused"
+    if environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower() != "application/json":
+        return 415, "Content-Type must be application/json"
+    return None
+
+
+def admin_only(route: Callable) -> Callable:
+    @functools.wraps(route)
+    def guarded(*args: object, **kwargs: object) -> object:
+        refusal = admin_refusal(bottle.request.environ)
+        if refusal is None:
+            return route(*args, **kwargs)
+        status, reason, headers = refusal
+        refused(
+            "admin",
+            "%s %s from %s: %s",
+            bottle.request.method,
+            bottle.request.path,
+            bottle.request.remote_addr,
+            reason,
+        )
+        for name, value in headers:
+            bottle.response.set_header(name, value)
+        if bottle.request.path == "/sendMessage":
+            return json_answer(status, True, reason)
+        bottle.response.status = status
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return reason + "\n"
+
+    return guarded
 
 
 @app.get("/admin")
+@admin_only
 def admin_page() -> str:
-    return render("admin", clients=list(registry))
+    return render("admin", clients=list(registry), refusals=sorted(refusals.items()))
 
 
 def json_answer(status: int, error: bool, message: str) -> str:
@@ -754,7 +1199,12 @@ def parse_send_request(body: bytes) -> tuple:
 
 
 @app.post("/sendMessage")
+@admin_only
 def send_message() -> str:
+    cross_site = cross_site_refusal(bottle.request.environ)
+    if cross_site:
+        refused("csrf", "sendMessage from %s: %s", bottle.request.remote_addr, cross_site[1])
+        return json_answer(cross_site[0], True, cross_site[1])
     if bottle.request.get_header("Transfer-Encoding"):  # Bottle would spool it whole first
         return json_answer(411, True, "Send the body with a Content-Length")
     if bottle.request.content_length > MAX_FORM_BYTES:
@@ -800,14 +1250,14 @@ class ControlSocketInUse(RuntimeError):
     """Another server answers on the control socket path."""
 
 
-def bind_control_socket(path: str) -> socket.socket:
-    """A listening UNIX socket at path, mode 0660; a stale file is replaced, a live one kept."""
+def bind_control_socket(path: str, mode: int = 0o660, gid: int | None = None) -> socket.socket:
+    """A listening UNIX socket at path; a stale file is replaced, a live one kept."""
     try:
-        mode = os.lstat(path).st_mode
+        existing = os.lstat(path).st_mode
     except FileNotFoundError:
-        mode = None
-    if mode is not None:
-        if not stat.S_ISSOCK(mode):
+        existing = None
+    if existing is not None:
+        if not stat.S_ISSOCK(existing):
             raise ControlSocketInUse(f"{path} exists and is not a socket; not touching it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -819,12 +1269,14 @@ def bind_control_socket(path: str) -> socket.socket:
         finally:
             probe.close()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o117)  # never world-accessible, not even for an instant
+    old_umask = os.umask(0o177)  # owner only until the group is right, not even for an instant
     try:
         listener.bind(path)
     finally:
         os.umask(old_umask)
-    os.chmod(path, 0o660)
+    if gid is not None:
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
     listener.listen(128)
     return listener
 
@@ -843,7 +1295,7 @@ class ControlServer:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        listener = bind_control_socket(path)
+        listener = bind_control_socket(path, config.control_mode, config.control_group)
         self.inode = os.lstat(path).st_ino
         self.server = StreamServer(listener, serve_control, backlog=None)
 
@@ -877,11 +1329,15 @@ def drain(timeout: float) -> None:
         conn.ws.abort()
 
 
+HTTP_HEADROOM = 1024  # page requests that may run beside max_connections WebSockets
+
+
 def serve(cfg: Config) -> int:
     """Run the HTTP/WebSocket server and the control socket until SIGTERM or SIGINT."""
     http = WSGIServer(
         (cfg.host, cfg.port),
         app,
+        spawn=gevent.pool.Pool(cfg.max_connections + HTTP_HEADROOM),
         handler_class=WebSocketHandler,
         log=access_log,
         error_log=logging.getLogger("wsboard.error"),
@@ -920,9 +1376,53 @@ def serve(cfg: Config) -> int:
     return 0
 
 
+def token_command(argv: Sequence[str]) -> int:
+    """wsboard token ID [--ttl S]: print the query string that lets a browser connect as ID."""
+    parser = argparse.ArgumentParser(
+        prog="wsboard token",
+        description="Print id=ID&exp=EXP&token=TOKEN for ws://HOST:PORT/websocket?... "
+        "The secret comes from --secret, --secret-file or WSBOARD_SECRET(_FILE).",
+    )
+    parser.add_argument("client_id", metavar="ID")
+    parser.add_argument("--ttl", type=_positive_int, help="seconds it stays valid [--token-ttl]")
+    args, rest = parser.parse_known_args(argv)
+    cfg = load_config(rest)
+    if not is_valid_client_id(args.client_id):
+        raise ConfigError(f"{args.client_id!r} is not a valid client id")
+    if not cfg.secret_key:
+        raise ConfigError("no secret: give --secret, --secret-file or WSBOARD_SECRET")
+    print(signed_query(cfg.secret_key, args.client_id, args.ttl or cfg.token_ttl))
+    return 0
+
+
+def hash_password_command(argv: Sequence[str]) -> int:
+    """wsboard hash-password: read a password on stdin, print its hash for --admin-password."""
+    argparse.ArgumentParser(
+        prog="wsboard hash-password",
+        description="Read the admin password from standard input (or a prompt) and print the "
+        "PBKDF2 hash to give as --admin-password / WSBOARD_ADMIN_PASSWORD.",
+    ).parse_args(argv)
+    if sys.stdin.isatty():
+        password = getpass.getpass("Admin password: ")
+        if getpass.getpass("Again: ") != password:
+            raise ConfigError("the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        raise ConfigError("use a password of at least 8 characters")
+    print(hash_password(password))
+    return 0
+
+
+SUBCOMMANDS = {"token": token_command, "hash-password": hash_password_command}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        if argv and argv[0] in SUBCOMMANDS:
+            return SUBCOMMANDS[argv[0]](argv[1:])
+        cfg = load_config(argv)
     except ConfigError as exc:
         sys.stderr.write(f"wsboard: {exc}\n")
         return 2

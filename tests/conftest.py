@@ -80,8 +80,14 @@ class Server:
 
     def __init__(self, tmp_path, *args: str, env=None) -> None:
         self.port = free_port()
-        self.control_path = str(tmp_path / "control.sock")
-        self.log_path = tmp_path / "wsboard.log"
+        args = list(args)
+        if "--control" in args:  # the test chose the path
+            at = args.index("--control")
+            self.control_path = args[at + 1]
+            del args[at : at + 2]
+        else:
+            self.control_path = str(tmp_path / "control.sock")
+        self.log_path = tmp_path / f"wsboard-{self.port}.log"
         self.args = ["--port", str(self.port), "--control", self.control_path, *args]
         self.env = {**os.environ, **(env or {})}
         self.proc = None

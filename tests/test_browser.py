@@ -1,9 +1,13 @@
 """The pages in a real browser: Debian's headless Chromium driven by Selenium."""
 
+import functools
+import http.server
 import json
 import shutil
+import threading
 
 import pytest
+from conftest import free_port
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -105,3 +109,55 @@ def test_the_board_page_shows_when_the_server_goes_away(browser, server):
     server.wait_listed(1)
     assert server.stop() == 0
     wait(browser, lambda d: "code 1001" in d.find_element(By.ID, "status").text)
+
+
+SECRET = "browser-test-secret-0123456789"
+
+
+def test_a_signed_board_page_connects_with_its_server_minted_token(browser, server_factory):
+    server = server_factory(env={"WSBOARD_SECRET": SECRET})
+    board_id = open_board(browser, server)
+    server.wait_listed(1)
+    assert server.control().ask(f"SEND MESSAGE {board_id} signed and delivered") == "OK"
+    wait(browser, lambda d: messages(d) == ["signed and delivered"])
+    assert "token=" not in server.log().replace("token=***", "")
+
+
+def test_the_admin_page_works_behind_a_password(browser, server_factory):
+    server = server_factory(env={"WSBOARD_ADMIN_PASSWORD": "browser admin password"})
+    ws = server.websocket("behind-auth")
+    server.wait_listed(1)
+    browser.get(f"http://admin:browser%20admin%20password@127.0.0.1:{server.port}/admin")
+    Select(browser.find_element(By.ID, "clients")).select_by_value("behind-auth")
+    browser.find_element(By.ID, "message").send_keys("with a password")
+    browser.find_element(By.ID, "send_message").click()
+    wait(browser, lambda d: d.find_element(By.ID, "result").text not in ("", "sending…"))
+    assert browser.find_element(By.ID, "result").text == "Message sent", server.log()
+    assert json.loads(ws.recv()) == {"message": "with a password"}
+
+
+@pytest.fixture
+def foreign_site(tmp_path):
+    """A page on another origin (another port), served by a plain server with no CSP."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("<!DOCTYPE html><title>elsewhere</title>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=tmp_path / "site")
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{site.server_address[1]}/index.html"
+    site.shutdown()
+
+
+def test_a_page_from_another_origin_cannot_open_a_websocket(browser, server, foreign_site):
+    browser.get(foreign_site)
+    browser.execute_script(
+        "window.result = 'pending';"
+        f"var ws = new WebSocket('ws://127.0.0.1:{server.port}/websocket?id=hijack');"
+        "ws.onopen = function () { window.result = 'open'; };"
+        "ws.onerror = function () { window.result = 'refused'; };"
+    )
+    wait(browser, lambda d: d.execute_script("return window.result") != "pending")
+    assert browser.execute_script("return window.result") == "refused"
+    assert server.control().list() == []
+    wait(browser, lambda d: "Origin not allowed" in server.log())

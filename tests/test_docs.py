@@ -11,10 +11,8 @@ README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
 
 def test_the_readme_configuration_table_has_every_option_with_its_default():
     for option in wsboard.OPTIONS:
-        default = option.default
-        if isinstance(default, float) and default.is_integer():
-            default = int(default)
-        row = f"| `{option.flag}` | `{option.env}` | `{default}` |"
+        default = f"`{option.default}`" if option.default else "none"
+        row = f"| `{option.flag}` | `{option.env}` | {default} |"
         assert row in README, f"README lacks the row for {option.flag}: {row}"
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -354,10 +355,12 @@ def http(server, path, body=None, content_type="application/json"):
 def test_the_board_page_shows_a_random_board_id(server):
     status, headers, body = http(server, "/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert 'id="boardId"' in body and 'src="/static/board.js"' in body
-    first = body.split('id="boardId">')[1][:10]
-    second = http(server, "/")[2].split('id="boardId">')[1][:10]
-    assert first != second and first.isalnum() and first.isupper() or first.isdigit()
+    assert 'src="/static/board.js"' in body
+    board_id = re.compile(r'id="boardId" data-query="id=([A-Z0-9]{10})">([A-Z0-9]{10})<')
+    first, second = board_id.search(body), board_id.search(http(server, "/")[2])
+    assert first and second, body
+    assert first.group(1) == first.group(2)
+    assert first.group(1) != second.group(1)
 
 
 def test_static_files_are_served_and_paths_cannot_escape(server):

@@ -32,6 +32,17 @@
     <p><button id="send_message" type="submit">Send Message</button></p>
     <p id="result" role="status"></p>
   </form>
+  % if refusals:
+  <h2>Refused since start</h2>
+  <table id="refusals">
+    <thead><tr><th>Kind</th><th>Count</th></tr></thead>
+    <tbody>
+    % for kind, count in refusals:
+      <tr><td>{{kind}}</td><td>{{count}}</td></tr>
+    % end
+    </tbody>
+  </table>
+  % end
   <script src="/static/admin.js"></script>
 </body>
 </html>

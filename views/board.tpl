@@ -8,7 +8,7 @@
 </head>
 <body>
   <h2>Message Board</h2>
-  <div><h3>Board Id:</h3><span id="boardId">{{board_id}}</span></div>
+  <div><h3>Board Id:</h3><span id="boardId" data-query="{{query}}">{{board_id}}</span></div>
   <p id="status" role="status">connecting…</p>
   <div id="message_board" aria-live="polite"></div>
   <script src="/static/board.js"></script>

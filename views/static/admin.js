@@ -11,7 +11,9 @@
       message: document.getElementById("message").value
     });
     result.textContent = "sending…";
-    fetch("/sendMessage", {method: "POST", headers: {"Content-Type": "application/json"}, body: body})
+    // location.origin, not a relative URL: a page opened as http://user:pass@host/admin
+    // would lend its credentials to a relative URL, and fetch refuses those.
+    fetch(location.origin + "/sendMessage", {method: "POST", headers: {"Content-Type": "application/json"}, body: body})
       .then(function (response) { return response.json(); })
       .then(function (data) {
         result.textContent = data.error ? "Error: " + data.message : "Message sent";

@@ -1,9 +1,11 @@
-// The board page: one WebSocket to the server that served the page, under the board's id.
+// The board page: one WebSocket to the server that served the page, under the board's id
+// (with the server-minted exp and token when ids are signed).
 // Every pushed message is shown as text (never as HTML): its "message" field when it is
 // JSON that has one, else the raw text.
 (function () {
   "use strict";
-  var boardId = document.getElementById("boardId").textContent;
+  var boardIdElement = document.getElementById("boardId");
+  var query = boardIdElement.dataset.query || "id=" + encodeURIComponent(boardIdElement.textContent);
   var board = document.getElementById("message_board");
   var status = document.getElementById("status");
   var scheme = location.protocol === "https:" ? "wss:" : "ws:";
@@ -20,7 +22,7 @@
     return String(data);
   }
 
-  var ws = new WebSocket(scheme + "//" + location.host + "/websocket?id=" + encodeURIComponent(boardId));
+  var ws = new WebSocket(scheme + "//" + location.host + "/websocket?" + query);
   ws.onopen = function () {
     status.textContent = "connected";
   };
