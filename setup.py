@@ -13,7 +13,12 @@ setup(
         ("share/wsboard/views", ["views/board.tpl", "views/admin.tpl"]),
         (
             "share/wsboard/views/static",
-            ["views/static/board.js", "views/static/admin.js", "views/static/wsboard.css"],
+            [
+                "views/static/board.js",
+                "views/static/admin.js",
+                "views/static/wsboard.js",
+                "views/static/wsboard.css",
+            ],
         ),
     ],
     install_requires=[

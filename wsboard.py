@@ -33,6 +33,7 @@ import stat
 import struct
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -42,6 +43,7 @@ import gevent
 import gevent.event
 import gevent.lock
 import gevent.pool
+import gevent.queue
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.server import StreamServer
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
@@ -92,6 +94,28 @@ def _seconds(text: str) -> float:
 def _seconds_or_off(text: str) -> float:
     """Seconds, where 0 turns the timeout off."""
     return 0.0 if float(text) == 0 else _seconds(text)
+
+
+def _count_or_off(text: str) -> int:
+    """A count, where 0 turns the feature off."""
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 (off) or more")
+    return value
+
+
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("1", "yes", "true", "on"):
+        return True
+    if text.lower() in ("", "0", "no", "false", "off"):
+        return False
+    raise ValueError("must be yes or no")
+
+
+def _url(text: str) -> str:
+    if text and (urlsplit(text).scheme not in ("http", "https") or not urlsplit(text).netloc):
+        raise ValueError("must be an http:// or https:// URL")
+    return text
 
 
 def _socket_path(text: str) -> str:
@@ -209,6 +233,34 @@ OPTIONS = (
            "seconds a write to a socket may block before that socket is dropped"),
     Option("shutdown_timeout", "5", _seconds,
            "seconds open WebSockets get to finish their close handshake on shutdown"),
+    # Delivery
+    Option("queue_messages", "1000", _positive_int,
+           "frames that may wait for a socket that is not reading; past it: close 1013"),
+    Option("queue_bytes", "1048576", _positive_int,
+           "bytes that may wait for a socket that is not reading; past it: close 1013"),
+    Option("ping_interval", "25", _seconds_or_off,
+           "seconds between pings to every WebSocket; 0: no pings"),
+    Option("ping_timeout", "20", _seconds,
+           "seconds a ping may go unanswered before its socket is dropped"),
+    Option("drain_window", "2", _seconds_or_off,
+           "seconds over which shutdown spreads its 1001 closes, so clients do not all "
+           "reconnect at once"),
+    Option("inbox", "0", _count_or_off,
+           "messages kept per id so a client that reconnects gets what it missed; 0: off"),
+    Option("inbox_ttl", "300", _seconds, "seconds an inbox keeps a message"),
+    Option("inbox_bytes", "1048576", _positive_int, "bytes an inbox keeps per id at most"),
+    Option("inbox_ids", "100000", _positive_int,
+           "ids with an inbox at most (the least recently used goes first)"),
+    Option("offline_ok", "no", _yes_no,
+           "with an inbox, SEND MESSAGE to an id with no open socket keeps the message and "
+           "answers OK instead of ERROR Client Not Found"),
+    Option("idempotency_window", "300", _seconds,
+           "seconds a JSON send's key is remembered, so a retry is not delivered twice"),
+    Option("watch_queue", "10000", _positive_int,
+           "events that may wait for a watcher that is not reading; past it: dropped"),
+    Option("webhook", "", _url, "URL that events are POSTed to, signed with the secret"),
+    Option("webhook_queue", "10000", _positive_int,
+           "events that may wait for the webhook; past it: dropped and counted"),
     Option("log_level", "info", _log_level, "debug, info, warning or error"),
 )
 # fmt: on
@@ -267,6 +319,16 @@ def argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"wsboard {__version__}")
     for option in OPTIONS:
+        if option.parse is _yes_no:  # --offline-ok alone means yes
+            parser.add_argument(
+                option.flag,
+                dest=option.name,
+                nargs="?",
+                const="yes",
+                metavar="yes|no",
+                help=f"{option.help} [{option.env}, default: {option.default}]",
+            )
+            continue
         parser.add_argument(
             option.flag,
             dest=option.name,
@@ -487,8 +549,10 @@ OPCODE_CLOSE = 0x8
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_KICKED = 4000  # wsboard.js does not reconnect after it
 
 
 class MessageTooBig(WebSocketError):
@@ -497,6 +561,10 @@ class MessageTooBig(WebSocketError):
 
 class WriteTimedOut(WebSocketError):
     """A socket did not take our bytes within write_timeout."""
+
+
+class QueueFull(WebSocketError):
+    """A socket's backlog is over queue_messages or queue_bytes: it cannot keep up."""
 
 
 def text_frame(text: str) -> bytes:
@@ -521,6 +589,15 @@ def close_payload(code: int | None, reason: object = b"") -> bytes:
     return struct.pack("!H", code) + reason
 
 
+def close_frame(code: int, reason: str) -> bytes:
+    """One unmasked close frame, as a server sends it."""
+    payload = close_payload(code, reason)
+    return bytes(Header.encode_header(True, OPCODE_CLOSE, b"", len(payload), 0)) + payload
+
+
+PING_FRAME = b"\x89\x00"  # an empty ping, the same bytes for every socket
+
+
 def unmask(payload: bytes, mask: bytes) -> bytes:
     """XOR a client's payload with its 4-byte mask, at C speed via big integers."""
     length = len(payload)
@@ -536,6 +613,21 @@ def websocket_accept(key: str) -> str:
 
 def query_ids(environ: Mapping[str, str]) -> list:
     return parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).get("id", [])
+
+
+SUBPROTOCOL = "wsboard.v1"  # frames become {"seq": n, "data": text}; see README
+
+
+def speaks_v1(environ: Mapping[str, str]) -> bool:
+    offered = environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
+    return SUBPROTOCOL in (p.strip() for p in offered.split(","))
+
+
+def resume_point(epoch: str, last: str) -> tuple:
+    """(epoch, last seq) a reconnecting v1 client gave; ("", 0) when absent or malformed."""
+    if not (re.fullmatch(r"[0-9a-f]{1,16}", epoch) and last.isascii() and last.isdigit()):
+        return "", 0
+    return epoch, min(int(last), 2**53)
 
 
 class Refusal(NamedTuple):
@@ -608,42 +700,106 @@ def limit_refusal(client_id: str, ip: str) -> Refusal | None:
 
 
 class BoardSocket(_GeventWebSocket):
-    """gevent-websocket's WebSocket with its write, read-limit and close defects mended."""
+    """gevent-websocket's WebSocket with its write, read-limit and close defects mended.
 
-    __slots__ = ("write_lock", "message_size", "peer_closed")
+    Writes go straight to the kernel while the socket takes them; only under backpressure
+    do frames wait in a bounded backlog, drained by a flusher greenlet that lives only
+    while there is a backlog. So a sender never blocks on a slow browser, and an idle
+    socket costs no greenlet for writing.
+    """
+
+    __slots__ = (
+        "sock",
+        "message_size",
+        "backlog",
+        "backlog_bytes",
+        "abort_after_flush",
+        "pong_due",
+        "end_reason",
+    )
 
     def __init__(self, environ: dict, stream: Stream, handler: "WebSocketHandler") -> None:
         super().__init__(environ, stream, handler)
-        self.write_lock = gevent.lock.Semaphore()
+        self.sock = handler.socket
         self.message_size = 0
-        self.peer_closed = False
+        self.backlog: collections.deque | None = None  # None: nothing waits, write directly
+        self.backlog_bytes = 0
+        self.abort_after_flush = False
+        self.pong_due = 0.0  # when an unanswered ping was sent (monotonic), 0 when none
+        self.end_reason = "connection lost"
         self.raw_write = self._write
 
     def _write(self, data: bytes) -> None:
-        # One writer at a time (gevent forbids two), and never longer than write_timeout.
-        sock = self.handler.socket
+        """Write now if the kernel takes it all; else queue the rest, within the bounds."""
+        if self.backlog is None:
+            try:
+                sent = self.sock.send(data, 0, 0.0)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise WebSocketError(f"Socket is dead: {exc}") from None
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self.backlog = collections.deque()
+            self.backlog_bytes = 0
+            gevent.spawn(self._flush)
+        if (
+            len(self.backlog) >= config.queue_messages
+            or self.backlog_bytes + len(data) > config.queue_bytes
+        ):
+            self._overflow()
+            raise QueueFull("send queue full")
+        self.backlog.append(data)
+        self.backlog_bytes += len(data)
+
+    def _flush(self) -> None:
+        """Drain the backlog with blocking writes, each within write_timeout, then go idle."""
+        backlog = self.backlog
         try:
-            with gevent.Timeout(config.write_timeout, WriteTimedOut("write timed out")):
-                with self.write_lock:
-                    sock.sendall(data)
-        except WriteTimedOut:
-            self.abort()
-            raise
+            while backlog:
+                data = backlog[0]
+                with gevent.Timeout(config.write_timeout, WriteTimedOut("write timed out")):
+                    self.sock.sendall(data)
+                backlog.popleft()
+                self.backlog_bytes -= len(data)
+        except (OSError, WebSocketError) as exc:
+            if not self.closed:
+                self.end_reason = str(exc) or type(exc).__name__
+            self.abort_after_flush = True
+        finally:
+            self.backlog = None
+            self.backlog_bytes = 0
+            if self.abort_after_flush:
+                self.abort()
+
+    def _overflow(self) -> None:
+        """Too slow to keep up: drop what it has not begun to receive, queue a 1013 close."""
+        head = self.backlog[0] if self.backlog else None  # may be half-written: keep it whole
+        self.backlog.clear()
+        if head is not None:
+            self.backlog.append(head)
+        self.backlog.append(close_frame(CLOSE_TRY_AGAIN_LATER, "too slow: send queue full"))
+        self.backlog_bytes = sum(len(b) for b in self.backlog)
+        self.end_reason = "send queue full"
+        self.closed = True
+        self.abort_after_flush = True
+
+    @property
+    def queued_bytes(self) -> int:
+        return self.backlog_bytes
 
     def send_frame_bytes(self, frame: bytes) -> None:
-        """Write a frame that was encoded once for many sockets."""
+        """Write (or queue) a frame that was encoded once for many sockets."""
         if self.closed:
             raise WebSocketError("Connection is already closed")
-        try:
-            self._write(frame)
-        except OSError as exc:
-            raise WebSocketError(f"Socket is dead: {exc}") from None
+        self._write(frame)
 
     def abort(self) -> None:
         """Drop the TCP connection without a close handshake; the reader then sees EOF."""
         self.closed = True
         try:
-            self.handler.socket.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -668,34 +824,44 @@ class BoardSocket(_GeventWebSocket):
         return header, unmask(payload, header.mask)
 
     def handle_close(self, header: Header, payload: bytes) -> None:
-        self.peer_closed = True
+        code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+        self.end_reason = f"closed by client ({code})" if code else "closed by client"
         super().handle_close(header, payload)
+
+    def handle_pong(self, header: Header, payload: bytes) -> None:
+        self.pong_due = 0.0
 
     def receive(self) -> object | None:
         """The next message, or None once the socket is closed for any reason."""
         if self.closed:
             return None
         try:
-            return self.read_message()
+            message = self.read_message()
+            self.pong_due = 0.0  # any message shows the peer is alive
+            return message
         except MessageTooBig:
-            self.close(CLOSE_MESSAGE_TOO_BIG, "message too big")
+            self.end("message too big", CLOSE_MESSAGE_TOO_BIG)
         except TimeoutError:
-            self.close(CLOSE_NORMAL, "idle timeout")
+            self.end("idle timeout", CLOSE_NORMAL)
         except UnicodeError:
-            self.close(1007, "invalid UTF-8")
+            self.end("invalid UTF-8", 1007)
         except ProtocolError:
-            self.close(1002, "protocol error")
+            self.end("protocol error", 1002)
         except (OSError, WebSocketError):
             self.closed = True
         return None
+
+    def end(self, reason: str, code: int, told: str = "") -> None:
+        """Close with code, telling the peer told (or reason); the log and watchers get reason."""
+        self.close(code, told or reason)
+        self.end_reason = reason
 
     def close(self, code: int | None = CLOSE_NORMAL, message: object = b"") -> None:
         """Send a close frame with its code and reason (stock 0.10.1 drops the code)."""
         if self.closed:
             return
         try:
-            if self.raw_write is not None:
-                self.send_frame(close_payload(code, message), self.OPCODE_CLOSE)
+            self.send_frame(close_payload(code, message), self.OPCODE_CLOSE)
         except (OSError, WebSocketError):
             pass
         finally:
@@ -727,17 +893,14 @@ class WebSocketHandler(_GeventWebSocketHandler):
         self.websocket = BoardSocket(environ, Stream(self), self)
         environ["wsgi.websocket"] = self.websocket
         environ["wsgi.websocket_version"] = "13"
-        self.start_response(
-            "101 Switching Protocols",
-            [
-                ("Upgrade", "websocket"),
-                ("Connection", "Upgrade"),
-                (
-                    "Sec-WebSocket-Accept",
-                    websocket_accept(environ["HTTP_SEC_WEBSOCKET_KEY"].strip()),
-                ),
-            ],
-        )
+        headers = [
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Accept", websocket_accept(environ["HTTP_SEC_WEBSOCKET_KEY"].strip())),
+        ]
+        if speaks_v1(environ):
+            headers.append(("Sec-WebSocket-Protocol", SUBPROTOCOL))
+        self.start_response("101 Switching Protocols", headers)
         self.write(b"")
         self.socket.settimeout(config.idle_timeout or None)  # writes have their own timeout
         self.run_websocket()
@@ -760,10 +923,18 @@ class WebSocketHandler(_GeventWebSocketHandler):
         self.process_result()
 
     def run_websocket(self) -> None:
-        ip = client_ip(self.environ, config.trusted_proxies)
-        serve_websocket(
-            Connection(query_ids(self.environ)[0], self.client_address, ip, self.websocket)
+        environ = self.environ
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        conn = Connection(
+            query_ids(environ)[0],
+            self.client_address,
+            client_ip(environ, config.trusted_proxies),
+            self.websocket,
+            origin=environ.get("HTTP_ORIGIN", ""),
+            v1=speaks_v1(environ),
         )
+        epoch, last = resume_point(query.get("epoch", [""])[0], query.get("last", [""])[0])
+        serve_websocket(conn, epoch, last)
         self.environ["wsgi.websocket"] = None
         self.websocket = None
 
@@ -789,18 +960,28 @@ def format_peer(address: object) -> str:
 class Connection:
     """One open WebSocket: who it is, where it comes from, and the socket itself."""
 
-    __slots__ = ("client_id", "peer", "ip", "ws", "connected_at")
+    __slots__ = ("client_id", "peer", "ip", "origin", "v1", "ws", "connected_at")
 
-    def __init__(self, client_id: str, peer: object, ip: str, ws: BoardSocket) -> None:
+    def __init__(
+        self,
+        client_id: str,
+        peer: object,
+        ip: str,
+        ws: BoardSocket,
+        origin: str = "",
+        v1: bool = False,
+    ) -> None:
         self.client_id = client_id
         self.peer = format_peer(peer)
         self.ip = ip
+        self.origin = origin
+        self.v1 = v1  # speaks the wsboard.v1 subprotocol: frames carry {"seq", "data"}
         self.ws = ws
         self.connected_at = time.time()
 
 
 class Registry:
-    """The open sockets by client id: the one interface listing and delivery go through."""
+    """The open sockets by client id: the index listing and delivery go through."""
 
     def __init__(self) -> None:
         self._by_id: dict[str, dict[Connection, None]] = {}
@@ -840,49 +1021,336 @@ class Registry:
 registry = Registry()
 
 
-def deliver(client_id: str, text: str) -> int:
-    """Send text as one frame to every open socket of client_id; return how many took it."""
-    frame = text_frame(text)
+class Box:
+    """One id's inbox: its recent messages as (seq, text, time), and its epoch."""
+
+    __slots__ = ("epoch", "next_seq", "items", "bytes", "touched")
+
+    def __init__(self, now: float) -> None:
+        self.epoch = secrets.token_hex(4)  # a new box numbers from 1 again: the epoch tells
+        self.next_seq = 1
+        self.items: collections.deque = collections.deque()
+        self.bytes = 0
+        self.touched = now
+
+    @property
+    def last_seq(self) -> int:
+        return self.next_seq - 1
+
+
+class Inbox:
+    """Recent messages per id, numbered, so a client that reconnects can catch up.
+
+    Bounded by messages and bytes per id, by age, and by how many ids it keeps (the least
+    recently used id's box goes first).
+    """
+
+    def __init__(self, size: int, max_bytes: int, ttl: float, max_ids: int) -> None:
+        self.size, self.max_bytes, self.ttl, self.max_ids = size, max_bytes, ttl, max_ids
+        self._boxes: collections.OrderedDict[str, Box] = collections.OrderedDict()
+
+    def box(self, client_id: str, now: float) -> Box:
+        box = self._boxes.get(client_id)
+        if box is None:
+            box = self._boxes[client_id] = Box(now)
+            while len(self._boxes) > self.max_ids:
+                self._boxes.popitem(last=False)
+        else:
+            self._boxes.move_to_end(client_id)
+        box.touched = now
+        return box
+
+    def add(self, client_id: str, text: str, now: float) -> int:
+        """Keep text for client_id; return its sequence number."""
+        box = self.box(client_id, now)
+        seq = box.next_seq
+        box.next_seq += 1
+        box.items.append((seq, text, now))
+        box.bytes += len(text)
+        while box.items and (len(box.items) > self.size or box.bytes > self.max_bytes):
+            box.bytes -= len(box.items.popleft()[1])
+        return seq
+
+    def missed(self, client_id: str, epoch: str, last: int, now: float) -> tuple:
+        """(box, [(seq, text)] after last, gap): gap when some of what followed is gone."""
+        box = self.box(client_id, now)
+        first_kept = box.items[0][0] if box.items else box.next_seq
+        if epoch and epoch != box.epoch:  # numbered by another box or server: all is new
+            return box, [(seq, text) for seq, text, _ in box.items], True
+        if not epoch:  # a first connection: everything kept for it is news
+            last = 0
+        return box, [(seq, text) for seq, text, _ in box.items if seq > last], last + 1 < first_kept
+
+    def expire(self, now: float) -> None:
+        for client_id in list(self._boxes):
+            box = self._boxes[client_id]
+            while box.items and now - box.items[0][2] > self.ttl:
+                box.bytes -= len(box.items.popleft()[1])
+            if (
+                not box.items
+                and now - box.touched > self.ttl
+                and not registry.count_for_id(client_id)
+            ):
+                del self._boxes[client_id]
+
+
+class IdempotencyKeys:
+    """The answers to sends that carried a key, so a retry within the window sends nothing twice."""
+
+    def __init__(self, window: float, max_keys: int = 100_000) -> None:
+        self.window, self.max_keys = window, max_keys
+        self._answers: collections.OrderedDict[str, tuple] = collections.OrderedDict()
+
+    def get(self, key: str, now: float) -> dict | None:
+        self.expire(now)
+        found = self._answers.get(key)
+        return found[1] if found else None
+
+    def put(self, key: str, answer: dict, now: float) -> None:
+        self._answers[key] = (now, answer)
+        while len(self._answers) > self.max_keys:
+            self._answers.popitem(last=False)
+
+    def expire(self, now: float) -> None:
+        while self._answers and now - next(iter(self._answers.values()))[0] > self.window:
+            self._answers.popitem(last=False)
+
+
+class SendResult(NamedTuple):
+    sockets: int  # sockets that took it now
+    queued: int  # ids with no open socket whose inbox keeps it for later
+    seq: dict  # id -> sequence number, when the inbox is on
+    missing: list  # ids that got nothing
+
+
+class LocalHub:
+    """Where messages go: the open sockets, the inbox and the idempotency keys, in memory.
+
+    The control protocol and the routes talk to this interface only; a Redis backplane will
+    implement the same methods to span several processes.
+    """
+
+    def __init__(self) -> None:
+        self.inbox: Inbox | None = None
+        self.keys = IdempotencyKeys(300)
+
+    def configure(self, cfg: Config) -> None:
+        self.inbox = (
+            Inbox(cfg.inbox, cfg.inbox_bytes, cfg.inbox_ttl, cfg.inbox_ids) if cfg.inbox else None
+        )
+        self.keys = IdempotencyKeys(cfg.idempotency_window)
+
+    def send(self, ids: Iterable[str], text: str, keep_offline: bool) -> SendResult:
+        """Send text to every socket of each id; keep it in the inbox when that is on."""
+        plain = text_frame(text)
+        now = time.time()
+        sockets, queued, seqs, missing = 0, 0, {}, []
+        for client_id in dict.fromkeys(ids):
+            conns = registry.sockets_of(client_id)
+            seq = None
+            if self.inbox is not None and (conns or keep_offline):
+                seq = seqs[client_id] = self.inbox.add(client_id, text, now)
+            delivered = deliver(conns, plain, text, seq)
+            sockets += delivered
+            if not delivered:
+                if seq is None:
+                    missing.append(client_id)
+                else:
+                    queued += 1
+        return SendResult(sockets, queued, seqs, missing)
+
+    def broadcast(self, text: str) -> int:
+        """Send text to every open socket (not kept in any inbox); return how many took it."""
+        return deliver(list(registry), text_frame(text), text, None)
+
+    def kick(self, client_id: str, code: int, reason: str) -> int:
+        conns = registry.sockets_of(client_id)
+        for conn in conns:
+            conn.ws.end(f"kicked ({code} {reason})", code, reason)
+        return len(conns)
+
+    def attach(self, conn: Connection, epoch: str, last: int) -> bool:
+        """Register conn; a v1 socket first gets a hello, a gap if any, and what it missed."""
+        refusal = limit_refusal(conn.client_id, conn.ip)
+        if refusal:  # others registered while our 101 was being written
+            refused(refusal.kind, "websocket %s %s: %s", conn.client_id, conn.peer, refusal.reason)
+            conn.ws.close(CLOSE_TRY_AGAIN_LATER, "too many connections")
+            return False
+        registry.add(conn)
+        if conn.v1:
+            frames = []
+            if self.inbox is None:
+                frames.append({"hello": {"inbox": False, "epoch": None, "seq": None}})
+            else:
+                box, missed, gap = self.inbox.missed(conn.client_id, epoch, last, time.time())
+                frames.append({"hello": {"inbox": True, "epoch": box.epoch, "seq": box.last_seq}})
+                if gap:
+                    frames.append({"gap": {"after": last if epoch == box.epoch else 0}})
+                frames.extend({"seq": seq, "data": text} for seq, text in missed)
+            for frame in frames:
+                conn.ws.send_frame_bytes(text_frame(json.dumps(frame, separators=(",", ":"))))
+        return True
+
+    def detach(self, conn: Connection) -> None:
+        registry.remove(conn)
+
+    def expire(self, now: float) -> None:
+        if self.inbox is not None:
+            self.inbox.expire(now)
+        self.keys.expire(now)
+
+
+hub = LocalHub()
+
+
+def deliver(conns: Iterable[Connection], plain: bytes, text: str, seq: int | None) -> int:
+    """Write one message to conns, each frame encoded once; return how many took it."""
+    v1 = None
     delivered = 0
-    for conn in registry.sockets_of(client_id):
+    for conn in conns:
+        if conn.v1 and v1 is None:
+            v1 = text_frame(json.dumps({"seq": seq, "data": text}, separators=(",", ":")))
         try:
-            conn.ws.send_frame_bytes(frame)
+            conn.ws.send_frame_bytes(v1 if conn.v1 else plain)
             delivered += 1
         except WebSocketError as exc:
             log.warning("dropped %s %s: %s", conn.client_id, conn.peer, exc)
     return delivered
 
 
-def serve_websocket(conn: Connection) -> None:
-    """A socket's life: registered while open, its incoming messages read and discarded."""
-    refusal = limit_refusal(conn.client_id, conn.ip)
-    if refusal:  # others registered while our 101 was being written
-        refused(refusal.kind, "websocket %s %s: %s", conn.client_id, conn.peer, refusal.reason)
-        conn.ws.close(CLOSE_TRY_AGAIN_LATER, "too many connections")
-        return
-    registry.add(conn)
-    log.info("connect %s %s (%d open)", conn.client_id, conn.peer, len(registry))
+def serve_websocket(conn: Connection, epoch: str = "", last: int = 0) -> None:
+    """A socket's life: registered while open; what it sends goes to the watchers."""
     ws = conn.ws
+    if not hub.attach(conn, epoch, last):
+        return
+    log.info("connect %s %s (%d open)", conn.client_id, conn.peer, len(registry))
+    emit("connect", id=conn.client_id, peer=conn.peer, origin=conn.origin)
     try:
-        while ws.receive() is not None:
-            pass
+        while (message := ws.receive()) is not None:
+            if watchers or webhook is not None:
+                if isinstance(message, str):
+                    emit("message", id=conn.client_id, data=message)
+                else:
+                    emit("message", id=conn.client_id, binary=base64.b64encode(message).decode())
     finally:
-        registry.remove(conn)
+        hub.detach(conn)
         ws.close()
         log.info(
-            "disconnect %s %s after %.1fs",
+            "disconnect %s %s after %.1fs: %s",
             conn.client_id,
             conn.peer,
             time.time() - conn.connected_at,
+            ws.end_reason,
         )
+        emit("disconnect", id=conn.client_id, peer=conn.peer, reason=ws.end_reason)
 
 
-def close_all(code: int, reason: str) -> int:
-    """Send every open socket a close frame; return how many were open."""
+def heartbeat_round(now: float) -> None:
+    """Ping every socket that owes no pong; drop those that let a ping go unanswered too long."""
+    for n, conn in enumerate(registry):
+        ws = conn.ws
+        if ws.pong_due and now - ws.pong_due >= config.ping_timeout:
+            ws.end_reason = "ping timeout"
+            ws.abort()
+        elif not ws.pong_due and not ws.closed:
+            ws.pong_due = now
+            try:
+                ws.send_frame_bytes(PING_FRAME)
+            except WebSocketError:
+                pass
+        if n % 512 == 511:
+            gevent.sleep(0)  # let others run during a long round
+
+
+def heartbeat() -> None:
+    """Forever: a heartbeat round every ping_interval, and old inbox entries and keys expired."""
+    while True:
+        gevent.sleep(config.ping_interval or 60)
+        if config.ping_interval:
+            heartbeat_round(time.monotonic())
+        hub.expire(time.time())
+
+
+SHUTDOWN_REASON = "server shutting down; reconnect"
+
+
+def drain(timeout: float, window: float) -> None:
+    """Close every WebSocket with 1001, spread over window seconds so that they do not all
+    reconnect at once; give them timeout seconds more to answer, then drop the rest."""
     conns = list(registry)
-    for conn in conns:
-        conn.ws.close(code, reason)
-    return len(conns)
+    batches = max(1, min(len(conns), 50))
+    for i, conn in enumerate(conns):
+        conn.ws.end("server shutdown", CLOSE_GOING_AWAY, SHUTDOWN_REASON)
+        if window and (i + 1) % max(1, len(conns) // batches) == 0 and i + 1 < len(conns):
+            gevent.sleep(window / batches)
+    deadline = time.monotonic() + timeout
+    while len(registry) and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    log.info("closed %d websockets; %d did not answer in time", len(conns), len(registry))
+    for conn in list(registry):
+        conn.ws.abort()
+
+
+###############################################################################
+# Events: what happens, told to watchers and the webhook ######################
+###############################################################################
+
+watchers: set = set()  # control connections that asked for {"op":"watch"}
+webhook: "Webhook | None" = None
+
+
+def emit(kind: str, **fields: object) -> None:
+    """Tell watchers and the webhook that something happened; never waits for either."""
+    if not watchers and webhook is None:
+        return
+    event = {"event": kind, "time": round(time.time(), 3), **fields}
+    line = json.dumps(event, separators=(",", ":"))
+    for watcher in list(watchers):
+        watcher.push(line)
+    if webhook is not None:
+        webhook.push(line)
+
+
+class Webhook:
+    """Events POSTed to the app one by one, in order, signed with the secret, retried with
+    backoff; a bounded queue in front, so a slow or dead endpoint never holds delivery up."""
+
+    TRIES = 5
+
+    def __init__(self, url: str, secret: bytes, size: int) -> None:
+        self.url, self.secret = url, secret
+        self.queue: gevent.queue.Queue = gevent.queue.Queue(size)
+        self.dropped = 0
+        self.greenlet = gevent.spawn(self.run)
+
+    def push(self, line: str) -> None:
+        try:
+            self.queue.put_nowait(line)
+        except gevent.queue.Full:
+            self.dropped += 1
+            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                log.warning("webhook queue full: %d events dropped so far", self.dropped)
+
+    def run(self) -> None:
+        while True:
+            self.post(self.queue.get().encode())
+
+    def post(self, body: bytes) -> bool:
+        headers = {"Content-Type": "application/json", "User-Agent": f"wsboard/{__version__}"}
+        if self.secret:
+            signature = hmac.new(self.secret, body, hashlib.sha256).hexdigest()
+            headers["X-Wsboard-Signature"] = "sha256=" + signature
+        for attempt in range(self.TRIES):
+            try:
+                request = urllib.request.Request(self.url, data=body, headers=headers)
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    response.read()
+                return True
+            except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+                log.warning("webhook attempt %d failed: %s", attempt + 1, exc)
+                gevent.sleep(min(30.0, 0.5 * 2**attempt))
+        log.error("webhook gave up on an event after %d attempts", self.TRIES)
+        return False
 
 
 ###############################################################################
@@ -897,55 +1365,266 @@ class Command(NamedTuple):
     args: tuple = ()
 
 
+def parse_client_id(raw: bytes) -> str | Command:
+    """raw as a client id, or the error Command that refuses it."""
+    if not raw:
+        return Command("error", ("Missing client id",))
+    try:
+        client_id = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return Command("error", ("Invalid client id",))
+    return client_id if is_valid_client_id(client_id) else Command("error", ("Invalid client id",))
+
+
+def parse_text(raw: bytes) -> str | Command:
+    """raw as a message's text, or the error Command that refuses it."""
+    if not raw:
+        return Command("error", ("Missing message text",))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return Command("error", ("Message is not valid UTF-8",))
+
+
 def parse_control_line(line: bytes) -> Command:
     """A control line (without its \\n) as a Command; refusals are Command('error', (text,))."""
     if line.endswith(b"\r"):
         line = line[:-1]
-    if line.rstrip(b" ") == b"LIST WEBSOCKETS":
-        return Command("list")
+    if line.startswith(b"{"):
+        return Command("json", (line,))
+    word = line.rstrip(b" ")
+    if word in SIMPLE_VERBS:
+        return Command(SIMPLE_VERBS[word])
     if line.startswith(b"SEND MESSAGE "):
-        client_id, space, text = line[len(b"SEND MESSAGE ") :].partition(b" ")
-        if not client_id:
-            return Command("error", ("Missing client id",))
-        try:
-            client_id = client_id.decode("ascii")
-        except UnicodeDecodeError:
-            return Command("error", ("Invalid client id",))
-        if not is_valid_client_id(client_id):
-            return Command("error", ("Invalid client id",))
-        if not space or not text:
-            return Command("error", ("Missing message text",))
-        try:
-            return Command("send", (client_id, text.decode("utf-8")))
-        except UnicodeDecodeError:
-            return Command("error", ("Message is not valid UTF-8",))
+        raw_id, space, raw_text = line[len(b"SEND MESSAGE ") :].partition(b" ")
+        client_id = parse_client_id(raw_id)
+        if isinstance(client_id, Command):
+            return client_id
+        text = parse_text(raw_text if space else b"")
+        return text if isinstance(text, Command) else Command("send", (client_id, text))
+    if line.startswith(b"BROADCAST"):
+        text = parse_text(line[len(b"BROADCAST ") :] if line.startswith(b"BROADCAST ") else b"")
+        return text if isinstance(text, Command) else Command("broadcast", (text,))
+    if line.startswith(b"KICK"):
+        client_id = parse_client_id(line[len(b"KICK ") :].rstrip(b" "))
+        return client_id if isinstance(client_id, Command) else Command("kick", (client_id,))
     return Command("error", ("Unknown command",))
 
 
-def list_lines() -> list:
-    return ["=== START ==="] + [f"{c.client_id} {c.peer}" for c in registry] + ["=== END ==="]
+SIMPLE_VERBS = {b"LIST WEBSOCKETS": "list", b"PING": "ping", b"HELP": "help"}
+
+HELP = (
+    "OK commands: LIST WEBSOCKETS | SEND MESSAGE <id> <text> | BROADCAST <text> | KICK <id> | "
+    "PING | HELP | a JSON object per line with op send, broadcast, list, kick, ping, watch, unwatch"
+)
 
 
-def send_lines(client_id: str, text: str) -> list:
-    return ["OK"] if deliver(client_id, text) else ["ERROR Client Not Found"]
+def seed_send(ctx: "ControlConnection", client_id: str, text: str) -> list:
+    result = hub.send([client_id], text, keep_offline=config.offline_ok)
+    return ["OK"] if result.sockets or result.queued else ["ERROR Client Not Found"]
+
+
+def kick(client_id: str, code: int = CLOSE_KICKED, reason: str = "kicked") -> int:
+    return hub.kick(client_id, code, reason)
 
 
 COMMANDS: dict = {
-    "list": list_lines,
-    "send": send_lines,
-    "error": lambda message: ["ERROR " + message],
+    "list": lambda ctx: (
+        ["=== START ==="] + [f"{c.client_id} {c.peer}" for c in registry] + ["=== END ==="]
+    ),
+    "send": seed_send,
+    "broadcast": lambda ctx, text: [f"OK {hub.broadcast(text)}"],
+    "kick": lambda ctx, client_id: (
+        [f"OK {n}"] if (n := kick(client_id)) else ["ERROR Client Not Found"]
+    ),
+    "ping": lambda ctx: ["PONG"],
+    "help": lambda ctx: [HELP],
+    "json": lambda ctx, line: [json.dumps(run_json(ctx, line), separators=(",", ":"))],
+    "error": lambda ctx, message: ["ERROR " + message],
 }
 
 
-def run_command(command: Command) -> list:
+def run_command(command: Command, ctx: "ControlConnection | None" = None) -> list:
     """The answer lines for one command."""
-    return COMMANDS[command.verb](*command.args)
+    return COMMANDS[command.verb](ctx, *command.args)
+
+
+# The JSON form: one object per line in, one object per line out.
+
+
+class BadRequest(ValueError):
+    """A JSON command that cannot be carried out; the message says why."""
+
+
+def json_ids(request: dict) -> list:
+    to = request.get("to")
+    ids = [to] if isinstance(to, str) else to
+    if not isinstance(ids, list) or not ids or len(ids) > 1000:
+        raise BadRequest('"to" must be a client id or a list of 1-1000 of them')
+    for client_id in ids:
+        if not is_valid_client_id(client_id):
+            raise BadRequest(f"invalid client id: {str(client_id)[:130]!r}")
+    return ids
+
+
+def json_text(request: dict) -> str:
+    """A message's text: "data" as it is when a string, else as compact JSON."""
+    if "data" not in request:
+        raise BadRequest('"data" is missing')
+    data = request["data"]
+    return data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+
+
+def op_send(ctx: object, request: dict) -> dict:
+    ids, text, key = json_ids(request), json_text(request), request.get("key")
+    if key is not None and not (isinstance(key, str) and 1 <= len(key) <= 200):
+        raise BadRequest('"key" must be a string of 1-200 characters')
+    now = time.time()
+    if key is not None and (earlier := hub.keys.get(key, now)) is not None:
+        return {**earlier, "duplicate": True}
+    result = hub.send(ids, text, keep_offline=True)
+    if not result.sockets and not result.queued:
+        return {"ok": False, "error": "Client Not Found"}
+    answer = {"ok": True, "sockets": result.sockets, "queued": result.queued}
+    if hub.inbox is not None:
+        answer["seq"] = result.seq
+    if result.missing:
+        answer["missing"] = result.missing
+    if key is not None:
+        hub.keys.put(key, answer, now)
+    return answer
+
+
+def op_list(ctx: object, request: dict) -> dict:
+    return {
+        "ok": True,
+        "clients": [
+            {
+                "id": c.client_id,
+                "peer": c.peer,
+                "since": round(c.connected_at, 3),
+                "origin": c.origin,
+                "protocol": "wsboard.v1" if c.v1 else "",
+                "queued_bytes": c.ws.queued_bytes,
+            }
+            for c in registry
+        ],
+    }
+
+
+KICK_CODES = {1000, 1001, 1008, 1011, 1012, 1013} | set(range(4000, 5000))
+
+
+def op_kick(ctx: object, request: dict) -> dict:
+    client_id = request.get("id")
+    if not is_valid_client_id(client_id):
+        raise BadRequest('"id" must be a client id')
+    code, reason = request.get("code", CLOSE_KICKED), request.get("reason", "kicked")
+    if code not in KICK_CODES or isinstance(code, bool):
+        raise BadRequest('"code" must be 1000, 1001, 1008, 1011, 1012, 1013 or 4000-4999')
+    if not isinstance(reason, str) or len(reason.encode()) > 123:
+        raise BadRequest('"reason" must be a string of at most 123 bytes')
+    count = kick(client_id, code, reason)
+    return {"ok": True, "sockets": count} if count else {"ok": False, "error": "Client Not Found"}
+
+
+def op_watch(ctx: "ControlConnection", request: dict) -> dict:
+    ctx.watch()
+    return {"ok": True, "watching": True}
+
+
+def op_unwatch(ctx: "ControlConnection", request: dict) -> dict:
+    ctx.unwatch()
+    return {"ok": True, "watching": False}
+
+
+JSON_OPS: dict = {
+    "send": op_send,
+    "broadcast": lambda ctx, request: {"ok": True, "sockets": hub.broadcast(json_text(request))},
+    "list": op_list,
+    "kick": op_kick,
+    "ping": lambda ctx, request: {"ok": True, "pong": True},
+    "watch": op_watch,
+    "unwatch": op_unwatch,
+}
+
+
+def run_json(ctx: "ControlConnection", line: bytes) -> dict:
+    """Carry out one JSON command; every failure is an {"ok": false, "error": …} answer."""
+    try:
+        request = json.loads(line)
+    except (UnicodeDecodeError, ValueError):
+        return {"ok": False, "error": "Malformed JSON"}
+    if not isinstance(request, dict):
+        return {"ok": False, "error": "A command must be a JSON object"}
+    op = JSON_OPS.get(request.get("op")) if isinstance(request.get("op"), str) else None
+    if op is None:
+        answer = {"ok": False, "error": f"Unknown op: {str(request.get('op'))[:40]!r}"}
+    else:
+        try:
+            answer = op(ctx, request)
+        except BadRequest as exc:
+            answer = {"ok": False, "error": str(exc)}
+    if "ref" in request:  # lets a pipelining client match answers to requests
+        answer["ref"] = request["ref"]
+    return answer
+
+
+# Control connections.
 
 
 def split_lines(buffer: bytearray) -> tuple:
     """Complete lines in buffer, and what is left after the last \\n."""
     *lines, rest = bytes(buffer).split(b"\n")
     return lines, bytearray(rest)
+
+
+class ControlConnection:
+    """One client of the control socket. Answers and (when watching) events share the socket,
+    so every write takes the lock; events wait in a bounded queue and a slow watcher is cut."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.write_lock = gevent.lock.Semaphore()
+        self.events: gevent.queue.Queue | None = None
+        self.pump: gevent.Greenlet | None = None
+
+    def write(self, data: bytes) -> None:
+        with gevent.Timeout(config.write_timeout, WriteTimedOut("control client is not reading")):
+            with self.write_lock:
+                self.sock.sendall(data)
+
+    def watch(self) -> None:
+        if self.events is None:
+            self.events = gevent.queue.Queue(config.watch_queue)
+            self.pump = gevent.spawn(self.pump_events)
+            watchers.add(self)
+
+    def unwatch(self) -> None:
+        watchers.discard(self)
+        if self.pump is not None:
+            self.pump.kill(block=False)
+        self.events = self.pump = None
+
+    def push(self, line: str) -> None:
+        try:
+            self.events.put_nowait(line)
+        except gevent.queue.Full:
+            log.warning("dropped a watcher that fell %d events behind", config.watch_queue)
+            self.unwatch()
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def pump_events(self) -> None:
+        events = self.events
+        try:
+            while True:
+                lines = [events.get()]
+                while not events.empty() and len(lines) < 256:
+                    lines.append(events.get_nowait())
+                self.write(("\n".join(lines) + "\n").encode("utf-8"))
+        except (OSError, WebSocketError) as exc:
+            log.info("watcher gone: %s", exc)
+            watchers.discard(self)
 
 
 control_connections = 0
@@ -965,11 +1644,12 @@ def control_refusal(sock: socket.socket) -> str | None:
 def serve_control(sock: socket.socket, address: object) -> None:
     """One control connection: read lines, answer each in order, until EOF, abuse or idleness."""
     global control_connections
+    ctx = ControlConnection(sock)
     refusal = control_refusal(sock)
     if refusal:
         refused("control", "control connection: %s", refusal)
         try:
-            write_control(sock, f"ERROR {refusal.split(' (')[0]}\n".encode())
+            ctx.write(f"ERROR {refusal.split(' (')[0]}\n".encode())
         except (OSError, WriteTimedOut):
             pass
         sock.close()
@@ -979,30 +1659,36 @@ def serve_control(sock: socket.socket, address: object) -> None:
     buffer = bytearray()
     try:
         while True:
-            data = sock.recv(65536)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                if ctx.events is not None:
+                    continue  # a watcher may listen quietly for as long as it likes
+                raise
             if not data:
                 if buffer:  # a last line without \n still gets its answer
-                    answer_lines(sock, [bytes(buffer)])
+                    answer_lines(ctx, [bytes(buffer)])
                 return
             buffer += data
             if b"\n" in data:
                 lines, buffer = split_lines(buffer)
-                if not answer_lines(sock, lines):
+                if not answer_lines(ctx, lines):
                     return
             if len(buffer) > config.max_line:
-                refuse_long_line(sock)
+                refuse_long_line(ctx)
                 return
     except (OSError, WriteTimedOut) as exc:
         log.info("control connection ended: %s", exc or type(exc).__name__)
     finally:
         control_connections -= 1
+        ctx.unwatch()
         sock.close()
 
 
 CONTROL_FLUSH_BYTES = 64 * 1024
 
 
-def answer_lines(sock: socket.socket, lines: Iterable[bytes]) -> bool:
+def answer_lines(ctx: ControlConnection, lines: Iterable[bytes]) -> bool:
     """Answer lines in order; False when one was too long and the connection must end.
 
     Answers are written whenever 64 KiB are pending, so a burst of LISTs cannot pile up.
@@ -1011,35 +1697,30 @@ def answer_lines(sock: socket.socket, lines: Iterable[bytes]) -> bool:
     size = 0
     for line in lines:
         if len(line) > config.max_line:
-            flush_control(sock, pending)
-            refuse_long_line(sock)
+            flush_control(ctx, pending)
+            refuse_long_line(ctx)
             return False
         command = parse_control_line(line)
         if command.verb == "error":
             log.warning("control error: %s: %r", command.args[0], line[:80])
-        for answer in run_command(command):
+        for answer in run_command(command, ctx):
             pending.append(answer)
             size += len(answer) + 1
         if size >= CONTROL_FLUSH_BYTES:
-            flush_control(sock, pending)
+            flush_control(ctx, pending)
             pending, size = [], 0
-    flush_control(sock, pending)
+    flush_control(ctx, pending)
     return True
 
 
-def flush_control(sock: socket.socket, answers: list) -> None:
+def flush_control(ctx: ControlConnection, answers: list) -> None:
     if answers:
-        write_control(sock, ("\n".join(answers) + "\n").encode("utf-8"))
+        ctx.write(("\n".join(answers) + "\n").encode("utf-8"))
 
 
-def refuse_long_line(sock: socket.socket) -> None:
+def refuse_long_line(ctx: ControlConnection) -> None:
     log.warning("control error: line longer than %d bytes; closing", config.max_line)
-    write_control(sock, f"ERROR Line too long (limit {config.max_line} bytes)\n".encode())
-
-
-def write_control(sock: socket.socket, data: bytes) -> None:
-    with gevent.Timeout(config.write_timeout, WriteTimedOut("control client is not reading")):
-        sock.sendall(data)
+    ctx.write(f"ERROR Line too long (limit {config.max_line} bytes)\n".encode())
 
 
 ###############################################################################
@@ -1215,7 +1896,8 @@ def send_message() -> str:
         log.warning("sendMessage refused: %s", exc)
         return json_answer(400, True, str(exc))
     payload = json.dumps({"message": message}, separators=(",", ":"))
-    if deliver(client_id, payload):
+    result = hub.send([client_id], payload, keep_offline=config.offline_ok)
+    if result.sockets or result.queued:
         return json_answer(200, False, "")
     return json_answer(200, True, "Client Not Found")
 
@@ -1316,17 +1998,21 @@ def configure(new: Config) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("wsboard").setLevel(new.log_level.upper())
+    hub.configure(new)
 
 
-def drain(timeout: float) -> None:
-    """Close every WebSocket with 1001 and give them timeout seconds to answer."""
-    count = close_all(CLOSE_GOING_AWAY, "server shutting down")
-    deadline = time.monotonic() + timeout
-    while len(registry) and time.monotonic() < deadline:
-        gevent.sleep(0.05)
-    log.info("closed %d websockets; %d did not answer in time", count, len(registry))
-    for conn in list(registry):
-        conn.ws.abort()
+def start_background() -> list:
+    """The greenlets a running server keeps: the heartbeat, and the webhook when set."""
+    global webhook
+    if config.webhook:
+        webhook = Webhook(config.webhook, config.secret_key, config.webhook_queue)
+    return [gevent.spawn(heartbeat)] + ([webhook.greenlet] if webhook else [])
+
+
+def stop_background(greenlets: list) -> None:
+    global webhook
+    webhook = None
+    gevent.killall(greenlets, block=False)
 
 
 HTTP_HEADROOM = 1024  # page requests that may run beside max_connections WebSockets
@@ -1358,6 +2044,7 @@ def serve(cfg: Config) -> int:
         gevent.signal_handler(signum, stopping.set)
     http.start()
     control.start()
+    background = start_background()
     log.info(
         "wsboard %s on http://%s:%d, control socket %s",
         __version__,
@@ -1369,9 +2056,10 @@ def serve(cfg: Config) -> int:
     log.info("shutting down")
     http.close()
     control.server.close()
-    drain(cfg.shutdown_timeout)
+    drain(cfg.shutdown_timeout, cfg.drain_window)
     http.stop(timeout=1)
     control.stop()
+    stop_background(background)
     log.info("stopped")
     return 0
 
@@ -1433,6 +2121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # gunicorn: gunicorn.conf.py's worker calls these inside the worker process.
 
 worker_control: ControlServer | None = None
+worker_background: list = []
 
 
 def start_in_worker() -> None:
@@ -1441,6 +2130,7 @@ def start_in_worker() -> None:
     configure(load_config([]))
     worker_control = ControlServer(config.control)
     worker_control.start()
+    worker_background[:] = start_background()
     log.info(
         "wsboard %s in gunicorn worker %d, control socket %s",
         __version__,
@@ -1455,8 +2145,9 @@ def stop_in_worker() -> None:
     control, worker_control = worker_control, None
     if control is not None:
         control.server.close()
-        drain(config.shutdown_timeout)
+        drain(config.shutdown_timeout, config.drain_window)
         control.stop()
+        stop_background(worker_background)
 
 
 if __name__ == "__main__":

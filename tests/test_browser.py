@@ -108,7 +108,9 @@ def test_the_board_page_shows_when_the_server_goes_away(browser, server):
     open_board(browser, server)
     server.wait_listed(1)
     assert server.stop() == 0
-    wait(browser, lambda d: "code 1001" in d.find_element(By.ID, "status").text)
+    wait(
+        browser, lambda d: d.find_element(By.ID, "status").text.startswith("reconnecting (code 10")
+    )
 
 
 SECRET = "browser-test-secret-0123456789"
@@ -161,3 +163,46 @@ def test_a_page_from_another_origin_cannot_open_a_websocket(browser, server, for
     assert browser.execute_script("return window.result") == "refused"
     assert server.control().list() == []
     wait(browser, lambda d: "Origin not allowed" in server.log())
+
+
+def test_the_board_page_resumes_after_a_drop_and_misses_nothing(browser, server_factory):
+    server = server_factory("--inbox", "50")
+    board_id = open_board(browser, server)
+    control = server.control()
+    assert control.ask(f"SEND MESSAGE {board_id} one") == "OK"
+    wait(browser, lambda d: messages(d) == ["one"])
+    kick = {"op": "kick", "id": board_id, "code": 1012, "reason": "moving you"}
+    assert json.loads(control.ask(json.dumps(kick)))["ok"] is True
+    for text in ("two", "three"):  # while it is away, or just back: either way, once each
+        send = {"op": "send", "to": board_id, "data": text}
+        assert json.loads(control.ask(json.dumps(send)))["ok"] is True
+    wait(browser, lambda d: d.find_element(By.ID, "status").text == "connected")
+    wait(browser, lambda d: messages(d) == ["one", "two", "three"])
+    assert control.ask(f"SEND MESSAGE {board_id} four") == "OK"
+    wait(browser, lambda d: messages(d) == ["one", "two", "three", "four"])
+
+
+def test_the_board_page_reconnects_when_the_server_restarts(browser, server_factory):
+    server = server_factory("--inbox", "50")
+    board_id = open_board(browser, server)
+    assert server.stop() == 0
+    wait(browser, lambda d: d.find_element(By.ID, "status").text.startswith("reconnecting"))
+    server.start()
+    wait(browser, lambda d: d.find_element(By.ID, "status").text == "connected", timeout=30)
+    server.wait_listed(1)
+    assert server.control().ask(f"SEND MESSAGE {board_id} after the restart") == "OK"
+    wait(browser, lambda d: messages(d) == ["after the restart"])
+
+
+def test_the_board_page_shows_a_gap_when_messages_were_lost(browser, server_factory):
+    server = server_factory("--inbox", "2")
+    board_id = open_board(browser, server)
+    control = server.control()
+    kick = {"op": "kick", "id": board_id, "code": 1012, "reason": "away"}
+    assert json.loads(control.ask(json.dumps(kick)))["ok"] is True
+    server.wait_listed(0)
+    for text in ("lost 1", "lost 2", "kept 3", "kept 4"):
+        assert json.loads(control.ask(json.dumps({"op": "send", "to": board_id, "data": text})))["ok"]
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#message_board > div")) == 3)
+    lines = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#message_board > div")]
+    assert lines == ["Some messages were missed while this page was away.", "kept 3", "kept 4"]

@@ -85,7 +85,7 @@ def test_gunicorn_sigterm_closes_websockets_with_1001_and_removes_the_socket(gun
     ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/websocket?id=bye", timeout=10)
     wait_until(lambda: len(Control(server.control_path).list()) == 1 or None, what="listing")
     server.proc.send_signal(signal.SIGTERM)
-    assert close_frame(ws) == (1001, "server shutting down")
+    assert close_frame(ws) == (1001, "server shutting down; reconnect")
     assert server.proc.wait(timeout=20) == 0
     assert not os.path.exists(server.control_path)
     assert server.log().count("closed 1 websockets") == 1

@@ -11,6 +11,7 @@
   <div><h3>Board Id:</h3><span id="boardId" data-query="{{query}}">{{board_id}}</span></div>
   <p id="status" role="status">connecting…</p>
   <div id="message_board" aria-live="polite"></div>
+  <script src="/static/wsboard.js"></script>
   <script src="/static/board.js"></script>
 </body>
 </html>

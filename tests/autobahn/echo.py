@@ -34,7 +34,10 @@ class EchoHandler(wsboard.WebSocketHandler):
 def main() -> None:
     port = int(sys.argv[1])
     max_message = int(sys.argv[2]) if len(sys.argv) > 2 else 64 * 1024 * 1024
-    wsboard.configure(wsboard.Config(max_message=max_message, log_level="warning"))
+    # Group 9 echoes messages of up to 16 MiB: the send queue must hold one whole.
+    wsboard.configure(
+        wsboard.Config(max_message=max_message, queue_bytes=max_message, log_level="warning")
+    )
     server = WSGIServer(
         ("127.0.0.1", port),
         wsboard.app,

@@ -1,7 +1,7 @@
-// The board page: one WebSocket to the server that served the page, under the board's id
-// (with the server-minted exp and token when ids are signed).
-// Every pushed message is shown as text (never as HTML): its "message" field when it is
-// JSON that has one, else the raw text.
+// The board page: connects to the server that served it under the board's id (with the
+// server-minted exp and token when ids are signed), through wsboard.js, which reconnects
+// and resumes. Every message is shown as text (never as HTML): its "message" field when
+// it is JSON that has one, else the raw text.
 (function () {
   "use strict";
   var boardIdElement = document.getElementById("boardId");
@@ -22,17 +22,28 @@
     return String(data);
   }
 
-  var ws = new WebSocket(scheme + "//" + location.host + "/websocket?" + query);
-  ws.onopen = function () {
-    status.textContent = "connected";
-  };
-  ws.onclose = function (event) {
-    status.textContent = "disconnected (code " + event.code + "); reload the page to reconnect";
-  };
-  ws.onmessage = function (event) {
+  function append(className, text) {
     var line = document.createElement("div");
-    line.className = "message";
-    line.textContent = textOf(event.data);
+    line.className = className;
+    line.textContent = text;
     board.appendChild(line);
-  };
+  }
+
+  WSBoard.connect(scheme + "//" + location.host + "/websocket?" + query, {
+    onMessage: function (data) {
+      append("message", textOf(data));
+    },
+    onGap: function () {
+      append("notice", "Some messages were missed while this page was away.");
+    },
+    onStatus: function (state, code) {
+      if (state === "reconnecting") {
+        status.textContent = "reconnecting (code " + code + ")…";
+      } else if (state === "closed") {
+        status.textContent = "disconnected (code " + code + "); reload the page to reconnect";
+      } else {
+        status.textContent = state;
+      }
+    }
+  });
 })();
