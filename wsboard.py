@@ -231,6 +231,8 @@ OPTIONS = (
            "seconds a control connection may send nothing before it is closed; 0: never"),
     Option("write_timeout", "10", _seconds,
            "seconds a write to a socket may block before that socket is dropped"),
+    Option("close_timeout", "5", _seconds,
+           "seconds a socket gets to answer a close frame wsboard sent, before it is dropped"),
     Option("shutdown_timeout", "5", _seconds,
            "seconds open WebSockets get to finish their close handshake on shutdown"),
     # Delivery
@@ -713,7 +715,8 @@ class BoardSocket(_GeventWebSocket):
         "message_size",
         "backlog",
         "backlog_bytes",
-        "abort_after_flush",
+        "half_close_after_flush",
+        "finished",
         "pong_due",
         "end_reason",
     )
@@ -724,7 +727,8 @@ class BoardSocket(_GeventWebSocket):
         self.message_size = 0
         self.backlog: collections.deque | None = None  # None: nothing waits, write directly
         self.backlog_bytes = 0
-        self.abort_after_flush = False
+        self.half_close_after_flush = False
+        self.finished = False  # the peer closed or the connection broke: nothing more to read
         self.pong_due = 0.0  # when an unanswered ping was sent (monotonic), 0 when none
         self.end_reason = "connection lost"
         self.raw_write = self._write
@@ -759,19 +763,26 @@ class BoardSocket(_GeventWebSocket):
         try:
             while backlog:
                 data = backlog[0]
-                with gevent.Timeout(config.write_timeout, WriteTimedOut("write timed out")):
+                limit = (
+                    config.close_timeout if self.half_close_after_flush else config.write_timeout
+                )
+                with gevent.Timeout(limit, WriteTimedOut("write timed out")):
                     self.sock.sendall(data)
                 backlog.popleft()
                 self.backlog_bytes -= len(data)
         except (OSError, WebSocketError) as exc:
             if not self.closed:
                 self.end_reason = str(exc) or type(exc).__name__
-            self.abort_after_flush = True
+            self.abort()
         finally:
             self.backlog = None
             self.backlog_bytes = 0
-            if self.abort_after_flush:
-                self.abort()
+            if self.half_close_after_flush:  # FIN after our close frame, never a RST before it
+                self.half_close_after_flush = False
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
 
     def _overflow(self) -> None:
         """Too slow to keep up: drop what it has not begun to receive, queue a 1013 close."""
@@ -783,7 +794,8 @@ class BoardSocket(_GeventWebSocket):
         self.backlog_bytes = sum(len(b) for b in self.backlog)
         self.end_reason = "send queue full"
         self.closed = True
-        self.abort_after_flush = True
+        self.half_close_after_flush = True
+        gevent.spawn_later(config.close_timeout, self._close_timed_out)
 
     @property
     def queued_bytes(self) -> int:
@@ -798,6 +810,7 @@ class BoardSocket(_GeventWebSocket):
     def abort(self) -> None:
         """Drop the TCP connection without a close handshake; the reader then sees EOF."""
         self.closed = True
+        self.finished = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -824,6 +837,7 @@ class BoardSocket(_GeventWebSocket):
         return header, unmask(payload, header.mask)
 
     def handle_close(self, header: Header, payload: bytes) -> None:
+        self.finished = True
         code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
         self.end_reason = f"closed by client ({code})" if code else "closed by client"
         super().handle_close(header, payload)
@@ -832,8 +846,12 @@ class BoardSocket(_GeventWebSocket):
         self.pong_due = 0.0
 
     def receive(self) -> object | None:
-        """The next message, or None once the socket is closed for any reason."""
-        if self.closed:
+        """The next message, or None once the peer has closed or the connection is gone.
+
+        After we send a close frame we go on reading, so the peer can answer it; a close we
+        start is bounded by close_timeout.
+        """
+        if self.finished:
             return None
         try:
             message = self.read_message()
@@ -849,6 +867,7 @@ class BoardSocket(_GeventWebSocket):
             self.end("protocol error", 1002)
         except (OSError, WebSocketError):
             self.closed = True
+        self.finished = True
         return None
 
     def end(self, reason: str, code: int, told: str = "") -> None:
@@ -866,6 +885,12 @@ class BoardSocket(_GeventWebSocket):
             pass
         finally:
             self.closed = True
+            if not self.finished:  # we spoke first: the peer gets close_timeout to answer
+                gevent.spawn_later(config.close_timeout, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        if not self.finished:
+            self.abort()
 
 
 class WebSocketHandler(_GeventWebSocketHandler):
@@ -1187,8 +1212,11 @@ class LocalHub:
                 if gap:
                     frames.append({"gap": {"after": last if epoch == box.epoch else 0}})
                 frames.extend({"seq": seq, "data": text} for seq, text in missed)
-            for frame in frames:
-                conn.ws.send_frame_bytes(text_frame(json.dumps(frame, separators=(",", ":"))))
+            try:
+                for frame in frames:
+                    conn.ws.send_frame_bytes(text_frame(json.dumps(frame, separators=(",", ":"))))
+            except WebSocketError as exc:  # a replay too big for its queue: it closes, and goes
+                log.warning("replay to %s %s cut short: %s", conn.client_id, conn.peer, exc)
         return True
 
     def detach(self, conn: Connection) -> None:

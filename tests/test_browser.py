@@ -202,7 +202,9 @@ def test_the_board_page_shows_a_gap_when_messages_were_lost(browser, server_fact
     assert json.loads(control.ask(json.dumps(kick)))["ok"] is True
     server.wait_listed(0)
     for text in ("lost 1", "lost 2", "kept 3", "kept 4"):
-        assert json.loads(control.ask(json.dumps({"op": "send", "to": board_id, "data": text})))["ok"]
+        assert json.loads(control.ask(json.dumps({"op": "send", "to": board_id, "data": text})))[
+            "ok"
+        ]
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#message_board > div")) == 3)
     lines = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#message_board > div")]
     assert lines == ["Some messages were missed while this page was away.", "kept 3", "kept 4"]
