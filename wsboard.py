@@ -1011,16 +1011,19 @@ class Registry:
     def __init__(self) -> None:
         self._by_id: dict[str, dict[Connection, None]] = {}
         self._per_ip: collections.Counter = collections.Counter()
+        self._count = 0  # kept, not summed: every handshake asks
 
     def add(self, conn: Connection) -> None:
         self._by_id.setdefault(conn.client_id, {})[conn] = None
         self._per_ip[conn.ip] += 1
+        self._count += 1
 
     def remove(self, conn: Connection) -> None:
         sockets = self._by_id.get(conn.client_id)
         if sockets is None or conn not in sockets:
             return
         del sockets[conn]
+        self._count -= 1
         if not sockets:
             del self._by_id[conn.client_id]
         self._per_ip[conn.ip] -= 1
@@ -1040,7 +1043,7 @@ class Registry:
         return iter([conn for sockets in self._by_id.values() for conn in sockets])
 
     def __len__(self) -> int:
-        return sum(len(sockets) for sockets in self._by_id.values())
+        return self._count
 
 
 registry = Registry()

@@ -220,3 +220,33 @@ def test_every_option_has_a_flag_an_environment_variable_and_help():
     text = wsboard.argument_parser().format_help()
     for option in wsboard.OPTIONS:
         assert option.flag in text and option.env in text
+
+
+def test_the_registry_counts_by_id_and_address_as_sockets_come_and_go():
+    registry = wsboard.Registry()
+    conns = [
+        wsboard.Connection(cid, ("127.0.0.1", n), ip, None)
+        for n, (cid, ip) in enumerate([("a", "10.0.0.1"), ("a", "10.0.0.2"), ("b", "10.0.0.1")])
+    ]
+    for conn in conns:
+        registry.add(conn)
+    assert (
+        len(registry) == 3
+        and registry.count_for_id("a") == 2
+        and registry.count_for_ip("10.0.0.1") == 2
+    )
+    registry.remove(conns[0])
+    registry.remove(conns[0])  # twice: no harm
+    assert (
+        len(registry) == 2
+        and registry.count_for_id("a") == 1
+        and registry.count_for_ip("10.0.0.1") == 1
+    )
+    assert [c.client_id for c in registry] == ["a", "b"]
+    for conn in conns[1:]:
+        registry.remove(conn)
+    assert (
+        len(registry) == 0
+        and registry.sockets_of("a") == []
+        and registry.count_for_ip("10.0.0.1") == 0
+    )
