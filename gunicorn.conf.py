@@ -18,6 +18,7 @@ workers = 1
 worker_connections = int(os.environ.get("WSBOARD_MAX_CONNECTIONS", "10000")) + 1024
 # Bottle's request state must be made after gevent patches the worker, never in the master.
 preload_app = False
+backlog = int(os.environ.get("WSBOARD_BACKLOG", "1024"))
 graceful_timeout = 10
 
 

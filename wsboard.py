@@ -189,6 +189,9 @@ OPTIONS = (
     Option("host", "127.0.0.1", str,
            "address the HTTP/WebSocket server binds; 0.0.0.0 exposes it to the network"),
     Option("port", "8080", _port, "TCP port of the HTTP/WebSocket server"),
+    Option("backlog", "1024", _positive_int,
+           "connections the kernel may hold waiting for accept(); past it, new ones wait a "
+           "second for a SYN retry (Linux caps it at net.core.somaxconn)"),
     Option("control", "/tmp/wsboard.sock", _socket_path,
            "path of the UNIX control socket the backend app talks to"),
     # Who may connect
@@ -2055,6 +2058,7 @@ def serve(cfg: Config) -> int:
         (cfg.host, cfg.port),
         app,
         spawn=gevent.pool.Pool(cfg.max_connections + HTTP_HEADROOM),
+        backlog=cfg.backlog,
         handler_class=WebSocketHandler,
         log=access_log,
         error_log=logging.getLogger("wsboard.error"),
