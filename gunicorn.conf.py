@@ -33,9 +33,14 @@ class WSBoardWorker(GeventWebSocketWorker):
         wsboard.start_in_worker()
 
     def handle_exit(self, sig, frame):
+        # WebSocket sessions run outside the worker's pool, so the worker would not wait for
+        # them: stay alive until wsboard has drained them, then let gunicorn finish.
+        gevent.spawn(self.drain_then_exit, sig, frame)
+
+    def drain_then_exit(self, sig, frame):
         import wsboard
 
-        gevent.spawn(wsboard.stop_in_worker)
+        wsboard.stop_in_worker()
         super().handle_exit(sig, frame)
 
     def handle_quit(self, sig, frame):

@@ -44,6 +44,7 @@ import gevent.event
 import gevent.lock
 import gevent.pool
 import gevent.queue
+import gevent.socket
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.server import StreamServer
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
@@ -647,6 +648,8 @@ def handshake_refusal(environ: Mapping[str, str], http_version: str) -> Refusal 
         return Refusal("400 Bad Request", "WebSocket upgrades need GET over HTTP/1.1", "handshake")
     if "upgrade" not in environ.get("HTTP_CONNECTION", "").lower():
         return Refusal("400 Bad Request", "Connection: Upgrade header missing", "handshake")
+    if environ.get("CONTENT_LENGTH", "0") not in ("", "0") or environ.get("HTTP_TRANSFER_ENCODING"):
+        return Refusal("400 Bad Request", "An upgrade request has no body", "handshake")
     if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
         return Refusal(
             "426 Upgrade Required", "Only WebSocket version 13 is supported", "handshake"
@@ -702,6 +705,52 @@ def limit_refusal(client_id: str, ip: str) -> Refusal | None:
     else:
         return None
     return Refusal("503 Service Unavailable", reason, "limit")
+
+
+class SocketReader:
+    """Exact reads straight from the socket, for frames after the handshake.
+
+    The handshake's buffered reader keeps an 8 KiB buffer per connection for as long as the
+    socket lives; frames from browsers are rare (a pong every ping_interval), so reading them
+    with a recv per field is the better trade. Bytes the handshake's reader had already
+    buffered are served first.
+    """
+
+    __slots__ = ("sock", "pending")
+
+    def __init__(self, sock: socket.socket, pending: bytes) -> None:
+        self.sock = sock
+        self.pending = pending
+
+    def read(self, size: int) -> bytes:
+        head = b""
+        if self.pending:
+            head, self.pending = self.pending[:size], self.pending[size:]
+            if len(head) == size:
+                return head
+        buffer = bytearray(size - len(head))
+        view = memoryview(buffer)
+        got = 0
+        while got < len(buffer):
+            count = self.sock.recv_into(view[got:])
+            if not count:
+                break
+            got += count
+        return head + bytes(view[:got])
+
+
+def buffered_leftover(rfile: object, sock: socket.socket) -> bytes:
+    """What rfile has already buffered past the request, taken without waiting for more."""
+    sock.settimeout(0.0)
+    try:
+        leftover = rfile.peek(1 << 16)
+    except OSError:
+        leftover = b""
+    finally:
+        sock.settimeout(None)
+    if leftover:
+        rfile.read(len(leftover))
+    return leftover
 
 
 class BoardSocket(_GeventWebSocket):
@@ -930,7 +979,6 @@ class WebSocketHandler(_GeventWebSocketHandler):
             headers.append(("Sec-WebSocket-Protocol", SUBPROTOCOL))
         self.start_response("101 Switching Protocols", headers)
         self.write(b"")
-        self.socket.settimeout(config.idle_timeout or None)  # writes have their own timeout
         self.run_websocket()
 
     def log_request(self) -> None:
@@ -962,9 +1010,22 @@ class WebSocketHandler(_GeventWebSocketHandler):
             v1=speaks_v1(environ),
         )
         epoch, last = resume_point(query.get("epoch", [""])[0], query.get("last", [""])[0])
-        serve_websocket(conn, epoch, last)
-        self.environ["wsgi.websocket"] = None
-        self.websocket = None
+        del environ, query
+        # The handshake's state is dead weight for the socket's whole life: its environ and
+        # headers (~2 KB) and its buffered reader (8 KiB); frames are read from the socket.
+        ws = self.websocket
+        leftover = buffered_leftover(self.rfile, self.socket)
+        # The session goes on in a fresh, shallow greenlet: this one's deep stack (pywsgi's
+        # request handling) would otherwise be kept, some KB of it, for the socket's whole life.
+        # gevent closes the handler's socket object when the handler returns, so the session
+        # takes the descriptor into a socket object of its own.
+        sock = gevent.socket.socket(fileno=self.socket.detach())
+        sock.settimeout(config.idle_timeout or None)  # writes have their own timeout
+        reader = SocketReader(sock, leftover)
+        ws.sock, ws.stream, ws.raw_read = sock, reader, reader.read
+        ws.environ = self.environ = self.headers = self.rfile = self.wsgi_input.rfile = None
+        self.socket = self.websocket = None
+        gevent.spawn_raw(run_session, conn, sock, epoch, last)
 
 
 ###############################################################################
@@ -1277,6 +1338,31 @@ def serve_websocket(conn: Connection, epoch: str = "", last: int = 0) -> None:
             ws.end_reason,
         )
         emit("disconnect", id=conn.client_id, peer=conn.peer, reason=ws.end_reason)
+
+
+def run_session(conn: Connection, sock: socket.socket, epoch: str, last: int) -> None:
+    """A socket's session in its own greenlet; it closes the socket when the session ends."""
+    try:
+        serve_websocket(conn, epoch, last)
+    except Exception:  # a bug must cost one socket, never the server
+        log.exception("session of %s %s failed", conn.client_id, conn.peer)
+        hub.detach(conn)
+    finally:
+        close_gracefully(sock)
+
+
+def close_gracefully(sock: socket.socket) -> None:
+    """FIN first, then read out what the peer still sends: closing a socket with unread bytes
+    makes the kernel send a RST, which can destroy the close frame we just wrote."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        with gevent.Timeout(config.close_timeout, False):
+            while sock.recv(65536):
+                pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 def heartbeat_round(now: float) -> None:
