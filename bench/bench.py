@@ -1,0 +1,365 @@
+"""wsboard's benchmark: wsboard and its peers, side by side in one run, on this machine.
+
+    bench/run [--quick]
+
+For each server (wsboard, the `websockets` library, Node.js `ws`) and each connection count,
+it starts the server pinned to core 0 and holds N idle clients from this process pinned to
+core 1 (bench/loadgen.py). Then it measures:
+
+1. RSS per idle connection (VmRSS over the empty server's, divided by N) and idle CPU with
+   heartbeats on;
+2. broadcast fan-out of a 100-byte message: command -> the server's OK (its send loop) and
+   command -> last receive (end to end), against the kernel floor (bench/floor.py);
+3. targeted SEND latency, command -> receive, p50 and p99, with the N clients open;
+4. pipelined SEND throughput to one socket over one control connection;
+5. the handshake (accept) rate while the N clients connect;
+6. 2 and 3 again with one client present that never reads.
+
+It writes bench/results/<date>.md and .png. Every loop is bounded in count and time, and
+only loopback addresses are used.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from loadgen import Swarm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MESSAGE = "m" * 100
+HANDSHAKE = (
+    b"GET /websocket?id=stuck HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def server_commands(port: int, control: str) -> dict:
+    python = sys.executable
+    return {
+        "wsboard": [
+            python,
+            os.path.join(ROOT, "wsboard.py"),
+            "--port",
+            str(port),
+            "--control",
+            control,
+            "--log-level",
+            "warning",
+            "--max-connections-per-ip",
+            "20000",
+            "--max-connections",
+            "20000",
+        ],
+        "websockets": [
+            python,
+            os.path.join(HERE, "peers", "websockets_peer.py"),
+            str(port),
+            control,
+        ],
+        "node-ws": [
+            "node",
+            os.path.join(HERE, "peers", "node_ws", "server.js"),
+            str(port),
+            control,
+        ],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Control:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(60)
+        self.sock.connect(path)
+        self.buffer = b""
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise EOFError("control socket closed")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line
+
+
+class Server:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="wsboard-bench-")
+        self.control_path = os.path.join(self.dir, "control.sock")
+        command = server_commands(self.port, self.control_path)[name]
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", "0", *command],
+            stdout=subprocess.DEVNULL,
+            stderr=open(os.path.join(self.dir, "log"), "wb"),
+        )
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.control_path) or not self._listening():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start: {self.log()}")
+            time.sleep(0.05)
+        time.sleep(0.5)
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        with open(os.path.join(self.dir, "log"), errors="replace") as f:
+            return f.read()[-2000:]
+
+    def rss_kb(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def p99(values: list) -> float:
+    return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else values[0]
+
+
+def fanout(swarm: Swarm, control: Control, n: int, rounds: int) -> tuple:
+    """Median seconds of a broadcast to n: the server's send loop (command -> OK), end to end
+    (command -> last receive), its p99, and the load generator's own CPU time to receive it."""
+    loops, ends, own = [], [], []
+    for _ in range(rounds):
+        before = swarm.received()
+        cpu = time.process_time()
+        started = time.perf_counter()
+        control.sock.sendall(f"BROADCAST {MESSAGE}\n".encode())
+        answer = control.line()
+        loops.append(time.perf_counter() - started)
+        assert answer.startswith(b"OK"), answer
+        swarm.pump(lambda b=before: swarm.received() >= b + n, timeout=60)
+        ends.append(swarm.last_receive() - started)
+        own.append(time.process_time() - cpu)
+        time.sleep(0.2)
+    return statistics.median(loops), statistics.median(ends), p99(ends), statistics.median(own)
+
+
+def send_latency(swarm: Swarm, control: Control, count: int) -> list:
+    latencies = []
+    size = len(swarm.clients)
+    for i in range(count):
+        client = swarm.client((i * 7919) % size)
+        before = client.received
+        started = time.perf_counter()
+        control.sock.sendall(f"SEND MESSAGE {client.client_id} {MESSAGE}\n".encode())
+        swarm.pump(lambda c=client, b=before: c.received > b, timeout=10)
+        latencies.append(client.last_at - started)
+        control.line()
+    return latencies
+
+
+def pipelined(swarm: Swarm, control: Control, count: int) -> float:
+    """Messages/s: count SENDs to one socket written at once, until all are received."""
+    client = swarm.client(0)
+    before = client.received
+    batch = f"SEND MESSAGE {client.client_id} {MESSAGE}\n".encode() * count
+    started = time.perf_counter()
+    control.sock.sendall(batch)
+    for _ in range(count):
+        assert control.line() == b"OK"
+    swarm.pump(lambda: client.received >= before + count, timeout=120)
+    return count / (client.last_at - started)
+
+
+def kernel_floor(n: int) -> float:
+    pairs = min(n, 5000)
+    out = subprocess.run(
+        [sys.executable, os.path.join(HERE, "floor.py"), str(pairs)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    return float(out) * n
+
+
+def measure(name: str, n: int, rounds: int, latency_count: int, pipeline_count: int) -> dict:
+    server = Server(name)
+    swarm = Swarm(server.port)
+    stuck = None
+    try:
+        empty = server.rss_kb()
+        accept_rate = swarm.connect(n)
+        time.sleep(2)
+        per_conn = (server.rss_kb() - empty) * 1024 / n / 1000
+        cpu_before, wall = server.cpu_seconds(), time.perf_counter()
+        time.sleep(5)
+        idle_cpu = 100 * (server.cpu_seconds() - cpu_before) / (time.perf_counter() - wall)
+        control = Control(server.control_path)
+        loop, end, end_p99, loadgen_cpu = fanout(swarm, control, n, rounds)
+        latencies = send_latency(swarm, control, latency_count)
+        throughput = pipelined(swarm, control, pipeline_count)
+        stuck = socket.create_connection(("127.0.0.1", server.port))
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(HANDSHAKE)
+        time.sleep(0.5)
+        for _ in range(20):  # fill its buffers: it never reads
+            control.sock.sendall(f"SEND MESSAGE stuck {'s' * 60000}\n".encode())
+            control.line()
+        _, slow_end, _, _ = fanout(swarm, control, n, rounds)
+        slow_latencies = send_latency(swarm, control, latency_count)
+        return {
+            "server": name,
+            "n": n,
+            "kb_per_conn": per_conn,
+            "idle_cpu": idle_cpu,
+            "accept_rate": accept_rate,
+            "loop_ms": loop * 1000,
+            "fanout_ms": end * 1000,
+            "fanout_p99_ms": end_p99 * 1000,
+            "loadgen_ms": loadgen_cpu * 1000,
+            "send_p50_ms": statistics.median(latencies) * 1000,
+            "send_p99_ms": p99(latencies) * 1000,
+            "pipelined": throughput,
+            "slow_fanout_ms": slow_end * 1000,
+            "slow_send_p99_ms": p99(slow_latencies) * 1000,
+        }
+    finally:
+        if stuck is not None:
+            stuck.close()
+        swarm.close()
+        server.stop()
+
+
+COLUMNS = [
+    ("server", "server", "{}"),
+    ("n", "conns", "{:,}"),
+    ("kb_per_conn", "KB/conn", "{:.1f}"),
+    ("idle_cpu", "idle CPU %", "{:.1f}"),
+    ("accept_rate", "accepts/s", "{:,.0f}"),
+    ("loop_ms", "fan-out loop ms", "{:.1f}"),
+    ("fanout_ms", "fan-out e2e ms", "{:.1f}"),
+    ("fanout_p99_ms", "e2e p99 ms", "{:.1f}"),
+    ("loadgen_ms", "load generator CPU ms", "{:.1f}"),
+    ("send_p50_ms", "SEND p50 ms", "{:.3f}"),
+    ("send_p99_ms", "SEND p99 ms", "{:.3f}"),
+    ("pipelined", "pipelined msg/s", "{:,.0f}"),
+    ("slow_fanout_ms", "e2e with a stuck client ms", "{:.1f}"),
+    ("slow_send_p99_ms", "SEND p99 with a stuck client ms", "{:.3f}"),
+]
+
+
+def table(rows: list, floors: dict) -> str:
+    lines = [
+        "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
+    lines.append("")
+    lines.append(
+        "Kernel floor (the same N raw 102-byte loopback writes, no framing): "
+        + ", ".join(f"{n:,} conns {ms:.1f} ms" for n, ms in floors.items())
+    )
+    lines.append("")
+    lines.append(
+        "Ratios, wsboard / peer, same connection count (lower is better, except accepts and msg/s):"
+    )
+    lines.append("")
+    for n in sorted({r["n"] for r in rows}):
+        ours = next(r for r in rows if r["server"] == "wsboard" and r["n"] == n)
+        for peer in (r for r in rows if r["server"] != "wsboard" and r["n"] == n):
+            ratios = ", ".join(
+                f"{title} {ours[key] / peer[key]:.2f}"
+                for key, title, _ in COLUMNS[2:]
+                if peer[key] and key != "loadgen_ms"
+            )
+            lines.append(f"- {n:,} conns, vs {peer['server']}: {ratios}")
+    return "\n".join(lines)
+
+
+def plot(rows: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in dict.fromkeys(r["server"] for r in rows):
+        mine = [r for r in rows if r["server"] == name]
+        counts = [r["n"] for r in mine]
+        left.plot(counts, [r["fanout_ms"] for r in mine], marker="o", label=name)
+        right.plot(counts, [r["send_p99_ms"] for r in mine], marker="o", label=name)
+    left.set(title="Broadcast fan-out, end to end (median)", xlabel="connections", ylabel="ms")
+    right.set(title="Targeted SEND latency (p99)", xlabel="connections", ylabel="ms")
+    for axis in (left, right):
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1,000 connections, fewer rounds")
+    parser.add_argument("--servers", default="wsboard,websockets,node-ws")
+    args = parser.parse_args()
+    os.sched_setaffinity(0, {1})
+    counts = [1000] if args.quick else [1000, 10000]
+    rounds, latency_count, pipeline_count = (3, 100, 5000) if args.quick else (7, 300, 20000)
+    rows = []
+    for n in counts:
+        for name in args.servers.split(","):
+            print(f"{name} with {n:,} connections…", flush=True)
+            rows.append(measure(name, n, rounds, latency_count, pipeline_count))
+            print(
+                "  "
+                + ", ".join(
+                    f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in rows[-1].items()
+                ),
+                flush=True,
+            )
+    floors = {n: kernel_floor(n) * 1000 for n in counts}
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
+    base = os.path.join(HERE, "results", stamp + ("-quick" if args.quick else ""))
+    body = table(rows, floors)
+    with open(base + ".md", "w") as f:
+        f.write(
+            f"# wsboard benchmark, {stamp}\n\n`bench/run{' --quick' if args.quick else ''}` on "
+            f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"server on core 0, load generator on core 1. Medians over {rounds} rounds "
+            f"(fan-out) and {latency_count} sends (latency).\n\n{body}\n"
+        )
+    plot(rows, base + ".png")
+    print(body)
+    print(f"\nwrote {base}.md and {base}.png")
+
+
+if __name__ == "__main__":
+    main()

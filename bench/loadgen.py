@@ -1,0 +1,137 @@
+"""A lean WebSocket load generator for the benchmark: many clients in one process, on epoll.
+
+No gevent, no asyncio: non-blocking sockets, one epoll, and a frame parser just big enough
+for what the servers send (unmasked text, ping, close). It answers pings, so heartbeats do
+not reap its sockets. Sockets are spread over several loopback source addresses so that 10k
+connections never run out of ephemeral ports. Every loop is bounded in count and time.
+"""
+
+import base64
+import os
+import select
+import socket
+import time
+
+SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+PONG_EMPTY = b"\x8a\x80\x00\x00\x00\x00"  # a masked, empty pong
+
+
+class Client:
+    __slots__ = ("sock", "buffer", "received", "last_at", "upgraded", "client_id")
+
+    def __init__(self, sock: socket.socket, client_id: str) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.received = 0
+        self.last_at = 0.0
+        self.upgraded = False
+        self.client_id = client_id
+
+
+class Swarm:
+    """N clients of one server; each connects as /websocket?id=<prefix><i>."""
+
+    def __init__(self, port: int, path: str = "/websocket?id=") -> None:
+        self.port = port
+        self.path = path
+        self.clients: dict[int, Client] = {}
+        self.poller = select.epoll()
+        self.total = 0  # messages received by all clients, kept rather than summed
+
+    def connect(self, count: int, prefix: str = "c", timeout: float = 120.0) -> float:
+        """Open count more clients, at most 256 handshakes in flight; return handshakes/s."""
+        started = time.perf_counter()
+        deadline = time.monotonic() + timeout
+        pending: dict[int, Client] = {}
+        opened = 0
+        while opened < count or pending:
+            while opened < count and len(pending) < 256:
+                sock = socket.socket()
+                sock.bind((SOURCES[opened % len(SOURCES)], 0))
+                sock.connect(("127.0.0.1", self.port))
+                sock.setblocking(False)
+                client_id = f"{prefix}{len(self.clients) + opened}"
+                key = base64.b64encode(os.urandom(16)).decode()
+                sock.send(
+                    f"GET {self.path}{client_id} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+                    f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                    "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+                )
+                client = Client(sock, client_id)
+                pending[sock.fileno()] = client
+                self.poller.register(sock.fileno(), select.EPOLLIN)
+                opened += 1
+            for fd, _ in self.poller.poll(1.0):
+                client = pending.get(fd)
+                if client is None:
+                    self._read(self.clients[fd], time.perf_counter())
+                    continue
+                client.buffer += client.sock.recv(65536)
+                head, sep, rest = client.buffer.partition(b"\r\n\r\n")
+                if sep:
+                    if not head.startswith(b"HTTP/1.1 101"):
+                        raise RuntimeError(f"handshake refused: {head[:80]!r}")
+                    client.buffer, client.upgraded = rest, True
+                    self.clients[fd] = pending.pop(fd)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(self.clients)} of {count} connected")
+        return count / (time.perf_counter() - started)
+
+    def _read(self, client: Client, now: float) -> None:
+        try:
+            data = client.sock.recv(1 << 20)
+        except BlockingIOError:
+            return
+        if not data:
+            self.poller.unregister(client.sock.fileno())
+            return
+        buffer = client.buffer + data
+        while len(buffer) >= 2:
+            opcode, length = buffer[0] & 0x0F, buffer[1] & 0x7F
+            offset = 2
+            if length == 126:
+                if len(buffer) < 4:
+                    break
+                length, offset = int.from_bytes(buffer[2:4], "big"), 4
+            elif length == 127:
+                if len(buffer) < 10:
+                    break
+                length, offset = int.from_bytes(buffer[2:10], "big"), 10
+            if len(buffer) < offset + length:
+                break
+            buffer = buffer[offset + length :]
+            if opcode == 0x9:
+                client.sock.send(PONG_EMPTY)
+            elif opcode in (0x1, 0x2):
+                client.received += 1
+                client.last_at = now
+                self.total += 1
+        client.buffer = buffer
+
+    def pump(self, until, timeout: float) -> None:
+        """Read whatever arrives until until() is true or timeout seconds pass."""
+        deadline = time.monotonic() + timeout
+        while not until():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the swarm did not receive what it waited for")
+            events = self.poller.poll(0.05)
+            now = time.perf_counter()
+            for fd, _ in events:
+                client = self.clients.get(fd)
+                if client is not None:
+                    self._read(client, now)
+
+    def received(self) -> int:
+        return self.total
+
+    def last_receive(self) -> float:
+        return max(c.last_at for c in self.clients.values())
+
+    def client(self, index: int) -> Client:
+        return list(self.clients.values())[index]
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.sock.close()
+        self.clients.clear()
+        self.poller.close()
