@@ -707,6 +707,24 @@ def limit_refusal(client_id: str, ip: str) -> Refusal | None:
     return Refusal("503 Service Unavailable", reason, "limit")
 
 
+class Cork:
+    """Holds writes to sockets while one batch of control lines is answered, then lets each
+    socket's frames out in one send(). Nothing yields while it is active, so order holds."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.sockets: list = []
+
+    def release(self) -> None:
+        self.active = False
+        sockets, self.sockets = self.sockets, []
+        for ws in sockets:
+            ws.uncork()
+
+
+cork = Cork()
+
+
 class SocketReader:
     """Exact reads straight from the socket, for frames after the handshake.
 
@@ -769,6 +787,7 @@ class BoardSocket(_GeventWebSocket):
         "backlog_bytes",
         "half_close_after_flush",
         "finished",
+        "corked",
         "pong_due",
         "end_reason",
     )
@@ -781,12 +800,23 @@ class BoardSocket(_GeventWebSocket):
         self.backlog_bytes = 0
         self.half_close_after_flush = False
         self.finished = False  # the peer closed or the connection broke: nothing more to read
+        self.corked: list | None = None  # frames held while a control batch is answered
         self.pong_due = 0.0  # when an unanswered ping was sent (monotonic), 0 when none
         self.end_reason = "connection lost"
         self.raw_write = self._write
 
     def _write(self, data: bytes) -> None:
-        """Write now if the kernel takes it all; else queue the rest, within the bounds."""
+        """Write now if the kernel takes it all; else queue the rest, within the bounds.
+
+        While a batch of control lines is answered, frames are held and then written
+        together: a send() per message would cost more than all the rest of a SEND.
+        """
+        if cork.active:
+            if self.corked is None:
+                self.corked = []
+                cork.sockets.append(self)
+            self.corked.append(data)
+            return
         if self.backlog is None:
             try:
                 sent = self.sock.send(data, 0, 0.0)
@@ -848,6 +878,14 @@ class BoardSocket(_GeventWebSocket):
         self.closed = True
         self.half_close_after_flush = True
         gevent.spawn_later(config.close_timeout, self._close_timed_out)
+
+    def uncork(self) -> None:
+        frames, self.corked = self.corked, None
+        if frames and not self.finished:
+            try:
+                self._write(frames[0] if len(frames) == 1 else b"".join(frames))
+            except WebSocketError as exc:
+                log.warning("dropped a socket while writing held frames: %s", exc)
 
     @property
     def queued_bytes(self) -> int:
@@ -1815,25 +1853,32 @@ def answer_lines(ctx: ControlConnection, lines: Iterable[bytes]) -> bool:
     """
     pending: list = []
     size = 0
-    for line in lines:
-        if len(line) > config.max_line:
-            flush_control(ctx, pending)
-            refuse_long_line(ctx)
-            return False
-        command = parse_control_line(line)
-        if command.verb == "error":
-            log.warning("control error: %s: %r", command.args[0], line[:80])
-        for answer in run_command(command, ctx):
-            pending.append(answer)
-            size += len(answer) + 1
-        if size >= CONTROL_FLUSH_BYTES:
-            flush_control(ctx, pending)
-            pending, size = [], 0
-    flush_control(ctx, pending)
-    return True
+    cork.active = True
+    try:
+        for line in lines:
+            if len(line) > config.max_line:
+                flush_control(ctx, pending)
+                refuse_long_line(ctx)
+                return False
+            command = parse_control_line(line)
+            if command.verb == "error":
+                log.warning("control error: %s: %r", command.args[0], line[:80])
+            for answer in run_command(command, ctx):
+                pending.append(answer)
+                size += len(answer) + 1
+            if size >= CONTROL_FLUSH_BYTES:
+                flush_control(ctx, pending)
+                pending, size = [], 0
+                cork.active = True
+        flush_control(ctx, pending)
+        return True
+    finally:
+        cork.release()
 
 
 def flush_control(ctx: ControlConnection, answers: list) -> None:
+    """Let held frames out first (a write here may yield), then send the answers."""
+    cork.release()
     if answers:
         ctx.write(("\n".join(answers) + "\n").encode("utf-8"))
 

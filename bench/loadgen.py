@@ -85,28 +85,29 @@ class Swarm:
         if not data:
             self.poller.unregister(client.sock.fileno())
             return
-        buffer = client.buffer + data
-        while len(buffer) >= 2:
-            opcode, length = buffer[0] & 0x0F, buffer[1] & 0x7F
+        buffer = client.buffer + data if client.buffer else data
+        pos, size = 0, len(buffer)
+        while size - pos >= 2:  # walk an index: slicing per frame would be quadratic
+            opcode, length = buffer[pos] & 0x0F, buffer[pos + 1] & 0x7F
             offset = 2
             if length == 126:
-                if len(buffer) < 4:
+                if size - pos < 4:
                     break
-                length, offset = int.from_bytes(buffer[2:4], "big"), 4
+                length, offset = int.from_bytes(buffer[pos + 2 : pos + 4], "big"), 4
             elif length == 127:
-                if len(buffer) < 10:
+                if size - pos < 10:
                     break
-                length, offset = int.from_bytes(buffer[2:10], "big"), 10
-            if len(buffer) < offset + length:
+                length, offset = int.from_bytes(buffer[pos + 2 : pos + 10], "big"), 10
+            if size - pos < offset + length:
                 break
-            buffer = buffer[offset + length :]
+            pos += offset + length
             if opcode == 0x9:
                 client.sock.send(PONG_EMPTY)
             elif opcode in (0x1, 0x2):
                 client.received += 1
                 client.last_at = now
                 self.total += 1
-        client.buffer = buffer
+        client.buffer = buffer[pos:]
 
     def pump(self, until, timeout: float) -> None:
         """Read whatever arrives until until() is true or timeout seconds pass."""

@@ -439,3 +439,21 @@ def test_events_reach_the_webhook_signed_and_after_a_retry(server_factory):
     expected = hmac.new(secret.encode(), connect, hashlib.sha256).hexdigest()
     assert headers["X-Wsboard-Signature"] == "sha256=" + expected
     assert "webhook attempt 1 failed" in server.log()
+
+
+def test_frames_held_during_a_batch_keep_their_order_across_commands(server):
+    a, b = server.websocket("a"), server.websocket("b")
+    server.wait_listed(2)
+    control = server.control()
+    batch = [
+        "SEND MESSAGE a 1",
+        "BROADCAST 2",
+        '{"op": "send", "to": ["a", "b"], "data": "3"}',
+        "SEND MESSAGE b 4",
+        "SEND MESSAGE a 5",
+    ]
+    control.send(("\n".join(batch) + "\n").encode())
+    answers = [control.line() for _ in batch]
+    assert answers[:2] == [b"OK", b"OK 2"] and answers[3:] == [b"OK", b"OK"]
+    assert [a.recv() for _ in range(4)] == ["1", "2", "3", "5"]
+    assert [b.recv() for _ in range(3)] == ["2", "3", "4"]
