@@ -21,6 +21,8 @@ only loopback addresses are used.
 
 import argparse
 import datetime
+import gc
+import json
 import os
 import platform
 import select
@@ -205,6 +207,8 @@ def pipelined(swarm: Swarm, control: Control, count: int) -> float:
             pass
         return answers >= count and client.received >= before + count
 
+    writable = select.poll()  # not select(): descriptors here go far past 1024
+    writable.register(control.sock.fileno(), select.POLLOUT)
     try:
         started = time.perf_counter()
         view = memoryview(batch)
@@ -212,7 +216,7 @@ def pipelined(swarm: Swarm, control: Control, count: int) -> float:
             try:
                 view = view[control.sock.send(view) :]
             except BlockingIOError:
-                select.select([], [control.sock], [], 1)
+                writable.poll(1000)
                 done()
         swarm.pump(done, timeout=120)
         return count / (time.perf_counter() - started)
@@ -220,6 +224,14 @@ def pipelined(swarm: Swarm, control: Control, count: int) -> float:
         swarm.poller.unregister(control.sock.fileno())
         control.sock.setblocking(True)
         control.buffer = b""
+
+
+def gc_stats(control: Control, name: str) -> dict | None:
+    """wsboard's own count and longest time of full collections; the peers have none."""
+    if name != "wsboard":
+        return None
+    control.sock.sendall(b'{"op":"stats"}\n')
+    return json.loads(control.line())["gc"]
 
 
 def kernel_floor(n: int) -> float:
@@ -241,13 +253,19 @@ def measure(name: str, n: int, rounds: int, latency_count: int, pipeline_count: 
     try:
         empty = server.rss_kb()
         accept_rate = swarm.connect(n)
-        time.sleep(2)
+        # Every server pings each socket every 25 s, and answering 10k pings takes the load
+        # generator ~100 ms: wait for a round to end, then measure in the quiet that follows
+        # (about 16 s of the 25). By then wsboard has also settled its collector after the burst.
+        swarm.pump(lambda: swarm.pings >= n, timeout=60)
+        time.sleep(0.5)
         per_conn = (server.rss_kb() - empty) * 1024 / n / 1000
         cpu_before, wall = server.cpu_seconds(), time.perf_counter()
-        time.sleep(5)
+        time.sleep(10)
         idle_cpu = 100 * (server.cpu_seconds() - cpu_before) / (time.perf_counter() - wall)
         control = Control(server.control_path)
+        gc_before = gc_stats(control, name)
         loop, end, end_p99, loadgen_cpu = fanout(swarm, control, n, rounds)
+        gc_after = gc_stats(control, name)
         latencies = send_latency(swarm, control, latency_count)
         throughput = pipelined(swarm, control, pipeline_count)
         stuck = socket.create_connection(("127.0.0.1", server.port))
@@ -273,6 +291,8 @@ def measure(name: str, n: int, rounds: int, latency_count: int, pipeline_count: 
             "send_p99_ms": p99(latencies) * 1000,
             "pipelined": throughput,
             "slow_fanout_ms": slow_end * 1000,
+            "gc_max_ms": gc_after["max_ms"] if gc_after else None,
+            "gc_in_fanout": gc_after["full"] - gc_before["full"] if gc_after else None,
             "slow_send_p99_ms": p99(slow_latencies) * 1000,
         }
     finally:
@@ -297,6 +317,8 @@ COLUMNS = [
     ("pipelined", "pipelined msg/s", "{:,.0f}"),
     ("slow_fanout_ms", "e2e with a stuck client ms", "{:.1f}"),
     ("slow_send_p99_ms", "SEND p99 with a stuck client ms", "{:.3f}"),
+    ("gc_max_ms", "longest full GC ms", "{:.1f}"),
+    ("gc_in_fanout", "full GCs in fan-out rounds", "{}"),
 ]
 
 
@@ -306,7 +328,13 @@ def table(rows: list, floors: dict) -> str:
         "|" + "---|" * len(COLUMNS),
     ]
     for row in rows:
-        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                "—" if row[key] is None else fmt.format(row[key]) for key, _, fmt in COLUMNS
+            )
+            + " |"
+        )
     lines.append("")
     lines.append(
         "Kernel floor (the same N raw 102-byte loopback writes, no framing): "
@@ -318,7 +346,9 @@ def table(rows: list, floors: dict) -> str:
     )
     lines.append("")
     for n in sorted({r["n"] for r in rows}):
-        ours = next(r for r in rows if r["server"] == "wsboard" and r["n"] == n)
+        ours = next((r for r in rows if r["server"] == "wsboard" and r["n"] == n), None)
+        if ours is None:  # a run without wsboard has no ratios
+            continue
         for peer in (r for r in rows if r["server"] != "wsboard" and r["n"] == n):
             ratios = ", ".join(
                 f"{title} {ours[key] / peer[key]:.2f}"
@@ -354,9 +384,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1,000 connections, fewer rounds")
     parser.add_argument("--servers", default="wsboard,websockets,node-ws")
+    parser.add_argument("--counts", help="connection counts, e.g. 1000,10000")
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})
+    gc.disable()  # the load generator's own pauses would land in the servers' figures
     counts = [1000] if args.quick else [1000, 10000]
+    if args.counts:
+        counts = [int(c) for c in args.counts.split(",")]
     rounds, latency_count, pipeline_count = (3, 100, 5000) if args.quick else (7, 300, 20000)
     rows = []
     for n in counts:

@@ -195,6 +195,19 @@ def test_json_list_describes_each_socket(server):
     assert abs(client["since"] - time.time()) < 30 and client["queued_bytes"] == 0
 
 
+def test_json_stats_counts_sockets_refusals_and_collections(server):
+    ws = server.websocket("counted")
+    server.wait_listed(1)
+    control = server.control()
+    control.send(b"SEND MESSAGE a<b x\n")
+    control.line()
+    stats = ask_json(control, {"op": "stats"})
+    assert stats["ok"] and stats["sockets"] == 1 and stats["control_connections"] == 1
+    assert set(stats["gc"]) == {"full", "last_ms", "max_ms"} and stats["gc"]["full"] >= 0
+    assert stats["version"] == wsboard.__version__
+    ws.close()
+
+
 def test_json_kick_with_a_code_and_ping(server):
     ws = server.websocket("moving")
     server.wait_listed(1)
