@@ -34,15 +34,15 @@ import sys
 import tempfile
 import time
 
-from loadgen import Swarm
+from loadgen import EIO_CONNECT, Swarm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MESSAGE = "m" * 100
 HANDSHAKE = (
-    b"GET /websocket?id=stuck HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    b"Sec-WebSocket-Version: 13\r\n\r\n"
+    "GET {path}stuck HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    "Sec-WebSocket-Version: 13\r\n\r\n"
 )
 
 
@@ -75,7 +75,15 @@ def server_commands(port: int, control: str) -> dict:
             str(port),
             control,
         ],
+        "socketio": [python, os.path.join(HERE, "peers", "socketio_peer.py"), str(port), control],
     }
+
+
+SOCKETIO_PATH = "/socket.io/?EIO=4&transport=websocket&id="
+
+
+def path_of(name: str) -> str:
+    return SOCKETIO_PATH if name == "socketio" else "/websocket?id="
 
 
 def free_port() -> int:
@@ -248,7 +256,7 @@ def kernel_floor(n: int) -> float:
 
 def measure(name: str, n: int, rounds: int, latency_count: int, pipeline_count: int) -> dict:
     server = Server(name)
-    swarm = Swarm(server.port)
+    swarm = Swarm(server.port, path_of(name), socketio=name == "socketio")
     stuck = None
     try:
         empty = server.rss_kb()
@@ -270,7 +278,10 @@ def measure(name: str, n: int, rounds: int, latency_count: int, pipeline_count: 
         throughput = pipelined(swarm, control, pipeline_count)
         stuck = socket.create_connection(("127.0.0.1", server.port))
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stuck.sendall(HANDSHAKE)
+        stuck.sendall(HANDSHAKE.format(path=path_of(name)).encode())
+        if name == "socketio":
+            time.sleep(0.2)
+            stuck.sendall(EIO_CONNECT)
         time.sleep(0.5)
         for _ in range(20):  # fill its buffers: it never reads
             control.sock.sendall(f"SEND MESSAGE stuck {'s' * 60000}\n".encode())
@@ -383,7 +394,7 @@ def plot(rows: list, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1,000 connections, fewer rounds")
-    parser.add_argument("--servers", default="wsboard,websockets,node-ws")
+    parser.add_argument("--servers", default="wsboard,websockets,node-ws,socketio")
     parser.add_argument("--counts", help="connection counts, e.g. 1000,10000")
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})

@@ -16,6 +16,15 @@ SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 PONG_EMPTY = b"\x8a\x80\x00\x00\x00\x00"  # a masked, empty pong
 
 
+def masked_text(payload: bytes) -> bytes:
+    """A client's text frame (payload < 126 bytes), masked with zeros as the RFC allows."""
+    return bytes((0x81, 0x80 | len(payload))) + b"\x00\x00\x00\x00" + payload
+
+
+EIO_CONNECT = masked_text(b"40")  # Socket.IO: join the default namespace
+EIO_PONG = masked_text(b"3")  # Engine.IO's answer to its "2" ping
+
+
 class Client:
     __slots__ = ("sock", "buffer", "received", "last_at", "upgraded", "client_id")
 
@@ -29,11 +38,16 @@ class Client:
 
 
 class Swarm:
-    """N clients of one server; each connects as /websocket?id=<prefix><i>."""
+    """N clients of one server; each connects as <path><prefix><i>.
 
-    def __init__(self, port: int, path: str = "/websocket?id=") -> None:
+    With socketio=True they speak Socket.IO over its websocket transport: join the default
+    namespace, answer Engine.IO pings, and count only event packets ("42…") as messages.
+    """
+
+    def __init__(self, port: int, path: str = "/websocket?id=", socketio: bool = False) -> None:
         self.port = port
         self.path = path
+        self.socketio = socketio
         self.clients: dict[int, Client] = {}
         self.poller = select.epoll()
         self.total = 0  # messages received by all clients, kept rather than summed
@@ -74,6 +88,8 @@ class Swarm:
                         raise RuntimeError(f"handshake refused: {head[:80]!r}")
                     client.buffer, client.upgraded = rest, True
                     self.clients[fd] = pending.pop(fd)
+                    if self.socketio:
+                        client.sock.send(EIO_CONNECT)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(self.clients)} of {count} connected")
         return count / (time.perf_counter() - started)
@@ -101,10 +117,14 @@ class Swarm:
                 length, offset = int.from_bytes(buffer[pos + 2 : pos + 10], "big"), 10
             if size - pos < offset + length:
                 break
-            pos += offset + length
+            start, pos = pos + offset, pos + offset + length
             if opcode == 0x9:
                 client.sock.send(PONG_EMPTY)
                 self.pings += 1
+            elif self.socketio and opcode == 0x1 and buffer[start : start + 2] != b"42":
+                if buffer[start : start + 1] == b"2":
+                    client.sock.send(EIO_PONG)
+                    self.pings += 1
             elif opcode in (0x1, 0x2):
                 client.received += 1
                 client.last_at = now
