@@ -714,6 +714,7 @@ class Cork:
 
     def __init__(self) -> None:
         self.active = False
+        self.passing = False  # a broadcast: one frame per socket, nothing to coalesce
         self.sockets: list = []
 
     def release(self) -> None:
@@ -812,11 +813,12 @@ class BoardSocket(_GeventWebSocket):
         While a batch of control lines is answered, frames are held and then written
         together: a send() per message would cost more than all the rest of a SEND.
         """
-        if cork.active:
-            if self.corked is None:
-                self.corked = []
-                cork.sockets.append(self)
+        if self.corked is not None:  # frames are held for it: this one goes behind them
             self.corked.append(data)
+            return
+        if cork.active and not cork.passing:
+            self.corked = [data]
+            cork.sockets.append(self)
             return
         if self.backlog is None:
             try:
@@ -1292,7 +1294,11 @@ class LocalHub:
 
     def broadcast(self, text: str) -> int:
         """Send text to every open socket (not kept in any inbox); return how many took it."""
-        return deliver(list(registry), text_frame(text), text, None)
+        cork.passing = True  # sockets with frames held still get this one behind them
+        try:
+            return deliver(list(registry), text_frame(text), text, None)
+        finally:
+            cork.passing = False
 
     def kick(self, client_id: str, code: int, reason: str) -> int:
         conns = registry.sockets_of(client_id)
