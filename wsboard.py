@@ -1731,7 +1731,14 @@ def op_list(ctx: object, request: dict) -> dict:
     }
 
 
-KICK_CODES = {1000, 1001, 1008, 1011, 1012, 1013} | set(range(4000, 5000))
+KICK_CODES = {
+    CLOSE_NORMAL,
+    CLOSE_GOING_AWAY,
+    CLOSE_POLICY,
+    1011,
+    1012,
+    CLOSE_TRY_AGAIN_LATER,
+} | set(range(4000, 5000))
 
 
 def op_kick(ctx: object, request: dict) -> dict:
