@@ -938,6 +938,21 @@ class BoardSocket(_GeventWebSocket):
     def handle_pong(self, header: Header, payload: bytes) -> None:
         self.pong_due = 0.0
 
+    def handle_ping(self, header: Header, payload: bytes) -> None:
+        if not self.closed:  # after our close frame we send nothing more (RFC 6455, 5.5.1)
+            super().handle_ping(header, payload)
+
+    class _NoApp:
+        """gevent-websocket reports closes to current_app.on_close(); wsboard needs no report."""
+
+        @staticmethod
+        def on_close(*args: object) -> None:
+            pass
+
+    # Answered here, not through self.handler, which is let go once the session starts.
+    current_app = _NoApp()
+    logger = log
+
     def receive(self) -> object | None:
         """The next message, or None once the peer has closed or the connection is gone.
 
@@ -1009,8 +1024,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
         if refusal:
             return self.refuse(refusal)
         self.websocket = BoardSocket(environ, Stream(self), self)
-        environ["wsgi.websocket"] = self.websocket
-        environ["wsgi.websocket_version"] = "13"
+        environ["wsgi.websocket"] = self.websocket  # start_response frames the 101 by it
         headers = [
             ("Upgrade", "websocket"),
             ("Connection", "Upgrade"),
@@ -1065,7 +1079,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
         reader = SocketReader(sock, leftover)
         ws.sock, ws.stream, ws.raw_read = sock, reader, reader.read
         ws.environ = self.environ = self.headers = self.rfile = self.wsgi_input.rfile = None
-        self.socket = self.websocket = None
+        self.socket = self.websocket = ws.handler = None  # ~1.6 KB a socket: nothing needs it now
         gevent.spawn_raw(run_session, conn, sock, epoch, last)
 
 

@@ -8,6 +8,7 @@ import http.server
 import json
 import signal
 import socket
+import struct
 import threading
 import time
 
@@ -470,3 +471,19 @@ def test_frames_held_during_a_batch_keep_their_order_across_commands(server):
     assert answers[:2] == [b"OK", b"OK 2"] and answers[3:] == [b"OK", b"OK"]
     assert [a.recv() for _ in range(4)] == ["1", "2", "3", "5"]
     assert [b.recv() for _ in range(3)] == ["2", "3", "4"]
+
+
+def test_a_ping_after_our_close_does_not_cut_the_close_handshake_short(server):
+    def frame(opcode: int, payload: bytes) -> bytes:  # masked with zeros, as the RFC allows
+        return bytes((0x80 | opcode, 0x80 | len(payload))) + b"\x00\x00\x00\x00" + payload
+
+    raw = stuck_client(server, "pinger")  # a raw client: it answers nothing by itself
+    server.wait_listed(1)
+    assert server.control().ask("KICK pinger") == "OK 1"
+    raw.settimeout(10)
+    assert raw.recv(64) == b"\x88\x08\x0f\xa0kicked"  # our close: 4000 "kicked"
+    raw.sendall(frame(0x9, b"still there?"))  # a ping sent before it read our close
+    raw.sendall(frame(0x8, struct.pack("!H", 4000) + b"bye"))
+    server.wait_listed(0)
+    wait_until(lambda: "closed by client (4000)" in server.log() or None, what="the close reply")
+    assert raw.recv(64) == b""  # no pong: after our close frame we send nothing more
