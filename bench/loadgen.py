@@ -13,12 +13,11 @@ import socket
 import time
 
 SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
-PONG_EMPTY = b"\x8a\x80\x00\x00\x00\x00"  # a masked, empty pong
 
 
-def masked_text(payload: bytes) -> bytes:
-    """A client's text frame (payload < 126 bytes), masked with zeros as the RFC allows."""
-    return bytes((0x81, 0x80 | len(payload))) + b"\x00\x00\x00\x00" + payload
+def masked_text(payload: bytes, opcode: int = 0x1) -> bytes:
+    """A client's frame (payload < 126 bytes), masked with zeros as the RFC allows."""
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + b"\x00\x00\x00\x00" + payload
 
 
 EIO_CONNECT = masked_text(b"40")  # Socket.IO: join the default namespace
@@ -119,8 +118,8 @@ class Swarm:
             if size - pos < offset + length:
                 break
             start, pos = pos + offset, pos + offset + length
-            if opcode == 0x9:
-                client.sock.send(PONG_EMPTY)
+            if opcode == 0x9:  # the pong carries the ping's data: websockets matches on it
+                client.sock.send(masked_text(buffer[start:pos], 0xA))
                 self.pings += 1
             elif self.socketio and opcode == 0x1 and buffer[start : start + 2] != b"42":
                 if buffer[start : start + 1] == b"2":
