@@ -2,14 +2,15 @@
 
     bench/run [--quick]
 
-For each server (wsboard, the `websockets` library, Node.js `ws`) and each connection count,
-it starts the server pinned to core 0 and holds N idle clients from this process pinned to
-core 1 (bench/loadgen.py). Then it measures:
+For each server (wsboard, the `websockets` library, Node.js `ws`, python-socketio) and each
+connection count, it starts the server pinned to core 0 and holds N idle clients from this
+process pinned to core 1 (bench/loadgen.py). Then it measures:
 
 1. RSS per idle connection (VmRSS over the empty server's, divided by N) and idle CPU with
    heartbeats on;
 2. broadcast fan-out of a 100-byte message: command -> the server's OK (its send loop) and
-   command -> last receive (end to end), against the kernel floor (bench/floor.py);
+   command -> last receive (end to end), against the kernel floor (bench/floor.py), in blocks
+   that take turns between the servers and the floor;
 3. targeted SEND latency, command -> receive, p50 and p99, with the N clients open;
 4. pipelined SEND throughput to one socket over one control connection;
 5. the handshake (accept) rate while the N clients connect;
@@ -162,8 +163,9 @@ def p99(values: list) -> float:
 
 
 def fanout(swarm: Swarm, control: Control, n: int, rounds: int) -> tuple:
-    """Median seconds of a broadcast to n: the server's send loop (command -> OK), end to end
-    (command -> last receive), its p99, and the load generator's own time spent reading.
+    """Seconds of each round of a broadcast to n, as three lists: the server's send loop
+    (command -> OK), end to end (command -> last receive), and the load generator's own time
+    spent reading.
 
     The answer and the clients are read in one loop while the server still sends, as a fleet
     of browsers would receive; waiting for the OK first would add the whole drain to "end to
@@ -201,7 +203,7 @@ def fanout(swarm: Swarm, control: Control, n: int, rounds: int) -> tuple:
     finally:
         swarm.poller.unregister(control.sock.fileno())
         control.sock.settimeout(60)
-    return statistics.median(loops), statistics.median(ends), p99(ends), statistics.median(own)
+    return loops, ends, own
 
 
 def send_latency(swarm: Swarm, control: Control, count: int) -> list:
@@ -266,8 +268,8 @@ def gc_stats(control: Control, name: str) -> dict | None:
     return json.loads(control.line())["gc"]
 
 
-def kernel_floor(n: int, rounds: int) -> tuple:
-    """Median and p99 seconds for n raw writes, read as they arrive by another process."""
+def kernel_floor(n: int, rounds: int) -> list:
+    """Seconds of each round of n raw writes, read as they arrive by another process."""
     out = subprocess.run(
         [sys.executable, os.path.join(HERE, "floor.py"), str(n), str(rounds)],
         capture_output=True,
@@ -275,8 +277,41 @@ def kernel_floor(n: int, rounds: int) -> tuple:
         timeout=300,
         check=True,
     ).stdout
-    median, tail = (float(x) for x in out.split())
-    return median, tail
+    return [float(x) for x in out.split()]
+
+
+# Long enough for every server's housekeeping after a burst of connections (wsboard settles
+# its collector within 11 s), short enough that a block ends before the first ping round.
+SETTLE = 12.0
+
+
+def interleaved_fanout(names: list, n: int, blocks: int, rounds: int) -> dict:
+    """Fan-out rounds per server (and the kernel floor), taken in blocks that take turns.
+
+    This machine is shared: a server measured a few minutes after another can meet a slower
+    machine. So each server runs `blocks` times, in turns with the others (and in reverse
+    order every other block), each time on fresh connections for `rounds` rounds, all before
+    its first ping round. Returns {name: (loops, ends)} with every round of every block."""
+    results: dict = {name: ([], []) for name in [*names, "floor"]}
+    for block in range(blocks):
+        order = [*names, "floor"] if block % 2 == 0 else ["floor", *reversed(names)]
+        for name in order:
+            print(f"  fan-out block {block + 1}/{blocks}: {name}", flush=True)
+            if name == "floor":
+                results[name][0].extend(kernel_floor(n, rounds))
+                continue
+            server = Server(name)
+            swarm = Swarm(server.port, path_of(name), socketio=name == "socketio")
+            try:
+                swarm.connect(n)
+                swarm.idle(SETTLE)
+                loops, ends, _ = fanout(swarm, Control(server.control_path), n, rounds)
+                results[name][0].extend(loops)
+                results[name][1].extend(ends)
+            finally:
+                swarm.close()
+                server.stop()
+    return results
 
 
 def measure(name: str, n: int, rounds: int, latency_count: int, pipeline_count: int) -> dict:
@@ -299,7 +334,7 @@ def measure(name: str, n: int, rounds: int, latency_count: int, pipeline_count: 
         idle_cpu = 100 * (server.cpu_seconds() - cpu_before) / (time.perf_counter() - wall)
         control = Control(server.control_path)
         gc_before = gc_stats(control, name)
-        loop, end, end_p99, loadgen_read = fanout(swarm, control, n, rounds)
+        _, ends, reads = fanout(swarm, control, n, rounds)
         gc_after = gc_stats(control, name)
         latencies = send_latency(swarm, control, latency_count)
         throughput = pipelined(swarm, control, pipeline_count)
@@ -313,7 +348,7 @@ def measure(name: str, n: int, rounds: int, latency_count: int, pipeline_count: 
         for _ in range(20):  # fill its buffers: it never reads
             control.sock.sendall(f"SEND MESSAGE stuck {'s' * 60000}\n".encode())
             control.line()
-        _, slow_end, _, _ = fanout(swarm, control, n, rounds)
+        _, slow_ends, _ = fanout(swarm, control, n, rounds)
         slow_latencies = send_latency(swarm, control, latency_count)
         return {
             "server": name,
@@ -321,14 +356,12 @@ def measure(name: str, n: int, rounds: int, latency_count: int, pipeline_count: 
             "kb_per_conn": per_conn,
             "idle_cpu": idle_cpu,
             "accept_rate": accept_rate,
-            "loop_ms": loop * 1000,
-            "fanout_ms": end * 1000,
-            "fanout_p99_ms": end_p99 * 1000,
-            "loadgen_ms": loadgen_read * 1000,
+            "loadgen_ms": statistics.median(reads) * 1000,
             "send_p50_ms": statistics.median(latencies) * 1000,
             "send_p99_ms": p99(latencies) * 1000,
             "pipelined": throughput,
-            "slow_fanout_ms": slow_end * 1000,
+            "before_stuck_ms": statistics.median(ends) * 1000,
+            "slow_fanout_ms": statistics.median(slow_ends) * 1000,
             "gc_max_ms": gc_after["max_ms"] if gc_after else None,
             "gc_in_fanout": gc_after["full"] - gc_before["full"] if gc_after else None,
             "slow_send_p99_ms": p99(slow_latencies) * 1000,
@@ -353,6 +386,7 @@ COLUMNS = [
     ("send_p50_ms", "SEND p50 ms", "{:.3f}"),
     ("send_p99_ms", "SEND p99 ms", "{:.3f}"),
     ("pipelined", "pipelined msg/s", "{:,.0f}"),
+    ("before_stuck_ms", "e2e before the stuck client ms", "{:.1f}"),
     ("slow_fanout_ms", "e2e with a stuck client ms", "{:.1f}"),
     ("slow_send_p99_ms", "SEND p99 with a stuck client ms", "{:.3f}"),
     ("gc_max_ms", "longest full GC ms", "{:.1f}"),
@@ -376,10 +410,10 @@ def table(rows: list, floors: dict) -> str:
     lines.append("")
     lines.append(
         "Kernel floor (the same N raw 102-byte loopback writes, no framing, read as they "
-        "arrive by a process on core 1): "
+        "arrive by a process on core 1, in the same turns as the fan-out): "
         + ", ".join(
-            f"{n:,} conns {median * 1000:.1f} ms (p99 {tail * 1000:.1f} ms)"
-            for n, (median, tail) in floors.items()
+            f"{n:,} conns {statistics.median(times) * 1000:.1f} ms (p99 {p99(times) * 1000:.1f} ms)"
+            for n, times in floors.items()
         )
     )
     lines.append("")
@@ -433,21 +467,29 @@ def main() -> None:
     counts = [1000] if args.quick else [1000, 10000]
     if args.counts:
         counts = [int(c) for c in args.counts.split(",")]
-    rounds, latency_count, pipeline_count = (5, 100, 5000) if args.quick else (21, 300, 20000)
-    rows = []
+    rounds, latency_count, pipeline_count = (3, 100, 5000) if args.quick else (7, 300, 20000)
+    blocks = 2 if args.quick else 3
+    names = args.servers.split(",")
+    rows, floors = [], {}
     for n in counts:
-        for name in args.servers.split(","):
+        print(f"fan-out with {n:,} connections, {blocks} blocks in turns…", flush=True)
+        fan = interleaved_fanout(names, n, blocks, rounds)
+        floors[n] = fan["floor"][0]
+        for name in names:
             print(f"{name} with {n:,} connections…", flush=True)
-            rows.append(measure(name, n, rounds, latency_count, pipeline_count))
+            row = measure(name, n, rounds, latency_count, pipeline_count)
+            loops, ends = fan[name]
+            row["loop_ms"] = statistics.median(loops) * 1000
+            row["fanout_ms"] = statistics.median(ends) * 1000
+            row["fanout_p99_ms"] = p99(ends) * 1000
+            rows.append(row)
             print(
                 "  "
                 + ", ".join(
-                    f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in rows[-1].items()
+                    f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                 ),
                 flush=True,
             )
-    floors = {n: kernel_floor(n, rounds) for n in counts}
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
     base = os.path.join(HERE, "results", stamp + ("-quick" if args.quick else ""))
     body = table(rows, floors)
@@ -455,8 +497,9 @@ def main() -> None:
         f.write(
             f"# wsboard benchmark, {stamp}\n\n`bench/run{' --quick' if args.quick else ''}` on "
             f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"server on core 0, load generator on core 1. Medians over {rounds} rounds "
-            f"(fan-out) and {latency_count} sends (latency).\n\n{body}\n"
+            f"server on core 0, load generator on core 1. Fan-out: medians over {blocks} blocks "
+            f"of {rounds} rounds per server, the servers taking turns. Latency: {latency_count} "
+            f"sends.\n\n{body}\n"
         )
     plot(rows, base + ".png")
     print(body)

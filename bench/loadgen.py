@@ -152,6 +152,11 @@ class Swarm:
                     self._read(client, now)
             self.busy += time.perf_counter() - now
 
+    def idle(self, seconds: float) -> None:
+        """Answer what arrives (pings, a namespace's welcome) for seconds, as idle clients do."""
+        deadline = time.monotonic() + seconds
+        self.pump(lambda: time.monotonic() >= deadline, timeout=seconds + 1)
+
     def received(self) -> int:
         return self.total
 
