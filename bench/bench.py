@@ -285,7 +285,7 @@ def kernel_floor(n: int, rounds: int) -> list:
 SETTLE = 12.0
 
 
-def interleaved_fanout(names: list, n: int, blocks: int, rounds: int) -> dict:
+def interleaved_fanout(names: list, n: int, blocks: int, rounds: int, settle: float) -> dict:
     """Fan-out rounds per server (and the kernel floor), taken in blocks that take turns.
 
     This machine is shared: a server measured a few minutes after another can meet a slower
@@ -304,7 +304,7 @@ def interleaved_fanout(names: list, n: int, blocks: int, rounds: int) -> dict:
             swarm = Swarm(server.port, path_of(name), socketio=name == "socketio")
             try:
                 swarm.connect(n)
-                swarm.idle(SETTLE)
+                swarm.idle(settle)
                 loops, ends, _ = fanout(swarm, Control(server.control_path), n, rounds)
                 results[name][0].extend(loops)
                 results[name][1].extend(ends)
@@ -314,7 +314,9 @@ def interleaved_fanout(names: list, n: int, blocks: int, rounds: int) -> dict:
     return results
 
 
-def measure(name: str, n: int, rounds: int, latency_count: int, pipeline_count: int) -> dict:
+def measure(
+    name: str, n: int, rounds: int, latency_count: int, pipeline_count: int, quick: bool = False
+) -> dict:
     server = Server(name)
     swarm = Swarm(server.port, path_of(name), socketio=name == "socketio")
     stuck = None
@@ -324,13 +326,20 @@ def measure(name: str, n: int, rounds: int, latency_count: int, pipeline_count: 
         # Every server pings each socket every 25 s, and answering 10k pings takes the load
         # generator ~100 ms: wait for a round to end. By then wsboard has also settled its
         # collector after the burst.
-        swarm.pump(lambda: swarm.pings >= n, timeout=60)
-        time.sleep(0.5)
+        # --quick, a smoke run, waits for no ping round and takes idle CPU over 3 s.
+        if quick:
+            swarm.idle(1)
+        else:
+            swarm.pump(lambda: swarm.pings >= n, timeout=60)
+            time.sleep(0.5)
         per_conn = (server.rss_kb() - empty) * 1024 / n / 1000
         # Idle CPU over one whole heartbeat period, its ping round included; then measure in
         # the quiet that follows that round (the scenarios take about 12 s of the 25).
         cpu_before, wall = server.cpu_seconds(), time.perf_counter()
-        swarm.pump(lambda target=swarm.pings + n: swarm.pings >= target, timeout=60)
+        if quick:
+            swarm.idle(3)
+        else:
+            swarm.pump(lambda target=swarm.pings + n: swarm.pings >= target, timeout=60)
         idle_cpu = 100 * (server.cpu_seconds() - cpu_before) / (time.perf_counter() - wall)
         control = Control(server.control_path)
         gc_before = gc_stats(control, name)
@@ -458,7 +467,9 @@ def plot(rows: list, path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1,000 connections, fewer rounds")
+    parser.add_argument(
+        "--quick", action="store_true", help="a one-minute smoke run: 1,000 connections, no waits"
+    )
     parser.add_argument("--servers", default="wsboard,websockets,node-ws,socketio")
     parser.add_argument("--counts", help="connection counts, e.g. 1000,10000")
     args = parser.parse_args()
@@ -468,16 +479,16 @@ def main() -> None:
     if args.counts:
         counts = [int(c) for c in args.counts.split(",")]
     rounds, latency_count, pipeline_count = (3, 100, 5000) if args.quick else (7, 300, 20000)
-    blocks = 2 if args.quick else 3
+    blocks, settle = (1, 3.0) if args.quick else (3, SETTLE)
     names = args.servers.split(",")
     rows, floors = [], {}
     for n in counts:
         print(f"fan-out with {n:,} connections, {blocks} blocks in turns…", flush=True)
-        fan = interleaved_fanout(names, n, blocks, rounds)
+        fan = interleaved_fanout(names, n, blocks, rounds, settle)
         floors[n] = fan["floor"][0]
         for name in names:
             print(f"{name} with {n:,} connections…", flush=True)
-            row = measure(name, n, rounds, latency_count, pipeline_count)
+            row = measure(name, n, rounds, latency_count, pipeline_count, args.quick)
             loops, ends = fan[name]
             row["loop_ms"] = statistics.median(loops) * 1000
             row["fanout_ms"] = statistics.median(ends) * 1000
