@@ -14,8 +14,9 @@ import socket
 import sys
 import time
 
+from loadgen import SOURCES
+
 PAYLOAD = b"\x81\x64" + b"x" * 100  # the size of a 100-byte text frame
-SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 
 
 def read_everything(port: int, n: int, expected: int, report: int) -> None:
