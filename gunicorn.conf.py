@@ -5,20 +5,25 @@ This file must not import wsboard: the master process would be monkey-patched by
 """
 
 import os
+import subprocess
 import sys
 
 import gevent
 from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
 
-bind = f"{os.environ.get('WSBOARD_HOST', '127.0.0.1')}:{os.environ.get('WSBOARD_PORT', '8080')}"
+_host = os.environ.get("WSBOARD_HOST", "127.0.0.1").strip()
+_port = os.environ.get("WSBOARD_PORT", "8080").strip()
+bind = f"[{_host}]:{_port}" if ":" in _host else f"{_host}:{_port}"
 # One worker holds every socket; more need the Redis backplane (not built yet).
 workers = 1
 # A hard cap on open connections per worker (a full pool stops accept()): wsboard's own
 # WebSocket limit, which answers 503 past it, plus room for page requests.
-worker_connections = int(os.environ.get("WSBOARD_MAX_CONNECTIONS", "10000")) + 1024
+_max = os.environ.get("WSBOARD_MAX_CONNECTIONS", "10000").strip()
+worker_connections = (int(_max) if _max.isdigit() else 10000) + 1024
 # Bottle's request state must be made after gevent patches the worker, never in the master.
 preload_app = False
-backlog = int(os.environ.get("WSBOARD_BACKLOG", "1024"))
+_backlog = os.environ.get("WSBOARD_BACKLOG", "1024").strip()
+backlog = int(_backlog) if _backlog.isdigit() else 1024
 graceful_timeout = 10
 
 
@@ -30,24 +35,24 @@ class WSBoardWorker(GeventWebSocketWorker):
         import wsboard
 
         self.wsgi_handler = wsboard.WebSocketHandler
-        wsboard.start_in_worker()
+        self.server_class = wsboard.guarded(self.server_class)
+        self.wsgi.start_in_worker()
 
     def handle_exit(self, sig, frame):
         # WebSocket sessions run outside the worker's pool, so the worker would not wait for
         # them: stay alive until wsboard has drained them, then let gunicorn finish.
-        gevent.spawn(self.drain_then_exit, sig, frame)
-
-    def drain_then_exit(self, sig, frame):
-        import wsboard
-
-        wsboard.stop_in_worker()
-        super().handle_exit(sig, frame)
+        gevent.spawn(self.drain_then, super().handle_exit, sig, frame, False)
 
     def handle_quit(self, sig, frame):
-        import wsboard
+        # SIGINT/SIGQUIT: a quick shutdown, but still every socket gets its 1001 and the
+        # control socket file goes.
+        gevent.spawn(self.drain_then, super().handle_quit, sig, frame, True)
 
-        gevent.spawn(wsboard.stop_in_worker)
-        super().handle_quit(sig, frame)
+    def drain_then(self, finish, sig, frame, quick):
+        try:
+            self.wsgi.stop_in_worker(quick)
+        finally:
+            finish(sig, frame)
 
 
 worker_class = WSBoardWorker
@@ -60,3 +65,13 @@ def on_starting(server):
             "sockets and its own control socket, and a SEND would reach only one of them. "
             "Run one worker (-w 1)."
         )
+    # A bad WSBOARD_* value: say so in wsboard's one line, before any worker fails to boot.
+    here = os.path.dirname(os.path.abspath(__file__))
+    check = subprocess.run(
+        [sys.executable, "-c", "import sys, wsboard; sys.exit(wsboard.main(['check-config']))"],
+        cwd=here,
+        capture_output=True,
+        text=True,
+    )
+    if check.returncode != 0:
+        sys.exit(check.stderr.strip() or f"wsboard: check-config exited {check.returncode}")

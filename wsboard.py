@@ -2,8 +2,29 @@
 
 Browsers open ``ws://HOST:PORT/websocket?id=<client id>``; the app pushes to them over a
 local UNIX socket with a line protocol (``LIST WEBSOCKETS``, ``SEND MESSAGE <id> <text>``).
-The module reads top to bottom: configuration, the WebSocket adapter, the connection
-registry and delivery, the control line protocol, the web routes, start-up.
+
+The module reads top to bottom, in the order data flows; each section has a banner:
+
+- Configuration: the OPTIONS table (flag, WSBOARD_* variable, default), ``Config``.
+- Names and codes: client ids, ``CloseCode``, ``EndReason``, ``Refusal``.
+- Security: pure checks (tokens, origins, hosts, passwords, proxies, peers).
+- WebSocket adapter: frames, ``BoardSocket`` and ``WebSocketHandler`` (gevent-websocket's
+  defects mended), ``Handshake`` (an upgrade request parsed once).
+- Connections and delivery: ``Connection``, ``Registry``, the framings (plain, wsboard.v1),
+  ``Batch`` and ``deliver``.
+- Inbox and idempotency keys.
+- Hubs: the one way to the sockets. ``LocalHub`` is this process's; a new hub implements the
+  same methods and is added to ``HUBS``.
+- Events: ``Events`` tells its registered sinks (watchers, the webhook); a new sink is any
+  object with ``push(line, lifecycle)``, added with ``Events.add``.
+- Control protocol: ``parse_control_line`` (pure) and the ``VERBS`` table (a new verb is one
+  row; ``HELP`` is made from it), the JSON ops in ``JSON_OPS``.
+- Control connections: one greenlet per connection, batches, watchers.
+- Web routes: the Bottle routes (a new route goes here); each finds its ``Board`` in the
+  request.
+- The board: ``Board`` owns everything one process holds (config, hub, events, counters,
+  servers, background greenlets) and starts and stops it; ``app`` is the default one.
+- Command line and gunicorn: ``main``, the subcommands, the worker's hooks.
 """
 
 # Bottle keeps request state in thread-locals made at import time: patch before importing it.
@@ -15,6 +36,8 @@ import argparse
 import base64
 import binascii
 import collections
+import enum
+import errno
 import fnmatch
 import functools
 import gc
@@ -23,10 +46,13 @@ import grp
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
+import math
 import os
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -50,10 +76,11 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.server import StreamServer
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
 from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
-from geventwebsocket.websocket import Header, Stream
+from geventwebsocket.utf8validator import Utf8Validator
+from geventwebsocket.websocket import Header
 from geventwebsocket.websocket import WebSocket as _GeventWebSocket
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 log = logging.getLogger("wsboard")
 access_log = logging.getLogger("wsboard.access")
@@ -72,22 +99,32 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the setting."""
 
 
+NOT_A_NUMBER = "is not a number"  # one wording for every number that does not parse
+
+
+def _number(kind: type, text: str) -> int | float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(NOT_A_NUMBER) from None
+
+
 def _port(text: str) -> int:
-    value = int(text)
+    value = _number(int, text)
     if not 0 <= value <= 65535:
         raise ValueError("must be 0-65535")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(int, text)
     if value < 1:
         raise ValueError("must be at least 1")
     return value
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    value = _number(float, text)
     if not 0 < value < float("inf"):
         raise ValueError("must be a positive number of seconds")
     return value
@@ -95,12 +132,12 @@ def _seconds(text: str) -> float:
 
 def _seconds_or_off(text: str) -> float:
     """Seconds, where 0 turns the timeout off."""
-    return 0.0 if float(text) == 0 else _seconds(text)
+    return 0.0 if _number(float, text) == 0 else _seconds(text)
 
 
 def _count_or_off(text: str) -> int:
     """A count, where 0 turns the feature off."""
-    value = int(text)
+    value = _number(int, text)
     if value < 0:
         raise ValueError("must be 0 (off) or more")
     return value
@@ -121,6 +158,8 @@ def _url(text: str) -> str:
 
 
 def _socket_path(text: str) -> str:
+    if text == AUTO_CONTROL:
+        return text
     if not text or "\0" in text:
         raise ValueError("must be a file path")
     if len(os.fsencode(text)) > 107:
@@ -129,11 +168,16 @@ def _socket_path(text: str) -> str:
 
 
 def _file_mode(text: str) -> int:
-    value = int(text, 8)
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise ValueError(NOT_A_NUMBER + " (an octal file mode such as 0660)") from None
     if not 0 <= value <= 0o777:
         raise ValueError("must be an octal file mode such as 0660")
     if value & 0o600 != 0o600:
         raise ValueError("must let the owner read and write (0600 at least)")
+    if value & 0o007:
+        raise ValueError("must give other users no access (0660 at most): use --control-group")
     return value
 
 
@@ -151,7 +195,7 @@ def _group(text: str) -> int | None:
 
 def _ids(text: str) -> frozenset:
     """A comma-separated list of uids or gids."""
-    return frozenset(int(part) for part in text.split(",") if part.strip())
+    return frozenset(_number(int, part) for part in text.split(",") if part.strip())
 
 
 def _words(text: str) -> tuple:
@@ -185,6 +229,8 @@ class Option(NamedTuple):
         return "WSBOARD_" + self.name.upper()
 
 
+AUTO_CONTROL = "auto"  # see control_socket_path()
+
 # fmt: off
 OPTIONS = (
     # Where it listens
@@ -194,8 +240,10 @@ OPTIONS = (
     Option("backlog", "1024", _positive_int,
            "connections the kernel may hold waiting for accept(); past it, new ones wait a "
            "second for a SYN retry (Linux caps it at net.core.somaxconn)"),
-    Option("control", "/tmp/wsboard.sock", _socket_path,
-           "path of the UNIX control socket the backend app talks to"),
+    Option("control", AUTO_CONTROL, _socket_path,
+           "path of the UNIX control socket the backend app talks to; auto: "
+           "/run/wsboard/wsboard.sock when that directory can be used, else "
+           "$XDG_RUNTIME_DIR/wsboard.sock, else /tmp/wsboard-UID/wsboard.sock"),
     # Who may connect
     Option("secret", "", str,
            "turns on signed client ids: sockets must bring exp and token=HMAC-SHA256(secret, "
@@ -205,31 +253,44 @@ OPTIONS = (
            "seconds a token minted by wsboard (board page, `wsboard token`) stays valid"),
     Option("allowed_origins", "", _words,
            "comma-separated browser origins allowed to open WebSockets, wildcards allowed "
-           "(https://*.example.com); empty: the page's own host only"),
+           "(https://*.example.com); empty: the page's own host only (see --allowed-hosts)"),
+    Option("allowed_hosts", "", _words,
+           "comma-separated host names (wildcards allowed) this server is reached by, beside "
+           "localhost and IP addresses; same-origin WebSockets and the password-less admin "
+           "pages answer to no other Host (DNS rebinding)"),
     Option("admin_password", "", str,
-           "password for /admin and /sendMessage (HTTP Basic, user admin), plain or as made "
-           "by `wsboard hash-password`; empty: they answer to loopback only"),
+           "password for /admin and /sendMessage (HTTP Basic, user admin), plain (8 characters "
+           "at least) or as made by `wsboard hash-password`; empty: they answer to loopback only"),
     Option("trusted_proxies", "", _networks,
            "comma-separated proxy addresses whose X-Forwarded-For is believed"),
-    Option("control_mode", "0660", _file_mode, "file mode of the control socket"),
+    Option("control_mode", "0660", _file_mode,
+           "file mode of the control socket (never anything for other users)"),
     Option("control_group", "", _group, "group of the control socket (name or number)"),
     Option("control_uids", "", _ids,
            "comma-separated uids allowed on the control socket (checked with SO_PEERCRED)"),
     Option("control_gids", "", _ids, "comma-separated gids allowed on the control socket"),
     # Limits
-    Option("max_connections", "10000", _positive_int, "open WebSockets at most (more: 503)"),
+    Option("max_connections", "10000", _positive_int,
+           "open WebSockets at most (more: 503); lowered at start-up when the descriptor "
+           "limit cannot hold it"),
     Option("max_connections_per_ip", "256", _positive_int,
            "open WebSockets per client address at most (more: 503)"),
     Option("max_sockets_per_id", "32", _positive_int,
            "open WebSockets per client id at most (more: 503)"),
+    Option("max_handshakes_per_ip", "32", _positive_int,
+           "connections per client address that may be still sending their request head "
+           "(more: 503); trusted proxies are exempt"),
     Option("max_control_connections", "256", _positive_int,
            "open control connections at most"),
     Option("max_line", "1048576", _positive_int,
            "longest control line in bytes; a longer one is refused and its connection closed"),
     Option("max_message", "65536", _positive_int,
            "largest message in bytes a browser may send; a larger one closes it with 1009"),
+    Option("max_client_rate", "100", _count_or_off,
+           "messages per second a browser may send (over one-second windows); past it the "
+           "socket is closed with 1008; 0: no limit"),
     Option("handshake_timeout", "10", _seconds,
-           "seconds a client gets to send its HTTP request, and to idle between requests"),
+           "seconds a client gets to send its whole request head, and to idle between requests"),
     Option("idle_timeout", "0", _seconds_or_off,
            "seconds a WebSocket may send nothing before it is closed; 0: never"),
     Option("control_idle_timeout", "600", _seconds_or_off,
@@ -258,19 +319,25 @@ OPTIONS = (
     Option("inbox_bytes", "1048576", _positive_int, "bytes an inbox keeps per id at most"),
     Option("inbox_ids", "100000", _positive_int,
            "ids with an inbox at most (the least recently used goes first)"),
+    Option("inbox_total_bytes", "67108864", _positive_int,
+           "bytes all inboxes keep together at most (the least recently used id's go first)"),
     Option("offline_ok", "no", _yes_no,
            "with an inbox, SEND MESSAGE to an id with no open socket keeps the message and "
            "answers OK instead of ERROR Client Not Found"),
     Option("idempotency_window", "300", _seconds,
            "seconds a JSON send's key is remembered, so a retry is not delivered twice"),
     Option("watch_queue", "10000", _positive_int,
-           "events that may wait for a watcher that is not reading; past it: dropped"),
+           "events that may wait for a watcher that is not reading; messages from browsers "
+           "may fill half of it, connects and disconnects the rest; past it: dropped"),
     Option("webhook", "", _url, "URL that events are POSTed to, signed with the secret"),
     Option("webhook_queue", "10000", _positive_int,
-           "events that may wait for the webhook; past it: dropped and counted"),
+           "events that may wait for the webhook, shared as for --watch-queue; past it: "
+           "dropped and counted"),
     Option("log_level", "info", _log_level, "debug, info, warning or error"),
 )
 # fmt: on
+
+PASSWORD_MIN = 8
 
 
 class Config:
@@ -280,16 +347,11 @@ class Config:
         for option in OPTIONS:
             value = values[option.name] if option.name in values else option.parse(option.default)
             setattr(self, option.name, value)
+        unknown = set(values) - {option.name for option in OPTIONS}
+        if unknown:
+            raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
         self.secret_key = load_secret(self.secret, self.secret_file)
-        self.admin_hash = (
-            self.admin_password
-            if self.admin_password.startswith(HASH_PREFIX) or not self.admin_password
-            else hash_password(self.admin_password)
-        )
-        if self.admin_hash and parse_password_hash(self.admin_hash) is None:
-            raise ConfigError(
-                "admin password hash is malformed; make one with wsboard hash-password"
-            )
+        self.admin_hash = admin_hash(self.admin_password)
 
     def __repr__(self) -> str:
         def shown(name: str) -> str:
@@ -315,14 +377,38 @@ def load_secret(secret: str, secret_file: str) -> bytes:
     return secret.encode("utf-8")
 
 
+def admin_hash(password: str) -> str:
+    """The PBKDF2 hash the admin password is checked against; '' when there is none."""
+    if not password:
+        return ""
+    if password.startswith(HASH_PREFIX.rstrip("$")):
+        if parse_password_hash(password) is None:
+            raise ConfigError(
+                "the admin password looks like a hash but is malformed (a shell expands $ "
+                "inside double quotes: put the hash in single quotes); make one with "
+                "wsboard hash-password"
+            )
+        return password
+    if len(password) < PASSWORD_MIN:
+        raise ConfigError(f"the admin password must be at least {PASSWORD_MIN} characters")
+    return hash_password(password)
+
+
+SUBCOMMAND_HELP = (
+    "commands: wsboard [OPTIONS] runs the server; wsboard token ID [--ttl S] prints a signed "
+    "query string for ID; wsboard hash-password hashes an admin password read from stdin; "
+    "wsboard check-config checks the settings and exits. `wsboard COMMAND --help` for more."
+)
+
+
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsboard",
+        usage="wsboard [OPTIONS] | wsboard {token,hash-password,check-config} ...",
         description="WebSocket push server: browsers connect to /websocket?id=ID, "
-        "the backend app pushes to them over a UNIX control socket.",
+        "the backend app pushes to them over a UNIX control socket. " + SUBCOMMAND_HELP,
         epilog="Each option can also be set by the environment variable named in brackets; "
-        "a flag wins over the environment. Also: `wsboard token ID [--ttl S]` prints a signed "
-        "query string for ID; `wsboard hash-password` hashes an admin password.",
+        "a flag wins over the environment.",
     )
     parser.add_argument("--version", action="version", version=f"wsboard {__version__}")
     for option in OPTIONS:
@@ -359,18 +445,18 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] = os.enviro
         try:
             values[option.name] = option.parse(raw.strip())
         except ValueError as exc:
-            reason = str(exc) if not str(exc).startswith("invalid literal") else "is not a number"
-            raise ConfigError(f"{source}={raw!r}: {reason}") from None
+            raise ConfigError(f"{source}={raw!r}: {exc}") from None
     return Config(**values)
 
 
 ###############################################################################
-# Client ids ##################################################################
+# Names and codes #############################################################
 ###############################################################################
 # An id ends up in control lines and on the admin page, so it may hold nothing that
 # could break either: 1-128 characters from a small safe set.
 
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+CLIENT_ID_RULE = "1-128 characters from A-Z a-z 0-9 _ - . :"
 
 
 def is_valid_client_id(value: object) -> bool:
@@ -381,6 +467,53 @@ def new_board_id() -> str:
     """A random id for a board page, in the seed's form: 10 of A-Z 0-9."""
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
     return "".join(secrets.choice(alphabet) for _ in range(10))
+
+
+class CloseCode(enum.IntEnum):
+    """The WebSocket close codes wsboard sends (RFC 6455 7.4.1, and its own 4000)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    INVALID_DATA = 1007
+    POLICY = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+    KICKED = 4000  # wsboard.js does not reconnect after it
+
+
+# The codes a JSON kick may ask for: the ones a server may send for a reason of its own.
+KICK_CODES = frozenset({1000, 1001, 1008, 1011, 1012, 1013} | set(range(4000, 5000)))
+
+
+class EndReason(enum.Enum):
+    """Why a socket's session ended: a bounded set (for counting), each with its log text."""
+
+    CLIENT_CLOSED = "closed by client"
+    CONNECTION_LOST = "connection lost"
+    PING_TIMEOUT = "ping timeout"
+    IDLE_TIMEOUT = "idle timeout"
+    QUEUE_FULL = "send queue full"
+    WRITE_TIMEOUT = "write timed out"
+    MESSAGE_TOO_BIG = "message too big"
+    PROTOCOL_ERROR = "protocol error"
+    INVALID_UTF8 = "invalid UTF-8"
+    RATE_LIMITED = "too many messages"
+    KICKED = "kicked"
+    SHUTDOWN = "server shutdown"
+    LIMIT = "too many connections"
+    ERROR = "internal error"
+
+
+class Refusal(NamedTuple):
+    """Why a request, handshake or control connection is turned away: one shape for all."""
+
+    status: int  # the HTTP status (0 on the control socket)
+    reason: str  # told to the client and logged
+    kind: str  # the counter it is counted under
+    headers: tuple = ()
 
 
 ###############################################################################
@@ -411,12 +544,14 @@ def token_refusal(secret: bytes, client_id: str, exp: str, token: str, now: floa
     if int(exp) < now:
         return "token expired"
     expected = mint_token(secret, client_id, int(exp)).encode()
-    if not hmac.compare_digest(expected, token.encode("utf-8", "surrogateescape")):
+    # Hex in either case: PHP's hash_hmac gives lowercase, other tools may not.
+    if not hmac.compare_digest(expected, token.lower().encode("utf-8", "surrogateescape")):
         return "token does not match"
     return None
 
 
-# Origins: browsers send one with every WebSocket handshake; other clients may send none.
+# Origins and hosts: browsers send an Origin with every WebSocket handshake; other clients
+# may send none. A Host is only believed when it cannot be an attacker's rebound name.
 
 DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 
@@ -429,8 +564,28 @@ def _host_port(netloc: str, scheme: str) -> tuple | None:
         return None
 
 
-def origin_allowed(origin: str | None, host: str, patterns: Sequence[str]) -> bool:
-    """Whether a handshake's Origin may connect: listed patterns, else the request's own host."""
+def host_trusted(host: str, allowed_hosts: Sequence[str]) -> bool:
+    """Whether a Host header names this server in a way DNS rebinding cannot fake: an IP
+    address, localhost, or a name the operator listed."""
+    parts = _host_port(host.strip().lower(), "http")
+    if parts is None or not parts[0]:
+        return False
+    name = parts[0]
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    return any(fnmatch.fnmatchcase(name, pattern.lower()) for pattern in allowed_hosts)
+
+
+def origin_allowed(
+    origin: str | None, host: str, patterns: Sequence[str], allowed_hosts: Sequence[str] = ()
+) -> bool:
+    """Whether a handshake's Origin may connect: listed patterns, else the request's own
+    host, when that host is one a rebound name cannot pose as."""
     if origin is None:
         return True
     origin = origin.strip().lower()
@@ -440,7 +595,11 @@ def origin_allowed(origin: str | None, host: str, patterns: Sequence[str]) -> bo
     if not netloc or "/" in netloc or scheme not in DEFAULT_PORTS:
         return False
     mine = _host_port(host.lower(), scheme)
-    return mine is not None and _host_port(netloc, scheme) == mine
+    return (
+        mine is not None
+        and _host_port(netloc, scheme) == mine
+        and host_trusted(host, allowed_hosts)
+    )
 
 
 # The admin password, kept and compared only as a PBKDF2 hash.
@@ -459,8 +618,11 @@ def hash_password(
 
 def parse_password_hash(stored: str) -> tuple | None:
     try:
-        _, iterations, salt, digest = stored.split("$")
-        return int(iterations), bytes.fromhex(salt), bytes.fromhex(digest)
+        prefix, iterations, salt, digest = stored.split("$")
+        if prefix + "$" != HASH_PREFIX or not (1 <= int(iterations) <= 10_000_000):
+            return None
+        salt, digest = bytes.fromhex(salt), bytes.fromhex(digest)
+        return (int(iterations), salt, digest) if salt and len(digest) == 32 else None
     except ValueError:
         return None
 
@@ -492,12 +654,12 @@ def client_ip(environ: Mapping[str, str], trusted: Sequence) -> str:
     """The browser's address: REMOTE_ADDR, or the last untrusted hop of X-Forwarded-For."""
     ip = environ.get("REMOTE_ADDR", "")
     hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
-    while trusted and hops and _in_networks(ip, trusted):
+    while trusted and hops and in_networks(ip, trusted):
         ip = hops.pop()
     return ip
 
 
-def _in_networks(ip: str, networks: Sequence) -> bool:
+def in_networks(ip: str, networks: Sequence) -> bool:
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
@@ -528,38 +690,91 @@ def peer_allowed(uid: int, gid: int, uids: frozenset, gids: frozenset) -> bool:
     return not (uids or gids) or uid in uids or gid in gids
 
 
-# Refusals are logged once each and counted by kind; the admin page shows the counts.
-refusals: collections.Counter = collections.Counter()
+def control_socket_path(setting: str, uid: int | None = None, environ: Mapping = os.environ) -> str:
+    """Where the control socket goes. 'auto' picks a directory no other user can write to,
+    so nobody can take the path first and receive what the app sends."""
+    if setting != AUTO_CONTROL:
+        return setting
+    uid = os.getuid() if uid is None else uid
+    candidates = ["/run/wsboard"]
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    if runtime.startswith("/"):
+        candidates.append(runtime)
+    candidates.append(f"/tmp/wsboard-{uid}")
+    for directory in candidates:
+        if private_directory(directory, uid, make=directory != runtime):
+            return os.path.join(directory, "wsboard.sock")
+    raise ConfigError(
+        "no private directory for the control socket (tried " + ", ".join(candidates) + "); "
+        "give --control PATH"
+    )
 
 
-def refused(kind: str, message: str, *args: object) -> None:
-    refusals[kind] += 1
-    log.warning("refused " + message, *args)
+def private_directory(path: str, uid: int, make: bool) -> bool:
+    """Whether path is (or, with make, now is) a directory that only uid or root can write."""
+    if make:
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            pass
+        except OSError:
+            return False
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(info.st_mode)
+        and info.st_uid in (uid, 0)
+        and not info.st_mode & 0o022
+        and os.access(path, os.W_OK | os.X_OK)
+    )
 
 
-config = Config()
+def directory_refusal(path: str) -> str | None:
+    """Why the control socket's directory is unsafe (anyone may replace our socket), or None."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        info = os.stat(directory)
+    except OSError:
+        return None  # bind() will say what is wrong
+    if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
+        return f"{directory} is writable by everyone without the sticky bit"
+    return None
+
+
+def directory_warning(path: str) -> str | None:
+    """A shared directory (like /tmp) where another user may take the path first."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        info = os.stat(directory)
+    except OSError:
+        return None
+    if info.st_mode & 0o002:
+        return (
+            f"the control socket is in {directory}, which every user can write to: another "
+            "user could take the path first and receive what your app sends; use a private "
+            "directory such as /run/wsboard (and note PHP-FPM's PrivateTmp hides /tmp sockets)"
+        )
+    return None
 
 
 ###############################################################################
 # WebSocket adapter ###########################################################
 ###############################################################################
 # gevent-websocket 0.10.1 is unmaintained; its known defects are mended here and only
-# here (see README, "Design"): writes are serialised and time-limited, inbound size is
-# capped before the payload is read, close frames carry their code, and a bad request is
-# refused with a real HTTP status before the 101 is sent.
+# here (see README, "Design"): one writer per socket with a bounded backlog and a write
+# timeout, inbound size capped before the payload is read, close frames that carry their
+# code, a deadline on the whole request head, and refusals with a real HTTP status
+# before any 101.
 
 WEBSOCKET_PATH = "/websocket"
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+SUBPROTOCOL = "wsboard.v1"  # frames become {"seq": n, "data": text}; see docs/protocol.md
 
 OPCODE_TEXT = 0x1
 OPCODE_CLOSE = 0x8
-
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_MESSAGE_TOO_BIG = 1009
-CLOSE_TRY_AGAIN_LATER = 1013
-CLOSE_KICKED = 4000  # wsboard.js does not reconnect after it
+PING_FRAME = b"\x89\x00"  # an empty ping, the same bytes for every socket
 
 
 class MessageTooBig(WebSocketError):
@@ -593,16 +808,13 @@ def close_payload(code: int | None, reason: object = b"") -> bytes:
             break
         except UnicodeDecodeError:
             reason = reason[:-1]
-    return struct.pack("!H", code) + reason
+    return struct.pack("!H", int(code)) + reason
 
 
 def close_frame(code: int, reason: str) -> bytes:
     """One unmasked close frame, as a server sends it."""
     payload = close_payload(code, reason)
     return bytes(Header.encode_header(True, OPCODE_CLOSE, b"", len(payload), 0)) + payload
-
-
-PING_FRAME = b"\x89\x00"  # an empty ping, the same bytes for every socket
 
 
 def unmask(payload: bytes, mask: bytes) -> bytes:
@@ -618,16 +830,52 @@ def websocket_accept(key: str) -> str:
     return base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()).decode()
 
 
-def query_ids(environ: Mapping[str, str]) -> list:
-    return parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).get("id", [])
+def upgrade_response(key: str, subprotocol: str) -> bytes:
+    """The 101 that opens a WebSocket, written by us so nothing can come before it."""
+    lines = [
+        "HTTP/1.1 101 Switching Protocols",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Accept: " + websocket_accept(key),
+    ]
+    if subprotocol:
+        lines.append("Sec-WebSocket-Protocol: " + subprotocol)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
-SUBPROTOCOL = "wsboard.v1"  # frames become {"seq": n, "data": text}; see README
+def http_response(status: int, reason: str, headers: Iterable = ()) -> bytes:
+    """A whole plain-text HTTP/1.1 answer that closes the connection."""
+    body = (reason + "\n").encode("utf-8")
+    head = [
+        f"HTTP/1.1 {status} {HTTP_STATUS.get(status, 'Error')}",
+        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in headers),
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
-def speaks_v1(environ: Mapping[str, str]) -> bool:
-    offered = environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
-    return SUBPROTOCOL in (p.strip() for p in offered.split(","))
+HTTP_STATUS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    408: "Request Timeout",
+    411: "Length Required",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    426: "Upgrade Required",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+
+def format_peer(address: object) -> str:
+    """host:port for a TCP peer ([host]:port for IPv6), '-' where there is none."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "-"
 
 
 def resume_point(epoch: str, last: str) -> tuple:
@@ -637,94 +885,73 @@ def resume_point(epoch: str, last: str) -> tuple:
     return epoch, min(int(last), 2**53)
 
 
-class Refusal(NamedTuple):
-    status: str
-    reason: str
-    kind: str  # the counter it is counted under
+class Handshake(NamedTuple):
+    """An upgrade request to /websocket, parsed once for the checks and the connection."""
+
+    client_id: str
+    ip: str  # the browser's address (X-Forwarded-For from a trusted proxy)
+    peer: str  # host:port as LIST shows it: the browser's address, our peer's port
+    origin: str | None
+    host: str
+    key: str
+    subprotocol: str  # the one we agreed to, or ''
+    exp: str
+    token: str
+    epoch: str
+    last: int
 
 
-def handshake_refusal(environ: Mapping[str, str], http_version: str) -> Refusal | None:
-    """Why an upgrade request to /websocket is malformed, or None."""
+def parse_handshake(
+    environ: Mapping[str, str], http_version: str, address: object, trusted: Sequence
+) -> "Handshake | Refusal":
+    """The upgrade request as a Handshake, or the Refusal of a malformed one."""
     if environ.get("REQUEST_METHOD") != "GET" or http_version != "HTTP/1.1":
-        return Refusal("400 Bad Request", "WebSocket upgrades need GET over HTTP/1.1", "handshake")
+        return Refusal(400, "WebSocket upgrades need GET over HTTP/1.1", "handshake")
     if "upgrade" not in environ.get("HTTP_CONNECTION", "").lower():
-        return Refusal("400 Bad Request", "Connection: Upgrade header missing", "handshake")
+        return Refusal(400, "Connection: Upgrade header missing", "handshake")
     if environ.get("CONTENT_LENGTH", "0") not in ("", "0") or environ.get("HTTP_TRANSFER_ENCODING"):
-        return Refusal("400 Bad Request", "An upgrade request has no body", "handshake")
+        return Refusal(400, "An upgrade request has no body", "handshake")
     if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
-        return Refusal(
-            "426 Upgrade Required", "Only WebSocket version 13 is supported", "handshake"
-        )
+        return Refusal(426, "Only WebSocket version 13 is supported", "handshake")
+    key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
     try:
-        key = base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip(), validate=True)
+        raw_key = base64.b64decode(key, validate=True)
     except (binascii.Error, ValueError):
-        key = b""
-    if len(key) != 16:
-        return Refusal(
-            "400 Bad Request", "Sec-WebSocket-Key must be 16 bytes in base64", "handshake"
-        )
-    ids = query_ids(environ)
+        raw_key = b""
+    if len(raw_key) != 16:
+        return Refusal(400, "Sec-WebSocket-Key must be 16 bytes in base64", "handshake")
+    query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+    ids = query.get("id", [])
     if len(ids) != 1 or not is_valid_client_id(ids[0]):
-        return Refusal(
-            "400 Bad Request",
-            "Invalid client id: give exactly one id of 1-128 characters from A-Z a-z 0-9 _ - . :",
-            "bad_id",
-        )
-    return None
+        return Refusal(400, f"Invalid client id: give exactly one id of {CLIENT_ID_RULE}", "bad_id")
+    ip = client_ip(environ, trusted)
+    port = address[1] if isinstance(address, tuple) and len(address) >= 2 else 0
+    offered = environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
+    epoch, last = resume_point(query.get("epoch", [""])[0], query.get("last", [""])[0])
+    return Handshake(
+        client_id=ids[0],
+        ip=ip,
+        peer=format_peer((ip, port)) if ip else format_peer(address),
+        origin=environ.get("HTTP_ORIGIN"),
+        host=environ.get("HTTP_HOST", ""),
+        key=key,
+        subprotocol=SUBPROTOCOL if SUBPROTOCOL in (p.strip() for p in offered.split(",")) else "",
+        exp=query.get("exp", [""])[0],
+        token=query.get("token", [""])[0],
+        epoch=epoch,
+        last=last,
+    )
 
 
-def access_refusal(
-    environ: Mapping[str, str], client_id: str, ip: str, now: float
-) -> Refusal | None:
-    """Why a well-formed upgrade may not connect (origin, signature, limits), or None."""
-    if not origin_allowed(
-        environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST", ""), config.allowed_origins
-    ):
-        return Refusal("403 Forbidden", "Origin not allowed", "origin")
-    if config.secret_key:
-        query = parse_qs(environ.get("QUERY_STRING", ""))
-        reason = token_refusal(
-            config.secret_key,
-            client_id,
-            query.get("exp", [""])[0],
-            query.get("token", [""])[0],
-            now,
-        )
+def access_refusal(hs: Handshake, cfg: Config, now: float) -> Refusal | None:
+    """Why a well-formed upgrade may not connect (origin, signature), or None."""
+    if not origin_allowed(hs.origin, hs.host, cfg.allowed_origins, cfg.allowed_hosts):
+        return Refusal(403, "Origin not allowed", "origin")
+    if cfg.secret_key:
+        reason = token_refusal(cfg.secret_key, hs.client_id, hs.exp, hs.token, now)
         if reason:
-            return Refusal("403 Forbidden", "Signed id refused: " + reason, "token")
-    return limit_refusal(client_id, ip)
-
-
-def limit_refusal(client_id: str, ip: str) -> Refusal | None:
-    """Whether one more socket for client_id from ip would pass a connection limit."""
-    if len(registry) >= config.max_connections:
-        reason = f"Too many connections (limit {config.max_connections})"
-    elif registry.count_for_ip(ip) >= config.max_connections_per_ip:
-        reason = f"Too many connections from this address (limit {config.max_connections_per_ip})"
-    elif registry.count_for_id(client_id) >= config.max_sockets_per_id:
-        reason = f"Too many sockets for this id (limit {config.max_sockets_per_id})"
-    else:
-        return None
-    return Refusal("503 Service Unavailable", reason, "limit")
-
-
-class Cork:
-    """Holds writes to sockets while one batch of control lines is answered, then lets each
-    socket's frames out in one send(). Nothing yields while it is active, so order holds."""
-
-    def __init__(self) -> None:
-        self.active = False
-        self.passing = False  # a broadcast: one frame per socket, nothing to coalesce
-        self.sockets: list = []
-
-    def release(self) -> None:
-        self.active = False
-        sockets, self.sockets = self.sockets, []
-        for ws in sockets:
-            ws.uncork()
-
-
-cork = Cork()
+            return Refusal(403, "Signed id refused: " + reason, "token")
+    return None
 
 
 class SocketReader:
@@ -776,66 +1003,109 @@ def buffered_leftover(rfile: object, sock: socket.socket) -> bytes:
 class BoardSocket(_GeventWebSocket):
     """gevent-websocket's WebSocket with its write, read-limit and close defects mended.
 
-    Writes go straight to the kernel while the socket takes them; only under backpressure
-    do frames wait in a bounded backlog, drained by a flusher greenlet that lives only
-    while there is a backlog. So a sender never blocks on a slow browser, and an idle
-    socket costs no greenlet for writing.
+    There is one writer: writes go straight to the kernel while the socket takes them; only
+    under backpressure do frames wait in a bounded backlog, drained by a flusher greenlet
+    that lives only while there is a backlog. So a sender never blocks on a slow browser,
+    two greenlets never write at once, and an idle socket costs no greenlet for writing.
+    Until open() the backlog holds everything, so nothing goes out before the 101.
     """
 
     __slots__ = (
         "sock",
+        "cfg",
         "message_size",
         "backlog",
         "backlog_bytes",
         "half_close_after_flush",
         "finished",
-        "corked",
         "pong_due",
         "end_reason",
+        "end_detail",
+        "rate_start",
+        "rate_count",
     )
 
-    def __init__(self, environ: dict, stream: Stream, handler: "WebSocketHandler") -> None:
-        super().__init__(environ, stream, handler)
-        self.sock = handler.socket
+    def __init__(self, sock: socket.socket, reader: SocketReader, cfg: Config) -> None:
+        # The stock __init__ wants a handler and its stream; ours reads and writes the socket.
+        self.environ = self.handler = None
+        self.closed = False
+        self.stream = reader
+        self.raw_read = reader.read
+        self.raw_write = self._write
+        self.utf8validator = Utf8Validator()
+        self.sock = sock
+        self.cfg = cfg
         self.message_size = 0
-        self.backlog: collections.deque | None = None  # None: nothing waits, write directly
+        self.backlog: collections.deque | None = collections.deque()  # held until open()
         self.backlog_bytes = 0
         self.half_close_after_flush = False
         self.finished = False  # the peer closed or the connection broke: nothing more to read
-        self.corked: list | None = None  # frames held while a control batch is answered
         self.pong_due = 0.0  # when an unanswered ping was sent (monotonic), 0 when none
-        self.end_reason = "connection lost"
-        self.raw_write = self._write
+        self.end_reason = EndReason.CONNECTION_LOST
+        self.end_detail = ""
+        self.rate_start = 0.0
+        self.rate_count = 0
+
+    @property
+    def end_text(self) -> str:
+        """Why the session ended, as the log and watch events say it."""
+        return self.end_detail or self.end_reason.value
+
+    def ended(self, reason: EndReason, detail: str = "") -> None:
+        self.end_reason, self.end_detail = reason, detail
+
+    def open(self, frames: list) -> None:
+        """Write frames (the 101 and what must precede every message), then what waited."""
+        held, self.backlog, self.backlog_bytes = self.backlog, None, 0
+        self.write_frames(frames + list(held))
+
+    def write_frames(self, frames: list) -> None:
+        """Write several frames in one send() where the kernel takes them; queue the rest
+        frame by frame, so a bound cuts between frames, never inside one."""
+        if self.backlog is not None or len(frames) == 1:
+            for frame in frames:
+                self._write(frame)
+            return
+        data = b"".join(frames)
+        sent = self._send_now(data)
+        if sent == len(data):
+            return
+        index = 0
+        while sent >= len(frames[index]):  # skip the frames the kernel took whole
+            sent -= len(frames[index])
+            index += 1
+        self._start_backlog(frames[index][sent:])
+        for frame in frames[index + 1 :]:
+            self._write(frame)
+
+    def _send_now(self, data: bytes) -> int:
+        """What the kernel takes of data without waiting."""
+        try:
+            return self.sock.send(data, 0, 0.0)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise WebSocketError(f"Socket is dead: {exc}") from None
+
+    def _start_backlog(self, rest: bytes) -> None:
+        """Queue the rest of a frame the kernel took in part: it goes whole, past any bound."""
+        self.backlog = collections.deque([rest] if rest else [])
+        self.backlog_bytes = len(rest)
+        gevent.spawn(self._flush)
 
     def _write(self, data: bytes) -> None:
-        """Write now if the kernel takes it all; else queue the rest, within the bounds.
-
-        While a batch of control lines is answered, frames are held and then written
-        together: a send() per message would cost more than all the rest of a SEND.
-        """
-        if self.corked is not None:  # frames are held for it: this one goes behind them
-            self.corked.append(data)
-            return
-        if cork.active and not cork.passing:
-            self.corked = [data]
-            cork.sockets.append(self)
-            return
+        """Write now if the kernel takes it all; else queue the rest, within the bounds."""
         if self.backlog is None:
-            try:
-                sent = self.sock.send(data, 0, 0.0)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise WebSocketError(f"Socket is dead: {exc}") from None
+            sent = self._send_now(data)
             if sent == len(data):
                 return
-            data = data[sent:]
-            self.backlog = collections.deque()
-            self.backlog_bytes = 0
-            gevent.spawn(self._flush)
+            if sent:  # a frame begun must be finished, whatever the bounds say
+                self._start_backlog(data[sent:])
+                return
+            self._start_backlog(b"")
         if (
-            len(self.backlog) >= config.queue_messages
-            or self.backlog_bytes + len(data) > config.queue_bytes
+            len(self.backlog) >= self.cfg.queue_messages
+            or self.backlog_bytes + len(data) > self.cfg.queue_bytes
         ):
             self._overflow()
             raise QueueFull("send queue full")
@@ -849,19 +1119,26 @@ class BoardSocket(_GeventWebSocket):
             while backlog:
                 data = backlog[0]
                 limit = (
-                    config.close_timeout if self.half_close_after_flush else config.write_timeout
+                    self.cfg.close_timeout
+                    if self.half_close_after_flush
+                    else self.cfg.write_timeout
                 )
                 with gevent.Timeout(limit, WriteTimedOut("write timed out")):
                     self.sock.sendall(data)
                 backlog.popleft()
                 self.backlog_bytes -= len(data)
+        except WriteTimedOut:
+            if not self.closed:
+                self.ended(EndReason.WRITE_TIMEOUT)
+            self.abort()
         except (OSError, WebSocketError) as exc:
             if not self.closed:
-                self.end_reason = str(exc) or type(exc).__name__
+                self.ended(EndReason.CONNECTION_LOST, str(exc) or type(exc).__name__)
             self.abort()
         finally:
-            self.backlog = None
-            self.backlog_bytes = 0
+            if self.backlog is backlog:
+                self.backlog = None
+                self.backlog_bytes = 0
             if self.half_close_after_flush:  # FIN after our close frame, never a RST before it
                 self.half_close_after_flush = False
                 try:
@@ -875,20 +1152,12 @@ class BoardSocket(_GeventWebSocket):
         self.backlog.clear()
         if head is not None:
             self.backlog.append(head)
-        self.backlog.append(close_frame(CLOSE_TRY_AGAIN_LATER, "too slow: send queue full"))
+        self.backlog.append(close_frame(CloseCode.TRY_AGAIN_LATER, "too slow: send queue full"))
         self.backlog_bytes = sum(len(b) for b in self.backlog)
-        self.end_reason = "send queue full"
+        self.ended(EndReason.QUEUE_FULL)
         self.closed = True
         self.half_close_after_flush = True
-        gevent.spawn_later(config.close_timeout, self._close_timed_out)
-
-    def uncork(self) -> None:
-        frames, self.corked = self.corked, None
-        if frames and not self.finished:
-            try:
-                self._write(frames[0] if len(frames) == 1 else b"".join(frames))
-            except WebSocketError as exc:
-                log.warning("dropped a socket while writing held frames: %s", exc)
+        gevent.spawn_later(self.cfg.close_timeout, self._close_timed_out)
 
     @property
     def queued_bytes(self) -> int:
@@ -917,8 +1186,8 @@ class BoardSocket(_GeventWebSocket):
             raise ProtocolError("client frames must be masked")
         if header.opcode in (0x0, 0x1, 0x2):
             self.message_size = header.length + (self.message_size if header.opcode == 0 else 0)
-            if self.message_size > config.max_message:
-                raise MessageTooBig(f"message of more than {config.max_message} bytes")
+            if self.message_size > self.cfg.max_message:
+                raise MessageTooBig(f"message of more than {self.cfg.max_message} bytes")
         if not header.length:
             return header, b""
         try:
@@ -931,8 +1200,9 @@ class BoardSocket(_GeventWebSocket):
 
     def handle_close(self, header: Header, payload: bytes) -> None:
         self.finished = True
-        code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
-        self.end_reason = f"closed by client ({code})" if code else "closed by client"
+        if not self.closed:  # the client spoke first; when we did, our reason stands
+            code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+            self.ended(EndReason.CLIENT_CLOSED, f"closed by client ({code})" if code else "")
         super().handle_close(header, payload)
 
     def handle_pong(self, header: Header, payload: bytes) -> None:
@@ -949,7 +1219,6 @@ class BoardSocket(_GeventWebSocket):
         def on_close(*args: object) -> None:
             pass
 
-    # Answered here, not through self.handler, which is let go once the session starts.
     current_app = _NoApp()
     logger = log
 
@@ -964,26 +1233,42 @@ class BoardSocket(_GeventWebSocket):
         try:
             message = self.read_message()
             self.pong_due = 0.0  # any message shows the peer is alive
+            if message is not None and self.over_rate():
+                self.end(EndReason.RATE_LIMITED, CloseCode.POLICY, "too many messages")
+                return self.receive()  # read on until the peer answers our close
             return message
         except MessageTooBig:
-            self.end("message too big", CLOSE_MESSAGE_TOO_BIG)
+            self.end(EndReason.MESSAGE_TOO_BIG, CloseCode.MESSAGE_TOO_BIG, "message too big")
         except TimeoutError:
-            self.end("idle timeout", CLOSE_NORMAL)
+            self.end(EndReason.IDLE_TIMEOUT, CloseCode.NORMAL, "idle timeout")
         except UnicodeError:
-            self.end("invalid UTF-8", 1007)
+            self.end(EndReason.INVALID_UTF8, CloseCode.INVALID_DATA, "invalid UTF-8")
         except ProtocolError:
-            self.end("protocol error", 1002)
+            self.end(EndReason.PROTOCOL_ERROR, CloseCode.PROTOCOL_ERROR, "protocol error")
         except (OSError, WebSocketError):
             self.closed = True
         self.finished = True
         return None
 
-    def end(self, reason: str, code: int, told: str = "") -> None:
-        """Close with code, telling the peer told (or reason); the log and watchers get reason."""
-        self.close(code, told or reason)
-        self.end_reason = reason
+    def over_rate(self) -> bool:
+        """Count a message into its one-second window; True once the window is over the limit."""
+        limit = self.cfg.max_client_rate
+        if not limit or self.closed:
+            return False
+        now = time.monotonic()
+        if now - self.rate_start >= 1.0:
+            self.rate_start, self.rate_count = now, 0
+        self.rate_count += 1
+        return self.rate_count > limit
 
-    def close(self, code: int | None = CLOSE_NORMAL, message: object = b"") -> None:
+    def end(self, reason: EndReason, code: int, told: str = "", detail: str = "") -> None:
+        """Close with code, telling the peer told; the log and watchers get reason (and detail)."""
+        if self.closed:
+            return
+        self.ended(reason, detail)
+        self.close(code, told or reason.value)
+
+    def close(self, code: int | None = CloseCode.NORMAL, message: object = b"") -> None:
         """Send a close frame with its code and reason (stock 0.10.1 drops the code)."""
         if self.closed:
             return
@@ -994,7 +1279,7 @@ class BoardSocket(_GeventWebSocket):
         finally:
             self.closed = True
             if not self.finished:  # we spoke first: the peer gets close_timeout to answer
-                gevent.spawn_later(config.close_timeout, self._close_timed_out)
+                gevent.spawn_later(self.cfg.close_timeout, self._close_timed_out)
 
     def _close_timed_out(self) -> None:
         if not self.finished:
@@ -1002,14 +1287,84 @@ class BoardSocket(_GeventWebSocket):
 
 
 class WebSocketHandler(_GeventWebSocketHandler):
-    """Upgrades /websocket after checking the request, then runs one socket's session.
+    """Checks each request's head against its deadline and its address's share, upgrades
+    /websocket after checking the request, and hands the socket to the board's session.
 
     Everything else goes to the Bottle app. Refusals get a real status before any 101.
     """
 
+    head_ip = ""  # the address whose pending head this request counts against, while it does
+    head_deadline: gevent.Timeout | None = None
+
+    @property
+    def board(self) -> "Board":
+        return board_of(self.server.application)
+
     def handle(self) -> None:
-        self.socket.settimeout(config.handshake_timeout)  # a silent client must not hold a greenlet
-        super().handle()
+        board = self.board
+        address = self.client_address
+        ip = address[0] if isinstance(address, tuple) and address else ""
+        if not board.begin_head(ip):
+            refusal = Refusal(
+                503,
+                f"Too many requests in progress from this address "
+                f"(limit {board.cfg.max_handshakes_per_ip})",
+                "handshakes",
+            )
+            board.refused(refusal.kind, "request from %s: %s", format_peer(address), refusal.reason)
+            try:
+                self.socket.sendall(http_response(refusal.status, refusal.reason))
+            except OSError:
+                pass
+            self.socket.close()
+            return
+        self.head_ip = ip
+        self.socket.settimeout(board.cfg.handshake_timeout)  # a silent client holds nothing
+        try:
+            super().handle()
+        finally:
+            self.end_head()
+
+    def read_requestline(self) -> str:
+        # The whole head (request line and headers) must arrive within handshake_timeout:
+        # one byte every few seconds would otherwise hold a connection forever.
+        self.cancel_deadline()
+        self.head_deadline = gevent.Timeout.start_new(
+            self.board.cfg.handshake_timeout, TimeoutError("request head not received in time")
+        )
+        return super().read_requestline()
+
+    def read_request(self, raw_requestline: str) -> object:
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            self.end_head()
+
+    def end_head(self) -> None:
+        self.cancel_deadline()
+        if self.head_ip:
+            self.board.end_head(self.head_ip)
+            self.head_ip = ""
+
+    def cancel_deadline(self) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+    def _handle_client_error(self, ex: Exception) -> tuple:
+        """A malformed or too slow request head: one log line, never a traceback."""
+        if isinstance(ex, TimeoutError):
+            refusal = Refusal(408, "Request head not received in time", "http")
+        elif "header" in str(ex).lower() and "more than" in str(ex).lower():
+            refusal = Refusal(431, "Too many header fields", "http")
+        else:
+            refusal = Refusal(
+                400, f"Malformed request: {str(ex)[:100] or type(ex).__name__}", "http"
+            )
+        self.board.refused(
+            refusal.kind, "request from %s: %s", format_peer(self.client_address), refusal.reason
+        )
+        return (str(refusal.status), http_response(refusal.status, refusal.reason))
 
     def run_application(self) -> None:
         environ = self.environ
@@ -1018,23 +1373,46 @@ class WebSocketHandler(_GeventWebSocketHandler):
             or environ.get("HTTP_UPGRADE", "").lower() != "websocket"
         ):
             return WSGIHandler.run_application(self)
-        refusal = handshake_refusal(environ, self.request_version) or access_refusal(
-            environ, query_ids(environ)[0], client_ip(environ, config.trusted_proxies), time.time()
+        board = self.board
+        hs = parse_handshake(
+            environ, self.request_version, self.client_address, board.cfg.trusted_proxies
         )
-        if refusal:
-            return self.refuse(refusal)
-        self.websocket = BoardSocket(environ, Stream(self), self)
-        environ["wsgi.websocket"] = self.websocket  # start_response frames the 101 by it
-        headers = [
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Accept", websocket_accept(environ["HTTP_SEC_WEBSOCKET_KEY"].strip())),
-        ]
-        if speaks_v1(environ):
-            headers.append(("Sec-WebSocket-Protocol", SUBPROTOCOL))
-        self.start_response("101 Switching Protocols", headers)
-        self.write(b"")
-        self.run_websocket()
+        if not isinstance(hs, Refusal):
+            refusal = access_refusal(hs, board.cfg, time.time()) or board.hub.admit(hs)
+        if isinstance(hs, Refusal) or refusal:
+            return self.refuse(hs if isinstance(hs, Refusal) else refusal)
+        self.upgrade(board, hs)
+
+    def upgrade(self, board: "Board", hs: Handshake) -> None:
+        """Register the socket, then write its 101: a SEND the moment the client has its 101
+        must find it. The session goes on in a fresh, shallow greenlet."""
+        leftover = buffered_leftover(self.rfile, self.socket)
+        # gevent closes the handler's socket object when the handler returns, so the session
+        # takes the descriptor into a socket object of its own.
+        sock = gevent.socket.socket(fileno=self.socket.detach())
+        sock.settimeout(board.cfg.idle_timeout or None)  # writes have their own timeout
+        ws = BoardSocket(sock, SocketReader(sock, leftover), board.cfg)
+        conn = Connection(
+            hs.client_id,
+            board.new_conn_id(),
+            hs.peer,
+            hs.ip,
+            ws,
+            FRAMINGS[hs.subprotocol],
+            hs.origin or "",
+        )
+        replay = board.hub.attach(conn, hs)  # admitted above, with nothing yielding since
+        try:
+            ws.open([upgrade_response(hs.key, hs.subprotocol), *replay])
+        except WebSocketError as exc:  # a replay too big for its queue: it closes, and goes
+            log.warning("replay to %s %s cut short: %s", conn.client_id, conn.peer, exc)
+        self.status = "101 Switching Protocols"
+        self.close_connection = True  # this connection serves no more HTTP requests
+        # The handshake's state is dead weight for the socket's whole life (~10 KB with the
+        # buffered reader): let all of it go.
+        self.environ = self.headers = self.rfile = self.wsgi_input.rfile = None
+        self.socket = None
+        gevent.spawn_raw(board.run_session, conn, sock)
 
     def log_request(self) -> None:
         status = self.status.decode() if isinstance(self.status, bytes) else str(self.status)
@@ -1042,50 +1420,19 @@ class WebSocketHandler(_GeventWebSocketHandler):
             access_log.info(redact(self.format_request()))
 
     def refuse(self, refusal: Refusal) -> None:
-        refused(
-            refusal.kind, "websocket from %s: %s", format_peer(self.client_address), refusal.reason
+        self.board.refused(
+            refusal.kind,
+            "websocket from %s: %s",
+            format_peer(self.client_address),
+            refusal.reason,
         )
         body = (refusal.reason + "\n").encode("utf-8")
         self.start_response(
-            refusal.status,
+            f"{refusal.status} {HTTP_STATUS.get(refusal.status, 'Error')}",
             [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
         )
         self.result = [body]
         self.process_result()
-
-    def run_websocket(self) -> None:
-        environ = self.environ
-        query = parse_qs(environ.get("QUERY_STRING", ""))
-        conn = Connection(
-            query_ids(environ)[0],
-            self.client_address,
-            client_ip(environ, config.trusted_proxies),
-            self.websocket,
-            origin=environ.get("HTTP_ORIGIN", ""),
-            v1=speaks_v1(environ),
-        )
-        epoch, last = resume_point(query.get("epoch", [""])[0], query.get("last", [""])[0])
-        del environ, query
-        # The handshake's state is dead weight for the socket's whole life: its environ and
-        # headers (~2 KB) and its buffered reader (8 KiB); frames are read from the socket.
-        ws = self.websocket
-        leftover = buffered_leftover(self.rfile, self.socket)
-        # The session goes on in a fresh, shallow greenlet: this one's deep stack (pywsgi's
-        # request handling) would otherwise be kept, some KB of it, for the socket's whole life.
-        # gevent closes the handler's socket object when the handler returns, so the session
-        # takes the descriptor into a socket object of its own.
-        sock = gevent.socket.socket(fileno=self.socket.detach())
-        sock.settimeout(config.idle_timeout or None)  # writes have their own timeout
-        reader = SocketReader(sock, leftover)
-        ws.sock, ws.stream, ws.raw_read = sock, reader, reader.read
-        ws.environ = self.environ = self.headers = self.rfile = self.wsgi_input.rfile = None
-        self.socket = self.websocket = ws.handler = None  # ~1.6 KB a socket: nothing needs it now
-        gevent.spawn_raw(run_session, conn, sock, epoch, last)
-
-
-###############################################################################
-# Connection registry and delivery ############################################
-###############################################################################
 
 
 def redact(line: str) -> str:
@@ -1093,39 +1440,51 @@ def redact(line: str) -> str:
     return re.sub(r"(token=)[^&\s]*", r"\1***", line)
 
 
-def format_peer(address: object) -> str:
-    """host:port for a TCP peer ([host]:port for IPv6), '-' where there is none."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return "-"
+###############################################################################
+# Connections and delivery ####################################################
+###############################################################################
 
 
 class Connection:
-    """One open WebSocket: who it is, where it comes from, and the socket itself."""
+    """One open WebSocket: who it is, where it comes from, how it is framed, the socket."""
 
-    __slots__ = ("client_id", "peer", "ip", "origin", "v1", "ws", "connected_at")
+    __slots__ = (
+        "client_id",
+        "conn_id",
+        "peer",
+        "ip",
+        "ws",
+        "framing",
+        "origin",
+        "connected_at",
+        "channels",
+        "meta",
+    )
 
     def __init__(
         self,
         client_id: str,
-        peer: object,
+        conn_id: str,
+        peer: str,
         ip: str,
-        ws: BoardSocket,
+        ws: "BoardSocket",
+        framing: "Framing",
         origin: str = "",
-        v1: bool = False,
     ) -> None:
         self.client_id = client_id
-        self.peer = format_peer(peer)
+        self.conn_id = conn_id  # unique across processes and restarts: "<digits>.<digits>"
+        self.peer = peer
         self.ip = ip
-        self.origin = origin
-        self.v1 = v1  # speaks the wsboard.v1 subprotocol: frames carry {"seq", "data"}
         self.ws = ws
+        self.framing = framing
+        self.origin = origin
         self.connected_at = time.time()
+        self.channels: set | None = None  # the channels it is in, once it joins any
+        self.meta: dict | None = None  # what the backend attached to it
 
 
 class Registry:
-    """The open sockets by client id: the index listing and delivery go through."""
+    """This process's sockets by client id, with the counts the limits ask for."""
 
     def __init__(self) -> None:
         self._by_id: dict[str, dict[Connection, None]] = {}
@@ -1150,28 +1509,156 @@ class Registry:
             del self._per_ip[conn.ip]
 
     def count_for_id(self, client_id: str) -> int:
+        """Sockets of client_id, closing ones included: they still hold resources."""
         return len(self._by_id.get(client_id, ()))
 
     def count_for_ip(self, ip: str) -> int:
         return self._per_ip.get(ip, 0)
 
     def sockets_of(self, client_id: str) -> list:
-        return list(self._by_id.get(client_id, ()))
+        """The sockets of client_id that can still take a message."""
+        return [c for c in self._by_id.get(client_id, ()) if not c.ws.closed]
+
+    def open_connections(self) -> list:
+        """Every socket that can still take a message: what LIST shows and SEND reaches."""
+        return [c for sockets in self._by_id.values() for c in sockets if not c.ws.closed]
 
     def __iter__(self) -> Iterator[Connection]:
+        """Every registered socket, closing ones included (heartbeat, drain)."""
         return iter([conn for sockets in self._by_id.values() for conn in sockets])
 
     def __len__(self) -> int:
         return self._count
 
 
-registry = Registry()
+# Framings: what a message looks like on one kind of socket, and what such a socket gets
+# before its first message. A subprotocol is one Framing, found by its name.
+
+
+class Framing:
+    """The seed's form: each message is one text frame holding exactly its text."""
+
+    name = ""
+
+    def message(self, text: str, seq: int | None) -> bytes:
+        return text_frame(text)
+
+    def opening(self, inbox: "Inbox | None", client_id: str, hs: Handshake, now: float) -> list:
+        """Frames the socket gets right after its 101: what was queued while the id had no
+        socket, delivered once, to the first socket that comes."""
+        if inbox is None:
+            return []
+        return [text_frame(text) for text in inbox.take_undelivered(client_id, now)]
+
+
+class V1Framing(Framing):
+    """wsboard.v1: {"seq", "data"} frames, a hello first, and resume from the inbox."""
+
+    name = SUBPROTOCOL
+
+    def message(self, text: str, seq: int | None) -> bytes:
+        return text_frame(json.dumps({"seq": seq, "data": text}, separators=(",", ":")))
+
+    def opening(self, inbox: "Inbox | None", client_id: str, hs: Handshake, now: float) -> list:
+        if inbox is None:
+            return [compact_frame({"hello": {"inbox": False, "epoch": None, "seq": None}})]
+        box, missed, gap = inbox.missed(client_id, hs.epoch, hs.last, now)
+        frames = [
+            compact_frame({"hello": {"inbox": True, "epoch": box.epoch, "seq": box.last_seq}})
+        ]
+        if gap:
+            frames.append(
+                compact_frame({"gap": {"after": hs.last if hs.epoch == box.epoch else 0}})
+            )
+        frames.extend(self.message(text, seq) for seq, text in missed)
+        return frames
+
+
+def compact_frame(value: object) -> bytes:
+    return text_frame(json.dumps(value, separators=(",", ":")))
+
+
+FRAMINGS = {"": Framing(), SUBPROTOCOL: V1Framing()}
+
+
+class Batch:
+    """Frames held for sockets while one control connection's lines are answered, then let
+    out together: one send() per socket instead of one per message. Each control connection
+    owns one; routes and heartbeats pass none and write at once."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held: dict = {}  # BoardSocket -> [frames]
+
+    def hold(self, ws: "BoardSocket", frame: bytes) -> None:
+        frames = self.held.get(ws)
+        if frames is None:
+            self.held[ws] = [frame]
+        else:
+            frames.append(frame)
+
+    def release(self) -> None:
+        held, self.held = self.held, {}
+        for ws, frames in held.items():
+            if ws.closed:
+                continue
+            try:
+                ws.write_frames(frames)
+            except WebSocketError as exc:
+                log.warning("dropped a socket while writing held frames: %s", exc)
+
+
+YIELD_EVERY = 1024  # sockets written between turns for everyone else
+
+
+def deliver(
+    conns: Sequence[Connection],
+    text: str,
+    seq: int | None,
+    batch: Batch | None = None,
+    hold: bool = True,
+) -> int:
+    """Write one message to conns, encoded once per framing; return how many took it.
+
+    With a batch, frames are held (hold) or, for a broadcast, held only behind frames
+    already held for that socket, so one connection's messages keep their order.
+    """
+    encoded: dict = {}
+    delivered = 0
+    for n, conn in enumerate(conns):
+        ws = conn.ws
+        if ws.closed:  # closing: reported once when it was cut, skipped after
+            continue
+        frame = encoded.get(conn.framing)
+        if frame is None:
+            frame = encoded[conn.framing] = conn.framing.message(text, seq)
+        try:
+            if batch is not None and (hold or ws in batch.held):
+                batch.hold(ws, frame)
+            else:
+                ws.send_frame_bytes(frame)
+            delivered += 1
+        except QueueFull:
+            log.warning("dropped %s %s: send queue full", conn.client_id, conn.peer)
+        except WebSocketError as exc:
+            ws.ended(EndReason.CONNECTION_LOST, str(exc))
+            ws.abort()
+            log.warning("dropped %s %s: %s", conn.client_id, conn.peer, exc)
+        if n % YIELD_EVERY == YIELD_EVERY - 1:
+            gevent.sleep(0)  # a fan-out to many sockets lets the others run meanwhile
+    return delivered
+
+
+###############################################################################
+# Inbox and idempotency keys ##################################################
+###############################################################################
 
 
 class Box:
     """One id's inbox: its recent messages as (seq, text, time), and its epoch."""
 
-    __slots__ = ("epoch", "next_seq", "items", "bytes", "touched")
+    __slots__ = ("epoch", "next_seq", "items", "bytes", "touched", "undelivered")
 
     def __init__(self, now: float) -> None:
         self.epoch = secrets.token_hex(4)  # a new box numbers from 1 again: the epoch tells
@@ -1179,6 +1666,7 @@ class Box:
         self.items: collections.deque = collections.deque()
         self.bytes = 0
         self.touched = now
+        self.undelivered = 0  # seq of the first message kept while the id had no socket
 
     @property
     def last_seq(self) -> int:
@@ -1188,39 +1676,71 @@ class Box:
 class Inbox:
     """Recent messages per id, numbered, so a client that reconnects can catch up.
 
-    Bounded by messages and bytes per id, by age, and by how many ids it keeps (the least
-    recently used id's box goes first).
+    Bounded by messages and bytes per id, by age, by how many ids it keeps and by the bytes
+    of all of them together (the least recently used id's box goes first).
     """
 
-    def __init__(self, size: int, max_bytes: int, ttl: float, max_ids: int) -> None:
+    def __init__(
+        self, size: int, max_bytes: int, ttl: float, max_ids: int, total_bytes: int = 1 << 62
+    ) -> None:
         self.size, self.max_bytes, self.ttl, self.max_ids = size, max_bytes, ttl, max_ids
+        self.total_limit = total_bytes
+        self.total_bytes = 0
         self._boxes: collections.OrderedDict[str, Box] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._boxes)
 
     def box(self, client_id: str, now: float) -> Box:
         box = self._boxes.get(client_id)
         if box is None:
             box = self._boxes[client_id] = Box(now)
             while len(self._boxes) > self.max_ids:
-                self._boxes.popitem(last=False)
+                self._drop_oldest()
         else:
             self._boxes.move_to_end(client_id)
         box.touched = now
         return box
 
-    def add(self, client_id: str, text: str, now: float) -> int:
-        """Keep text for client_id; return its sequence number."""
+    def _drop_oldest(self) -> None:
+        _, box = self._boxes.popitem(last=False)
+        self.total_bytes -= box.bytes
+
+    def _pop(self, box: Box) -> None:
+        removed = len(box.items.popleft()[1])
+        box.bytes -= removed
+        self.total_bytes -= removed
+
+    def add(self, client_id: str, text: str, now: float, offline: bool = False) -> int:
+        """Keep text for client_id; return its sequence number. offline: no socket took it."""
         box = self.box(client_id, now)
         seq = box.next_seq
         box.next_seq += 1
         box.items.append((seq, text, now))
         box.bytes += len(text)
+        self.total_bytes += len(text)
+        if offline and not box.undelivered:
+            box.undelivered = seq
         while box.items and (len(box.items) > self.size or box.bytes > self.max_bytes):
-            box.bytes -= len(box.items.popleft()[1])
+            self._pop(box)
+        while self.total_bytes > self.total_limit and len(self._boxes) > 1:
+            self._drop_oldest()
+        while self.total_bytes > self.total_limit and box.items:
+            self._pop(box)
         return seq
+
+    def take_undelivered(self, client_id: str, now: float) -> list:
+        """The texts kept while client_id had no socket, once: the next call gets none."""
+        box = self._boxes.get(client_id)
+        if box is None or not box.undelivered:
+            return []
+        first, box.undelivered = box.undelivered, 0
+        return [text for seq, text, _ in box.items if seq >= first]
 
     def missed(self, client_id: str, epoch: str, last: int, now: float) -> tuple:
         """(box, [(seq, text)] after last, gap): gap when some of what followed is gone."""
         box = self.box(client_id, now)
+        box.undelivered = 0  # a resuming client gets them now, by number
         first_kept = box.items[0][0] if box.items else box.next_seq
         if epoch and epoch != box.epoch:  # numbered by another box or server: all is new
             return box, [(seq, text) for seq, text, _ in box.items], True
@@ -1228,39 +1748,13 @@ class Inbox:
             last = 0
         return box, [(seq, text) for seq, text, _ in box.items if seq > last], last + 1 < first_kept
 
-    def expire(self, now: float) -> None:
+    def expire(self, now: float, connected: Callable[[str], bool]) -> None:
         for client_id in list(self._boxes):
             box = self._boxes[client_id]
             while box.items and now - box.items[0][2] > self.ttl:
-                box.bytes -= len(box.items.popleft()[1])
-            if (
-                not box.items
-                and now - box.touched > self.ttl
-                and not registry.count_for_id(client_id)
-            ):
+                self._pop(box)
+            if not box.items and now - box.touched > self.ttl and not connected(client_id):
                 del self._boxes[client_id]
-
-
-class IdempotencyKeys:
-    """The answers to sends that carried a key, so a retry within the window sends nothing twice."""
-
-    def __init__(self, window: float, max_keys: int = 100_000) -> None:
-        self.window, self.max_keys = window, max_keys
-        self._answers: collections.OrderedDict[str, tuple] = collections.OrderedDict()
-
-    def get(self, key: str, now: float) -> dict | None:
-        self.expire(now)
-        found = self._answers.get(key)
-        return found[1] if found else None
-
-    def put(self, key: str, answer: dict, now: float) -> None:
-        self._answers[key] = (now, answer)
-        while len(self._answers) > self.max_keys:
-            self._answers.popitem(last=False)
-
-    def expire(self, now: float) -> None:
-        while self._answers and now - next(iter(self._answers.values()))[0] > self.window:
-            self._answers.popitem(last=False)
 
 
 class SendResult(NamedTuple):
@@ -1268,279 +1762,228 @@ class SendResult(NamedTuple):
     queued: int  # ids with no open socket whose inbox keeps it for later
     seq: dict  # id -> sequence number, when the inbox is on
     missing: list  # ids that got nothing
+    duplicate: bool = False  # a retry of a keyed send: nothing was sent again
+
+
+class IdempotencyKeys:
+    """The results of sends that carried a key, so a retry within the window sends nothing
+    twice. Results, not answers: each retry is answered with its own ref."""
+
+    def __init__(self, window: float, max_keys: int = 100_000) -> None:
+        self.window, self.max_keys = window, max_keys
+        self._results: collections.OrderedDict[str, tuple] = collections.OrderedDict()
+
+    def get(self, key: str, now: float) -> SendResult | None:
+        self.expire(now)
+        found = self._results.get(key)
+        return found[1] if found else None
+
+    def put(self, key: str, result: SendResult, now: float) -> None:
+        self._results[key] = (now, result)
+        while len(self._results) > self.max_keys:
+            self._results.popitem(last=False)
+
+    def expire(self, now: float) -> None:
+        while self._results and now - next(iter(self._results.values()))[0] > self.window:
+            self._results.popitem(last=False)
+
+
+###############################################################################
+# Hubs ########################################################################
+###############################################################################
+# A hub is the only way to the sockets: the control protocol, the routes, the limits, the
+# heartbeat and the drain call these methods and nothing else. LocalHub holds this
+# process's sockets; a distributed hub implements the same methods (and the contract
+# tests in tests/test_hub.py) and is added to HUBS.
+
+
+class ClientRow(NamedTuple):
+    """One socket as listings show it, wherever it is held."""
+
+    client_id: str
+    conn_id: str
+    peer: str
+    since: float
+    origin: str
+    protocol: str
+    queued_bytes: int
 
 
 class LocalHub:
-    """Where messages go: the open sockets, the inbox and the idempotency keys, in memory.
+    """The sockets of this process, their inbox and the idempotency keys, in memory."""
 
-    The control protocol and the routes talk to this interface only; a Redis backplane will
-    implement the same methods to span several processes.
-    """
-
-    def __init__(self) -> None:
-        self.inbox: Inbox | None = None
-        self.keys = IdempotencyKeys(300)
-
-    def configure(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.registry = Registry()
         self.inbox = (
-            Inbox(cfg.inbox, cfg.inbox_bytes, cfg.inbox_ttl, cfg.inbox_ids) if cfg.inbox else None
+            Inbox(cfg.inbox, cfg.inbox_bytes, cfg.inbox_ttl, cfg.inbox_ids, cfg.inbox_total_bytes)
+            if cfg.inbox
+            else None
         )
         self.keys = IdempotencyKeys(cfg.idempotency_window)
 
-    def send(self, ids: Iterable[str], text: str, keep_offline: bool) -> SendResult:
-        """Send text to every socket of each id; keep it in the inbox when that is on."""
-        plain = text_frame(text)
+    # Sockets coming and going: admit and attach are called back to back, nothing yielding
+    # between them, so no limit can be passed by handshakes in flight.
+
+    def admit(self, hs: Handshake) -> Refusal | None:
+        """Why one more socket for this handshake would pass a connection limit, or None."""
+        cfg, registry = self.cfg, self.registry
+        if len(registry) >= cfg.max_connections:
+            reason = f"Too many connections (limit {cfg.max_connections})"
+        elif registry.count_for_ip(hs.ip) >= cfg.max_connections_per_ip:
+            reason = f"Too many connections from this address (limit {cfg.max_connections_per_ip})"
+        elif registry.count_for_id(hs.client_id) >= cfg.max_sockets_per_id:
+            reason = f"Too many sockets for this id (limit {cfg.max_sockets_per_id})"
+        else:
+            return None
+        return Refusal(503, reason, "limit")
+
+    def attach(self, conn: Connection, hs: Handshake) -> list:
+        """Register conn; return the frames it gets before any message (its framing says)."""
+        self.registry.add(conn)
+        return conn.framing.opening(self.inbox, conn.client_id, hs, time.time())
+
+    def detach(self, conn: Connection) -> None:
+        self.registry.remove(conn)
+
+    # Delivery.
+
+    def send(
+        self,
+        ids: Iterable[str],
+        text: str,
+        keep_offline: bool,
+        key: str | None = None,
+        batch: Batch | None = None,
+    ) -> SendResult:
+        """Send text to every socket of each id, keeping it in the inbox when that is on.
+        With a key, a retry within the window is answered from the first send, in one step."""
         now = time.time()
+        if key is not None and (earlier := self.keys.get(key, now)) is not None:
+            return earlier._replace(duplicate=True)
         sockets, queued, seqs, missing = 0, 0, {}, []
         for client_id in dict.fromkeys(ids):
-            conns = registry.sockets_of(client_id)
+            conns = self.registry.sockets_of(client_id)
             seq = None
             if self.inbox is not None and (conns or keep_offline):
-                seq = seqs[client_id] = self.inbox.add(client_id, text, now)
-            delivered = deliver(conns, plain, text, seq)
+                seq = seqs[client_id] = self.inbox.add(client_id, text, now, offline=not conns)
+            delivered = deliver(conns, text, seq, batch) if conns else 0
             sockets += delivered
             if not delivered:
                 if seq is None:
                     missing.append(client_id)
                 else:
                     queued += 1
-        return SendResult(sockets, queued, seqs, missing)
+        result = SendResult(sockets, queued, seqs, missing)
+        if key is not None and (sockets or queued):  # a failed send may be tried again
+            self.keys.put(key, result, now)
+        return result
 
-    def broadcast(self, text: str) -> int:
+    def broadcast(self, text: str, batch: Batch | None = None) -> int:
         """Send text to every open socket (not kept in any inbox); return how many took it."""
-        cork.passing = True  # sockets with frames held still get this one behind them
-        try:
-            return deliver(list(registry), text_frame(text), text, None)
-        finally:
-            cork.passing = False
+        return deliver(self.registry.open_connections(), text, None, batch, hold=False)
 
     def kick(self, client_id: str, code: int, reason: str) -> int:
-        conns = registry.sockets_of(client_id)
+        conns = self.registry.sockets_of(client_id)
         for conn in conns:
-            conn.ws.end(f"kicked ({code} {reason})", code, reason)
+            conn.ws.end(EndReason.KICKED, code, reason, f"kicked ({code} {reason})")
         return len(conns)
 
-    def attach(self, conn: Connection, epoch: str, last: int) -> bool:
-        """Register conn; a v1 socket first gets a hello, a gap if any, and what it missed."""
-        refusal = limit_refusal(conn.client_id, conn.ip)
-        if refusal:  # others registered while our 101 was being written
-            refused(refusal.kind, "websocket %s %s: %s", conn.client_id, conn.peer, refusal.reason)
-            conn.ws.close(CLOSE_TRY_AGAIN_LATER, "too many connections")
-            return False
-        registry.add(conn)
-        if conn.v1:
-            frames = []
-            if self.inbox is None:
-                frames.append({"hello": {"inbox": False, "epoch": None, "seq": None}})
-            else:
-                box, missed, gap = self.inbox.missed(conn.client_id, epoch, last, time.time())
-                frames.append({"hello": {"inbox": True, "epoch": box.epoch, "seq": box.last_seq}})
-                if gap:
-                    frames.append({"gap": {"after": last if epoch == box.epoch else 0}})
-                frames.extend({"seq": seq, "data": text} for seq, text in missed)
-            try:
-                for frame in frames:
-                    conn.ws.send_frame_bytes(text_frame(json.dumps(frame, separators=(",", ":"))))
-            except WebSocketError as exc:  # a replay too big for its queue: it closes, and goes
-                log.warning("replay to %s %s cut short: %s", conn.client_id, conn.peer, exc)
-        return True
+    # What there is.
 
-    def detach(self, conn: Connection) -> None:
-        registry.remove(conn)
-
-    def expire(self, now: float) -> None:
-        if self.inbox is not None:
-            self.inbox.expire(now)
-        self.keys.expire(now)
-
-
-hub = LocalHub()
-
-
-def deliver(conns: Iterable[Connection], plain: bytes, text: str, seq: int | None) -> int:
-    """Write one message to conns, each frame encoded once; return how many took it."""
-    v1 = None
-    delivered = 0
-    for conn in conns:
-        if conn.v1 and v1 is None:
-            v1 = text_frame(json.dumps({"seq": seq, "data": text}, separators=(",", ":")))
-        try:
-            conn.ws.send_frame_bytes(v1 if conn.v1 else plain)
-            delivered += 1
-        except WebSocketError as exc:
-            log.warning("dropped %s %s: %s", conn.client_id, conn.peer, exc)
-    return delivered
-
-
-def serve_websocket(conn: Connection, epoch: str = "", last: int = 0) -> None:
-    """A socket's life: registered while open; what it sends goes to the watchers."""
-    ws = conn.ws
-    if not hub.attach(conn, epoch, last):
-        return
-    log.info("connect %s %s (%d open)", conn.client_id, conn.peer, len(registry))
-    emit("connect", id=conn.client_id, peer=conn.peer, origin=conn.origin)
-    try:
-        while (message := ws.receive()) is not None:
-            if watchers or webhook is not None:
-                if isinstance(message, str):
-                    emit("message", id=conn.client_id, data=message)
-                else:
-                    emit("message", id=conn.client_id, binary=base64.b64encode(message).decode())
-    finally:
-        hub.detach(conn)
-        ws.close()
-        log.info(
-            "disconnect %s %s after %.1fs: %s",
-            conn.client_id,
-            conn.peer,
-            time.time() - conn.connected_at,
-            ws.end_reason,
-        )
-        emit("disconnect", id=conn.client_id, peer=conn.peer, reason=ws.end_reason)
-
-
-def run_session(conn: Connection, sock: socket.socket, epoch: str, last: int) -> None:
-    """A socket's session in its own greenlet; it closes the socket when the session ends."""
-    try:
-        serve_websocket(conn, epoch, last)
-    except Exception:  # a bug must cost one socket, never the server
-        log.exception("session of %s %s failed", conn.client_id, conn.peer)
-        hub.detach(conn)
-    finally:
-        close_gracefully(sock)
-
-
-def close_gracefully(sock: socket.socket) -> None:
-    """FIN first, then read out what the peer still sends: closing a socket with unread bytes
-    makes the kernel send a RST, which can destroy the close frame we just wrote."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        with gevent.Timeout(config.close_timeout, False):
-            while sock.recv(65536):
-                pass
-    except OSError:
-        pass
-    finally:
-        sock.close()
-
-
-class GCWatch:
-    """Times the collector's full (generation 2) passes: the pauses every socket feels."""
-
-    def __init__(self) -> None:
-        self.full = 0
-        self.last_ms = self.max_ms = 0.0
-        self.started = 0.0
-
-    def __call__(self, phase: str, info: dict) -> None:
-        if info["generation"] != 2:
-            return
-        if phase == "start":
-            self.started = time.perf_counter()
-        else:
-            self.full += 1
-            self.last_ms = (time.perf_counter() - self.started) * 1000
-            self.max_ms = max(self.max_ms, self.last_ms)
+    def clients(self) -> list:
+        return [
+            ClientRow(
+                c.client_id,
+                c.conn_id,
+                c.peer,
+                c.connected_at,
+                c.origin,
+                c.framing.name,
+                c.ws.queued_bytes,
+            )
+            for c in self.registry.open_connections()
+        ]
 
     def stats(self) -> dict:
         return {
-            "full": self.full,
-            "last_ms": round(self.last_ms, 2),
-            "max_ms": round(self.max_ms, 2),
+            "sockets": len(self.registry.open_connections()),
+            "inbox_ids": len(self.inbox) if self.inbox is not None else 0,
+            "inbox_bytes": self.inbox.total_bytes if self.inbox is not None else 0,
         }
 
+    # This process's own sockets, for the heartbeat, the drain and the limits.
 
-gc_watch = GCWatch()
+    def local_connections(self) -> list:
+        return list(self.registry)
 
+    def local_count(self) -> int:
+        return len(self.registry)
 
-def settle_gc(every: float = 5.0) -> None:
-    """After a burst of connections settles, collect once and freeze what is left, so the
-    collector's full passes stop walking every idle socket's objects (107 ms at 10k sockets,
-    measured) and cannot land inside a broadcast. Collecting first keeps garbage out of the
-    frozen set; a population that moved by 1,000 or 10% is frozen anew."""
-    frozen_at = previous = 0
-    while True:
-        gevent.sleep(every)
-        count = len(registry)
-        if abs(count - frozen_at) >= max(1000, frozen_at // 10) and count == previous:
-            started = time.perf_counter()
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
-            log.info(
-                "froze %d objects after the sockets settled at %d (%.0f ms)",
-                gc.get_freeze_count(),
-                count,
-                (time.perf_counter() - started) * 1000,
-            )
-            frozen_at = count
-        previous = count
+    def expire(self, now: float) -> None:
+        if self.inbox is not None:
+            self.inbox.expire(now, self.registry.count_for_id)
+        self.keys.expire(now)
 
 
-def heartbeat_round(now: float) -> None:
-    """Ping every socket that owes no pong; drop those that let a ping go unanswered too long."""
-    for n, conn in enumerate(registry):
-        ws = conn.ws
-        if ws.pong_due and now - ws.pong_due >= config.ping_timeout:
-            ws.end_reason = "ping timeout"
-            ws.abort()
-        elif not ws.pong_due and not ws.closed:
-            ws.pong_due = now
-            try:
-                ws.send_frame_bytes(PING_FRAME)
-            except WebSocketError:
-                pass
-        if n % 512 == 511:
-            gevent.sleep(0)  # let others run during a long round
-
-
-def heartbeat() -> None:
-    """Forever: a heartbeat round every ping_interval, and old inbox entries and keys expired."""
-    while True:
-        gevent.sleep(config.ping_interval or 60)
-        if config.ping_interval:
-            heartbeat_round(time.monotonic())
-        hub.expire(time.time())
-
-
-SHUTDOWN_REASON = "server shutting down; reconnect"
-
-
-def drain(timeout: float, window: float) -> None:
-    """Close every WebSocket with 1001, spread over window seconds so that they do not all
-    reconnect at once; give them timeout seconds more to answer, then drop the rest."""
-    conns = list(registry)
-    batches = max(1, min(len(conns), 50))
-    for i, conn in enumerate(conns):
-        conn.ws.end("server shutdown", CLOSE_GOING_AWAY, SHUTDOWN_REASON)
-        if window and (i + 1) % max(1, len(conns) // batches) == 0 and i + 1 < len(conns):
-            gevent.sleep(window / batches)
-    deadline = time.monotonic() + timeout
-    while len(registry) and time.monotonic() < deadline:
-        gevent.sleep(0.05)
-    log.info("closed %d websockets; %d did not answer in time", len(conns), len(registry))
-    for conn in list(registry):
-        conn.ws.abort()
+HUBS: dict = {"local": LocalHub}
 
 
 ###############################################################################
-# Events: what happens, told to watchers and the webhook ######################
+# Events: what happens, told to the registered sinks ##########################
 ###############################################################################
+# A sink is any object with push(line, lifecycle) that never blocks: watchers on the
+# control socket and the webhook today. Messages from browsers may fill half of a sink's
+# queue; the rest is kept for connects and disconnects, so a flood cannot push them out.
 
-watchers: set = set()  # control connections that asked for {"op":"watch"}
-webhook: "Webhook | None" = None
+
+class Events:
+    """Builds each event once and hands it to every registered sink."""
+
+    def __init__(self) -> None:
+        self.sinks: list = []
+
+    def add(self, sink: object) -> None:
+        if sink not in self.sinks:
+            self.sinks.append(sink)
+
+    def remove(self, sink: object) -> None:
+        if sink in self.sinks:
+            self.sinks.remove(sink)
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.sinks)
+
+    def emit(self, kind: str, lifecycle: bool = True, **fields: object) -> None:
+        """Tell every sink that something happened; never waits for any."""
+        if not self.sinks:
+            return
+        event = {"event": kind, "time": round(time.time(), 3), **fields}
+        line = json.dumps(event, separators=(",", ":"))
+        for sink in list(self.sinks):
+            sink.push(line, lifecycle)
 
 
-def emit(kind: str, **fields: object) -> None:
-    """Tell watchers and the webhook that something happened; never waits for either."""
-    if not watchers and webhook is None:
-        return
-    event = {"event": kind, "time": round(time.time(), 3), **fields}
-    line = json.dumps(event, separators=(",", ":"))
-    for watcher in list(watchers):
-        watcher.push(line)
-    if webhook is not None:
-        webhook.push(line)
+class EventQueue:
+    """A sink's bounded queue: messages may take half of it, lifecycle events all of it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.queue: gevent.queue.Queue = gevent.queue.Queue(size)
+        self.dropped = 0
+
+    def offer(self, line: str, lifecycle: bool) -> bool:
+        """Queue line; False when it had to be dropped."""
+        if not lifecycle and self.queue.qsize() >= self.size // 2:
+            self.dropped += 1
+            return False
+        try:
+            self.queue.put_nowait(line)
+            return True
+        except gevent.queue.Full:
+            self.dropped += 1
+            return False
 
 
 class Webhook:
@@ -1551,21 +1994,21 @@ class Webhook:
 
     def __init__(self, url: str, secret: bytes, size: int) -> None:
         self.url, self.secret = url, secret
-        self.queue: gevent.queue.Queue = gevent.queue.Queue(size)
-        self.dropped = 0
+        self.events = EventQueue(size)
         self.greenlet = gevent.spawn(self.run)
+        self.warned = Throttle(10)
 
-    def push(self, line: str) -> None:
-        try:
-            self.queue.put_nowait(line)
-        except gevent.queue.Full:
-            self.dropped += 1
-            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
-                log.warning("webhook queue full: %d events dropped so far", self.dropped)
+    @property
+    def dropped(self) -> int:
+        return self.events.dropped
+
+    def push(self, line: str, lifecycle: bool) -> None:
+        if not self.events.offer(line, lifecycle) and self.warned():
+            log.warning("webhook queue full: %d events dropped so far", self.dropped)
 
     def run(self) -> None:
         while True:
-            self.post(self.queue.get().encode())
+            self.post(self.events.queue.get().encode())
 
     def post(self, body: bytes) -> bool:
         headers = {"Content-Type": "application/json", "User-Agent": f"wsboard/{__version__}"}
@@ -1585,11 +2028,27 @@ class Webhook:
         return False
 
 
+class Throttle:
+    """True at most once per period: for log lines that an attack could repeat."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.last = -float("inf")
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.period:
+            return False
+        self.last = now
+        return True
+
+
 ###############################################################################
 # Control line protocol #######################################################
 ###############################################################################
 # Lines end in \n (a \r before it is dropped). Every line gets exactly one answer, in
-# order: the seed's PHP client waits for one and would hang on silence.
+# order: the seed's PHP client waits for one and would hang on silence. Verbs are whole
+# words looked up in VERBS, so a verb never matches by prefix (KICKME is no KICK).
 
 
 class Command(NamedTuple):
@@ -1618,68 +2077,104 @@ def parse_text(raw: bytes) -> str | Command:
         return Command("error", ("Message is not valid UTF-8",))
 
 
+def parse_args(shape: str, rest: bytes) -> tuple | Command:
+    """The arguments after a verb, by the verb's shape: '', 'id', 'text' or 'id text'."""
+    if shape == "":
+        return () if not rest.strip(b" ") else Command("error", ("Unknown command",))
+    if shape == "id":
+        client_id = parse_client_id(rest.rstrip(b" "))
+        return client_id if isinstance(client_id, Command) else (client_id,)
+    if shape == "text":
+        text = parse_text(rest)
+        return text if isinstance(text, Command) else (text,)
+    raw_id, space, raw_text = rest.partition(b" ")
+    client_id = parse_client_id(raw_id)
+    if isinstance(client_id, Command):
+        return client_id
+    text = parse_text(raw_text if space else b"")
+    return text if isinstance(text, Command) else (client_id, text)
+
+
+class Verb(NamedTuple):
+    name: str  # the Command's verb
+    shape: str  # its arguments, for parse_args
+    usage: str  # as HELP shows it
+
+
+# fmt: off
+VERBS = {
+    b"LIST WEBSOCKETS": Verb("list", "", "LIST WEBSOCKETS"),
+    b"SEND MESSAGE": Verb("send", "id text", "SEND MESSAGE <id> <text>"),
+    b"BROADCAST": Verb("broadcast", "text", "BROADCAST <text>"),
+    b"KICK": Verb("kick", "id", "KICK <id>"),
+    b"PING": Verb("ping", "", "PING"),
+    b"HELP": Verb("help", "", "HELP"),
+}
+# fmt: on
+
+
 def parse_control_line(line: bytes) -> Command:
     """A control line (without its \\n) as a Command; refusals are Command('error', (text,))."""
     if line.endswith(b"\r"):
         line = line[:-1]
     if line.startswith(b"{"):
         return Command("json", (line,))
-    word = line.rstrip(b" ")
-    if word in SIMPLE_VERBS:
-        return Command(SIMPLE_VERBS[word])
-    if line.startswith(b"SEND MESSAGE "):
-        raw_id, space, raw_text = line[len(b"SEND MESSAGE ") :].partition(b" ")
-        client_id = parse_client_id(raw_id)
-        if isinstance(client_id, Command):
-            return client_id
-        text = parse_text(raw_text if space else b"")
-        return text if isinstance(text, Command) else Command("send", (client_id, text))
-    if line.startswith(b"BROADCAST"):
-        text = parse_text(line[len(b"BROADCAST ") :] if line.startswith(b"BROADCAST ") else b"")
-        return text if isinstance(text, Command) else Command("broadcast", (text,))
-    if line.startswith(b"KICK"):
-        client_id = parse_client_id(line[len(b"KICK ") :].rstrip(b" "))
-        return client_id if isinstance(client_id, Command) else Command("kick", (client_id,))
+    words = line.split(b" ", 2)
+    for count in (2, 1):  # the longer verb first: LIST WEBSOCKETS before a LIST
+        if len(words) < count:
+            continue
+        key = b" ".join(words[:count])
+        verb = VERBS.get(key)
+        if verb is not None:
+            args = parse_args(verb.shape, line[len(key) + 1 :])
+            return args if isinstance(args, Command) else Command(verb.name, args)
     return Command("error", ("Unknown command",))
 
 
-SIMPLE_VERBS = {b"LIST WEBSOCKETS": "list", b"PING": "ping", b"HELP": "help"}
+def help_line() -> str:
+    ops = ", ".join(sorted(JSON_OPS))
+    return (
+        "OK commands: "
+        + " | ".join(verb.usage for verb in VERBS.values())
+        + f" | a JSON object per line with op {ops}"
+    )
 
-HELP = (
-    "OK commands: LIST WEBSOCKETS | SEND MESSAGE <id> <text> | BROADCAST <text> | KICK <id> | "
-    "PING | HELP | a JSON object per line with op send, broadcast, list, kick, ping, stats, "
-    "watch, unwatch"
-)
+
+def cmd_list(ctx: "ControlConnection") -> list:
+    rows = [f"{row.client_id} {row.peer}" for row in ctx.board.hub.clients()]
+    return ["=== START ===", *rows, "=== END ==="]
 
 
-def seed_send(ctx: "ControlConnection", client_id: str, text: str) -> list:
-    result = hub.send([client_id], text, keep_offline=config.offline_ok)
+def cmd_send(ctx: "ControlConnection", client_id: str, text: str) -> list:
+    board = ctx.board
+    result = board.hub.send([client_id], text, board.cfg.offline_ok, batch=ctx.batch)
     return ["OK"] if result.sockets or result.queued else ["ERROR Client Not Found"]
 
 
-def kick(client_id: str, code: int = CLOSE_KICKED, reason: str = "kicked") -> int:
-    return hub.kick(client_id, code, reason)
+def cmd_kick(ctx: "ControlConnection", client_id: str) -> list:
+    count = ctx.board.hub.kick(client_id, CloseCode.KICKED, "kicked")
+    return [f"OK {count}"] if count else ["ERROR Client Not Found"]
 
 
 COMMANDS: dict = {
-    "list": lambda ctx: (
-        ["=== START ==="] + [f"{c.client_id} {c.peer}" for c in registry] + ["=== END ==="]
-    ),
-    "send": seed_send,
-    "broadcast": lambda ctx, text: [f"OK {hub.broadcast(text)}"],
-    "kick": lambda ctx, client_id: (
-        [f"OK {n}"] if (n := kick(client_id)) else ["ERROR Client Not Found"]
-    ),
+    "list": cmd_list,
+    "send": cmd_send,
+    "broadcast": lambda ctx, text: [f"OK {ctx.board.hub.broadcast(text, ctx.batch)}"],
+    "kick": cmd_kick,
     "ping": lambda ctx: ["PONG"],
-    "help": lambda ctx: [HELP],
+    "help": lambda ctx: [help_line()],
     "json": lambda ctx, line: [json.dumps(run_json(ctx, line), separators=(",", ":"))],
     "error": lambda ctx, message: ["ERROR " + message],
 }
 
 
-def run_command(command: Command, ctx: "ControlConnection | None" = None) -> list:
-    """The answer lines for one command."""
-    return COMMANDS[command.verb](ctx, *command.args)
+def run_command(command: Command, ctx: "ControlConnection") -> list:
+    """The answer lines for one command; a bug costs one ERROR line, never the answer."""
+    try:
+        return COMMANDS[command.verb](ctx, *command.args)
+    except Exception:
+        log.exception("control command %s failed", command.verb)
+        return ["ERROR Internal error"]
 
 
 # The JSON form: one object per line in, one object per line out.
@@ -1687,6 +2182,30 @@ def run_command(command: Command, ctx: "ControlConnection | None" = None) -> lis
 
 class BadRequest(ValueError):
     """A JSON command that cannot be carried out; the message says why."""
+
+
+def _no_constant(name: str) -> object:
+    raise BadRequest(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadRequest(f"number out of range: {text[:40]}")
+    return value
+
+
+def strict_json(data: bytes | str) -> object:
+    """JSON as browsers can read it back: no NaN or Infinity, no number that overflows;
+    nesting too deep is malformed, not a crash."""
+    try:
+        return json.loads(data, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise BadRequest("JSON nested too deeply") from None
+    except BadRequest:
+        raise
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("Malformed JSON") from None
 
 
 def json_ids(request: dict) -> list:
@@ -1705,79 +2224,70 @@ def json_text(request: dict) -> str:
     if "data" not in request:
         raise BadRequest('"data" is missing')
     data = request["data"]
-    return data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest('"data" must be valid Unicode (no lone surrogates)') from None
+        return data
+    return json.dumps(data, separators=(",", ":"))
 
 
-def op_send(ctx: object, request: dict) -> dict:
+def op_send(ctx: "ControlConnection", request: dict) -> dict:
     ids, text, key = json_ids(request), json_text(request), request.get("key")
     if key is not None and not (isinstance(key, str) and 1 <= len(key) <= 200):
         raise BadRequest('"key" must be a string of 1-200 characters')
-    now = time.time()
-    if key is not None and (earlier := hub.keys.get(key, now)) is not None:
-        return {**earlier, "duplicate": True}
-    result = hub.send(ids, text, keep_offline=True)
+    hub = ctx.board.hub
+    result = hub.send(ids, text, keep_offline=True, key=key, batch=ctx.batch)
     if not result.sockets and not result.queued:
         return {"ok": False, "error": "Client Not Found"}
     answer = {"ok": True, "sockets": result.sockets, "queued": result.queued}
-    if hub.inbox is not None:
+    if ctx.board.cfg.inbox:
         answer["seq"] = result.seq
     if result.missing:
         answer["missing"] = result.missing
-    if key is not None:
-        hub.keys.put(key, answer, now)
+    if result.duplicate:
+        answer["duplicate"] = True
     return answer
 
 
-def op_list(ctx: object, request: dict) -> dict:
+def op_list(ctx: "ControlConnection", request: dict) -> dict:
     return {
         "ok": True,
         "clients": [
             {
-                "id": c.client_id,
-                "peer": c.peer,
-                "since": round(c.connected_at, 3),
-                "origin": c.origin,
-                "protocol": "wsboard.v1" if c.v1 else "",
-                "queued_bytes": c.ws.queued_bytes,
+                "id": row.client_id,
+                "conn": row.conn_id,
+                "peer": row.peer,
+                "since": round(row.since, 3),
+                "origin": row.origin,
+                "protocol": row.protocol,
+                "queued_bytes": row.queued_bytes,
             }
-            for c in registry
+            for row in ctx.board.hub.clients()
         ],
     }
 
 
-KICK_CODES = {
-    CLOSE_NORMAL,
-    CLOSE_GOING_AWAY,
-    CLOSE_POLICY,
-    1011,
-    1012,
-    CLOSE_TRY_AGAIN_LATER,
-} | set(range(4000, 5000))
-
-
-def op_kick(ctx: object, request: dict) -> dict:
+def op_kick(ctx: "ControlConnection", request: dict) -> dict:
     client_id = request.get("id")
     if not is_valid_client_id(client_id):
         raise BadRequest('"id" must be a client id')
-    code, reason = request.get("code", CLOSE_KICKED), request.get("reason", "kicked")
-    if code not in KICK_CODES or isinstance(code, bool):
+    code, reason = request.get("code", CloseCode.KICKED), request.get("reason", "kicked")
+    if isinstance(code, bool) or not isinstance(code, int) or code not in KICK_CODES:
         raise BadRequest('"code" must be 1000, 1001, 1008, 1011, 1012, 1013 or 4000-4999')
-    if not isinstance(reason, str) or len(reason.encode()) > 123:
+    if not isinstance(reason, str) or len(reason.encode("utf-8", "replace")) > 123:
         raise BadRequest('"reason" must be a string of at most 123 bytes')
-    count = kick(client_id, code, reason)
+    try:
+        reason.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest('"reason" must be valid Unicode (no lone surrogates)') from None
+    count = ctx.board.hub.kick(client_id, int(code), reason)
     return {"ok": True, "sockets": count} if count else {"ok": False, "error": "Client Not Found"}
 
 
-def op_stats(ctx: object, request: dict) -> dict:
-    return {
-        "ok": True,
-        "version": __version__,
-        "sockets": len(registry),
-        "control_connections": control_connections,
-        "watchers": len(watchers),
-        "refused": dict(refusals),
-        "gc": gc_watch.stats(),
-    }
+def op_stats(ctx: "ControlConnection", request: dict) -> dict:
+    return {"ok": True, **ctx.board.stats()}
 
 
 def op_watch(ctx: "ControlConnection", request: dict) -> dict:
@@ -1792,7 +2302,10 @@ def op_unwatch(ctx: "ControlConnection", request: dict) -> dict:
 
 JSON_OPS: dict = {
     "send": op_send,
-    "broadcast": lambda ctx, request: {"ok": True, "sockets": hub.broadcast(json_text(request))},
+    "broadcast": lambda ctx, request: {
+        "ok": True,
+        "sockets": ctx.board.hub.broadcast(json_text(request), ctx.batch),
+    },
     "list": op_list,
     "kick": op_kick,
     "ping": lambda ctx, request: {"ok": True, "pong": True},
@@ -1805,9 +2318,9 @@ JSON_OPS: dict = {
 def run_json(ctx: "ControlConnection", line: bytes) -> dict:
     """Carry out one JSON command; every failure is an {"ok": false, "error": …} answer."""
     try:
-        request = json.loads(line)
-    except (UnicodeDecodeError, ValueError):
-        return {"ok": False, "error": "Malformed JSON"}
+        request = strict_json(line)
+    except BadRequest as exc:
+        return {"ok": False, "error": str(exc)}
     if not isinstance(request, dict):
         return {"ok": False, "error": "A command must be a JSON object"}
     op = JSON_OPS.get(request.get("op")) if isinstance(request.get("op"), str) else None
@@ -1818,12 +2331,17 @@ def run_json(ctx: "ControlConnection", line: bytes) -> dict:
             answer = op(ctx, request)
         except BadRequest as exc:
             answer = {"ok": False, "error": str(exc)}
+        except Exception:
+            log.exception("JSON op %s failed", request.get("op"))
+            answer = {"ok": False, "error": "Internal error"}
     if "ref" in request:  # lets a pipelining client match answers to requests
         answer["ref"] = request["ref"]
     return answer
 
 
-# Control connections.
+###############################################################################
+# Control connections #########################################################
+###############################################################################
 
 
 def split_lines(buffer: bytearray) -> tuple:
@@ -1832,185 +2350,168 @@ def split_lines(buffer: bytearray) -> tuple:
     return lines, bytearray(rest)
 
 
-class ControlConnection:
-    """One client of the control socket. Answers and (when watching) events share the socket,
-    so every write takes the lock; events wait in a bounded queue and a slow watcher is cut."""
+CONTROL_FLUSH_BYTES = 64 * 1024
+CONTROL_SLICE = 0.005  # seconds one connection's lines may run before everyone else's turn
 
-    def __init__(self, sock: socket.socket) -> None:
+
+class ControlConnection:
+    """One client of the control socket, with the batch its frames are held in. Answers
+    and (when watching) events share the socket, so every write takes the lock; events
+    wait in a bounded queue, and a watcher that falls behind on connects is cut."""
+
+    def __init__(self, board: "Board", sock: socket.socket | None = None) -> None:
+        self.board = board
         self.sock = sock
+        self.batch = Batch()
         self.write_lock = gevent.lock.Semaphore()
-        self.events: gevent.queue.Queue | None = None
+        self.events: EventQueue | None = None
         self.pump: gevent.Greenlet | None = None
 
     def write(self, data: bytes) -> None:
-        with gevent.Timeout(config.write_timeout, WriteTimedOut("control client is not reading")):
+        timeout = WriteTimedOut("control client is not reading")
+        with gevent.Timeout(self.board.cfg.write_timeout, timeout):
             with self.write_lock:
                 self.sock.sendall(data)
 
     def watch(self) -> None:
         if self.events is None:
-            self.events = gevent.queue.Queue(config.watch_queue)
+            self.events = EventQueue(self.board.cfg.watch_queue)
             self.pump = gevent.spawn(self.pump_events)
-            watchers.add(self)
+            self.board.events.add(self)
 
     def unwatch(self) -> None:
-        watchers.discard(self)
+        self.board.events.remove(self)
         if self.pump is not None:
             self.pump.kill(block=False)
         self.events = self.pump = None
 
-    def push(self, line: str) -> None:
+    def push(self, line: str, lifecycle: bool) -> None:
+        if self.events.offer(line, lifecycle) or not lifecycle:
+            return
+        log.warning("dropped a watcher that fell %d events behind", self.board.cfg.watch_queue)
+        self.unwatch()
         try:
-            self.events.put_nowait(line)
-        except gevent.queue.Full:
-            log.warning("dropped a watcher that fell %d events behind", config.watch_queue)
-            self.unwatch()
             self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def pump_events(self) -> None:
-        events = self.events
+        queue = self.events.queue
         try:
             while True:
-                lines = [events.get()]
-                while not events.empty() and len(lines) < 256:
-                    lines.append(events.get_nowait())
+                lines = [queue.get()]
+                while not queue.empty() and len(lines) < 256:
+                    lines.append(queue.get_nowait())
                 self.write(("\n".join(lines) + "\n").encode("utf-8"))
         except (OSError, WebSocketError) as exc:
             log.info("watcher gone: %s", exc)
-            watchers.discard(self)
+            self.board.events.remove(self)
 
-
-control_connections = 0
-
-
-def control_refusal(sock: socket.socket) -> str | None:
-    """Why a new control connection may not talk to us, or None."""
-    if control_connections >= config.max_control_connections:
-        return "Too many control connections"
-    if config.control_uids or config.control_gids:
-        pid, uid, gid = peer_credentials(sock)
-        if not peer_allowed(uid, gid, config.control_uids, config.control_gids):
-            return f"Permission denied (pid {pid} uid {uid} gid {gid})"
-    return None
-
-
-def serve_control(sock: socket.socket, address: object) -> None:
-    """One control connection: read lines, answer each in order, until EOF, abuse or idleness."""
-    global control_connections
-    ctx = ControlConnection(sock)
-    refusal = control_refusal(sock)
-    if refusal:
-        refused("control", "control connection: %s", refusal)
-        try:
-            ctx.write(f"ERROR {refusal.split(' (')[0]}\n".encode())
-        except (OSError, WriteTimedOut):
-            pass
-        sock.close()
-        return
-    control_connections += 1
-    sock.settimeout(config.control_idle_timeout or None)
-    buffer = bytearray()
-    try:
+    def serve(self) -> None:
+        """Read lines, answer each in order, until EOF, abuse or idleness."""
+        sock, cfg = self.sock, self.board.cfg
+        sock.settimeout(cfg.control_idle_timeout or None)
+        buffer = bytearray()
         while True:
             try:
                 data = sock.recv(65536)
             except TimeoutError:
-                if ctx.events is not None:
+                if self.events is not None:
                     continue  # a watcher may listen quietly for as long as it likes
                 raise
             if not data:
                 if buffer:  # a last line without \n still gets its answer
-                    answer_lines(ctx, [bytes(buffer)])
+                    self.answer_lines([bytes(buffer)])
                 return
             buffer += data
             if b"\n" in data:
                 lines, buffer = split_lines(buffer)
-                if not answer_lines(ctx, lines):
+                if not self.answer_lines(lines):
                     return
-            if len(buffer) > config.max_line:
-                refuse_long_line(ctx)
+            if len(buffer) > cfg.max_line:
+                self.refuse_long_line()
                 return
-    except (OSError, WriteTimedOut) as exc:
-        log.info("control connection ended: %s", exc or type(exc).__name__)
-    finally:
-        control_connections -= 1
-        ctx.unwatch()
-        sock.close()
 
+    def answer_lines(self, lines: Iterable[bytes]) -> bool:
+        """Answer lines in order; False when one was too long and the connection must end.
 
-CONTROL_FLUSH_BYTES = 64 * 1024
+        Answers go out whenever 64 KiB are pending or the connection has had its slice of
+        time; then everyone else gets a turn, so no batch can hold the server.
+        """
+        max_line = self.board.cfg.max_line
+        pending: list = []
+        size = 0
+        started = time.monotonic()
+        try:
+            for line in lines:
+                if len(line) > max_line:
+                    self.flush(pending)
+                    self.refuse_long_line()
+                    return False
+                command = parse_control_line(line)
+                if command.verb == "error":
+                    log.warning("control error: %s: %r", command.args[0], line[:80])
+                for answer in run_command(command, self):
+                    pending.append(answer)
+                    size += len(answer) + 1
+                if size >= CONTROL_FLUSH_BYTES or time.monotonic() - started >= CONTROL_SLICE:
+                    self.flush(pending)
+                    pending, size = [], 0
+                    gevent.sleep(0)
+                    started = time.monotonic()
+            self.flush(pending)
+            return True
+        finally:
+            self.batch.release()
 
+    def flush(self, answers: list) -> None:
+        """Let held frames out first, then send the answers."""
+        self.batch.release()
+        if answers:
+            self.write(("\n".join(answers) + "\n").encode("utf-8"))
 
-def answer_lines(ctx: ControlConnection, lines: Iterable[bytes]) -> bool:
-    """Answer lines in order; False when one was too long and the connection must end.
-
-    Answers are written whenever 64 KiB are pending, so a burst of LISTs cannot pile up.
-    """
-    pending: list = []
-    size = 0
-    cork.active = True
-    try:
-        for line in lines:
-            if len(line) > config.max_line:
-                flush_control(ctx, pending)
-                refuse_long_line(ctx)
-                return False
-            command = parse_control_line(line)
-            if command.verb == "error":
-                log.warning("control error: %s: %r", command.args[0], line[:80])
-            for answer in run_command(command, ctx):
-                pending.append(answer)
-                size += len(answer) + 1
-            if size >= CONTROL_FLUSH_BYTES:
-                flush_control(ctx, pending)
-                pending, size = [], 0
-                cork.active = True
-        flush_control(ctx, pending)
-        return True
-    finally:
-        cork.release()
-
-
-def flush_control(ctx: ControlConnection, answers: list) -> None:
-    """Let held frames out first (a write here may yield), then send the answers."""
-    cork.release()
-    if answers:
-        ctx.write(("\n".join(answers) + "\n").encode("utf-8"))
-
-
-def refuse_long_line(ctx: ControlConnection) -> None:
-    log.warning("control error: line longer than %d bytes; closing", config.max_line)
-    ctx.write(f"ERROR Line too long (limit {config.max_line} bytes)\n".encode())
+    def refuse_long_line(self) -> None:
+        max_line = self.board.cfg.max_line
+        log.warning("control error: line longer than %d bytes; closing", max_line)
+        self.write(f"ERROR Line too long (limit {max_line} bytes)\n".encode())
 
 
 ###############################################################################
 # Web routes and pages ########################################################
 ###############################################################################
+# One Bottle app serves every Board: each request finds its board in the environ, where
+# Board.__call__ put it. A new route is a function here that calls request_board().
 
 
 def find_views() -> str:
-    """views/ beside this file (a checkout) or under <prefix>/share/wsboard (pip install)."""
-    for candidate in (
-        os.path.join(HERE, "views"),
-        os.path.join(sys.prefix, "share", "wsboard", "views"),
-    ):
-        if os.path.isdir(candidate):
-            return candidate
-    raise RuntimeError("wsboard: cannot find its views/ directory")
+    """views/ beside this file (a checkout), else the installed wsboard_views package."""
+    candidate = os.path.join(HERE, "views")
+    if os.path.isfile(os.path.join(candidate, "board.tpl")):
+        return candidate
+    import importlib.util
+
+    spec = importlib.util.find_spec("wsboard_views")
+    if spec is not None and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    raise RuntimeError("wsboard: cannot find its views (a checkout's views/ or wsboard_views)")
 
 
 VIEWS = find_views()
 STATIC = os.path.join(VIEWS, "static")
 MAX_FORM_BYTES = 1024 * 1024
 
-app = bottle.Bottle()
+routes = bottle.Bottle()
+
+
+def request_board() -> "Board":
+    return bottle.request.environ["wsboard.board"]
 
 
 def render(name: str, **values: object) -> str:
     return bottle.template(name, template_lookup=[VIEWS], **values)
 
 
-@app.hook("after_request")
+@routes.hook("after_request")
 def security_headers() -> None:
     """Every answer: no framing, no sniffing, no referrer, scripts only from /static."""
     host = bottle.request.environ.get("HTTP_HOST", "")
@@ -2030,91 +2531,91 @@ def security_headers() -> None:
 SAFE_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
-@app.get("/")
+@routes.get("/")
 def board_page() -> str:
+    cfg = request_board().cfg
     board_id = new_board_id()
-    if config.secret_key:  # signed mode: the page gets a server-minted token for its id
-        query = signed_query(config.secret_key, board_id, config.token_ttl)
+    if cfg.secret_key:  # signed mode: the page gets a server-minted token for its id
+        query = signed_query(cfg.secret_key, board_id, cfg.token_ttl)
     else:
         query = urlencode({"id": board_id})
     return render("board", board_id=board_id, query=query)
 
 
-# The admin routes: a password when one is set, else this machine only.
-
-verified_passwords: set = set()  # digests of passwords PBKDF2 has already accepted
-
-
-def admin_password_ok(password: str) -> bool:
-    """Check against the PBKDF2 hash in a worker thread, so a flood of guesses never blocks."""
-    key = hashlib.sha256(f"{config.admin_hash}\0{password}".encode()).digest()
-    if key in verified_passwords:
-        return True
-    ok = gevent.get_hub().threadpool.apply(password_matches, (password, config.admin_hash))
-    if ok:
-        if len(verified_passwords) >= 16:
-            verified_passwords.clear()
-        verified_passwords.add(key)
-    return ok
+# The admin routes: a password when one is set, else this machine only, by a Host that
+# no rebound name can pose as.
 
 
-def admin_refusal(environ: Mapping[str, str]) -> tuple | None:
-    """(status, reason, headers) when this request may not use the admin routes, else None."""
-    if not config.admin_hash:
-        if is_local_request(environ):
-            return None
-        return 403, "The admin pages answer only to this machine until --admin-password is set", []
-    credentials = basic_credentials(environ.get("HTTP_AUTHORIZATION", ""))
-    if credentials and credentials[0] == "admin" and admin_password_ok(credentials[1]):
+def admin_refusal(board: "Board", environ: Mapping[str, str]) -> Refusal | None:
+    """Why this request may not use the admin routes, or None."""
+    cfg = board.cfg
+    if not cfg.admin_hash:
+        if not is_local_request(environ):
+            return Refusal(
+                403,
+                "The admin pages answer only to this machine until --admin-password is set",
+                "admin",
+            )
+        if not host_trusted(environ.get("HTTP_HOST", ""), cfg.allowed_hosts):
+            return Refusal(
+                403, "Host not allowed without --admin-password (see --allowed-hosts)", "admin"
+            )
         return None
-    return (
+    credentials = basic_credentials(environ.get("HTTP_AUTHORIZATION", ""))
+    if credentials and credentials[0] == "admin" and board.admin_password_ok(credentials[1]):
+        return None
+    return Refusal(
         401,
         "Admin password required",
-        [("WWW-Authenticate", 'Basic realm="wsboard admin", charset="UTF-8"')],
+        "admin",
+        (("WWW-Authenticate", 'Basic realm="wsboard admin", charset="UTF-8"'),),
     )
 
 
-def cross_site_refusal(environ: Mapping[str, str]) -> tuple | None:
-    """(status, reason) for a state-changing request that may come from another site."""
+def cross_site_refusal(board: "Board", environ: Mapping[str, str]) -> Refusal | None:
+    """Why a state-changing request may come from another site, or None."""
     if environ.get("HTTP_SEC_FETCH_SITE", "same-origin") not in ("same-origin", "none"):
-        return 403, "Cross-site request refused"
-    if not origin_allowed(environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST", ""), ()):
-        return 403, "Cross-site request refused"
+        return Refusal(403, "Cross-site request refused", "csrf")
+    if not origin_allowed(
+        environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST", ""), (), board.cfg.allowed_hosts
+    ):
+        return Refusal(403, "Cross-site request refused", "csrf")
     if environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower() != "application/json":
-        return 415, "Content-Type must be application/json"
+        return Refusal(415, "Content-Type must be application/json", "csrf")
     return None
 
 
 def admin_only(route: Callable) -> Callable:
     @functools.wraps(route)
     def guarded(*args: object, **kwargs: object) -> object:
-        refusal = admin_refusal(bottle.request.environ)
+        board = request_board()
+        refusal = admin_refusal(board, bottle.request.environ)
         if refusal is None:
             return route(*args, **kwargs)
-        status, reason, headers = refusal
-        refused(
-            "admin",
+        board.refused(
+            refusal.kind,
             "%s %s from %s: %s",
             bottle.request.method,
             bottle.request.path,
             bottle.request.remote_addr,
-            reason,
+            refusal.reason,
         )
-        for name, value in headers:
+        for name, value in refusal.headers:
             bottle.response.set_header(name, value)
         if bottle.request.path == "/sendMessage":
-            return json_answer(status, True, reason)
-        bottle.response.status = status
+            return json_answer(refusal.status, True, refusal.reason)
+        bottle.response.status = refusal.status
         bottle.response.content_type = "text/plain; charset=utf-8"
-        return reason + "\n"
+        return refusal.reason + "\n"
 
     return guarded
 
 
-@app.get("/admin")
+@routes.get("/admin")
 @admin_only
 def admin_page() -> str:
-    return render("admin", clients=list(registry), refusals=sorted(refusals.items()))
+    board = request_board()
+    return render("admin", clients=board.hub.clients(), refusals=sorted(board.refusals.items()))
 
 
 def json_answer(status: int, error: bool, message: str) -> str:
@@ -2126,8 +2627,8 @@ def json_answer(status: int, error: bool, message: str) -> str:
 def parse_send_request(body: bytes) -> tuple:
     """(client_id, message) from the admin form's JSON body, or raise ValueError(reason)."""
     try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        data = strict_json(body.decode("utf-8"))
+    except (UnicodeDecodeError, BadRequest):
         raise ValueError("Body must be a JSON object") from None
     if not isinstance(data, dict):
         raise ValueError("Body must be a JSON object")
@@ -2136,33 +2637,64 @@ def parse_send_request(body: bytes) -> tuple:
         raise ValueError("clientId must be a valid client id")
     if not isinstance(message, str):
         raise ValueError("message must be a string")
+    try:
+        message.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("message must be valid Unicode (no lone surrogates)") from None
     return client_id, message
 
 
-@app.post("/sendMessage")
+class BodyIncomplete(Exception):
+    """The client sent less of its body than its Content-Length said."""
+
+
+def read_body(limit: int, timeout: float) -> bytes:
+    """The request body, within the time a client gets to send it."""
+    length = bottle.request.content_length
+    try:
+        with gevent.Timeout(timeout, TimeoutError):
+            body = bottle.request.environ["wsgi.input"].read(length) if length > 0 else b""
+    except (OSError, ValueError):  # TimeoutError is an OSError; pywsgi raises IOError on EOF
+        raise BodyIncomplete from None
+    if len(body) < length:
+        raise BodyIncomplete
+    return body
+
+
+@routes.post("/sendMessage")
 @admin_only
 def send_message() -> str:
-    cross_site = cross_site_refusal(bottle.request.environ)
+    board = request_board()
+    cross_site = cross_site_refusal(board, bottle.request.environ)
     if cross_site:
-        refused("csrf", "sendMessage from %s: %s", bottle.request.remote_addr, cross_site[1])
-        return json_answer(cross_site[0], True, cross_site[1])
+        board.refused(
+            cross_site.kind,
+            "sendMessage from %s: %s",
+            bottle.request.remote_addr,
+            cross_site.reason,
+        )
+        return json_answer(cross_site.status, True, cross_site.reason)
     if bottle.request.get_header("Transfer-Encoding"):  # Bottle would spool it whole first
         return json_answer(411, True, "Send the body with a Content-Length")
     if bottle.request.content_length > MAX_FORM_BYTES:
         return json_answer(413, True, f"Body larger than {MAX_FORM_BYTES} bytes")
     try:
-        client_id, message = parse_send_request(bottle.request.body.read(MAX_FORM_BYTES))
+        body = read_body(MAX_FORM_BYTES, board.cfg.handshake_timeout)
+        client_id, message = parse_send_request(body)
+    except BodyIncomplete:
+        bottle.response.set_header("Connection", "close")
+        return json_answer(408, True, "The body did not arrive whole in time")
     except ValueError as exc:
         log.warning("sendMessage refused: %s", exc)
         return json_answer(400, True, str(exc))
     payload = json.dumps({"message": message}, separators=(",", ":"))
-    result = hub.send([client_id], payload, keep_offline=config.offline_ok)
+    result = board.hub.send([client_id], payload, keep_offline=board.cfg.offline_ok)
     if result.sockets or result.queued:
         return json_answer(200, False, "")
     return json_answer(200, True, "Client Not Found")
 
 
-@app.get(WEBSOCKET_PATH)
+@routes.get(WEBSOCKET_PATH)
 def websocket_without_upgrade() -> str:
     bottle.response.status = 426
     bottle.response.set_header("Upgrade", "websocket")
@@ -2170,42 +2702,130 @@ def websocket_without_upgrade() -> str:
     return "This URL takes WebSocket connections: ws://HOST:PORT/websocket?id=ID\n"
 
 
-@app.get("/static/<filename:path>")
+@routes.get("/static/<filename:path>")
 def static(filename: str) -> object:
     return bottle.static_file(filename, root=STATIC)
 
 
-@app.error(404)
-@app.error(405)
-@app.error(500)
+@routes.error(404)
+@routes.error(405)
+@routes.error(500)
 def plain_error(error: bottle.HTTPError) -> str:
     bottle.response.content_type = "text/plain; charset=utf-8"
     return f"{error.status_line}\n"
 
 
 ###############################################################################
-# Start-up ####################################################################
+# The board: one process's state, started and stopped #########################
 ###############################################################################
 
 
+class GCWatch:
+    """Times the collector's full (generation 2) passes: the pauses every socket feels."""
+
+    def __init__(self) -> None:
+        self.full = 0
+        self.last_ms = self.max_ms = 0.0
+        self.started = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.full += 1
+            self.last_ms = (time.perf_counter() - self.started) * 1000
+            self.max_ms = max(self.max_ms, self.last_ms)
+
+    def stats(self) -> dict:
+        return {
+            "full": self.full,
+            "last_ms": round(self.last_ms, 2),
+            "max_ms": round(self.max_ms, 2),
+        }
+
+
+class AcceptGuard:
+    """Out of descriptors, accept() fails on every try: pause accepting for a moment and
+    say so in one line a minute, rather than a traceback per try."""
+
+    out_of_descriptors: Throttle | None = None
+
+    def do_read(self) -> object:
+        try:
+            return super().do_read()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            if self.out_of_descriptors is None:
+                self.out_of_descriptors = Throttle(60)
+            if self.out_of_descriptors():
+                log.error("cannot accept connections: %s (raise ulimit -n)", exc.strerror)
+            self.stop_accepting()
+            gevent.spawn_later(0.1, self.resume_accepting)
+            return None
+
+    def resume_accepting(self) -> None:
+        if not self.closed:
+            self.start_accepting()
+
+
+class HTTPServer(AcceptGuard, WSGIServer):
+    """gevent's WSGIServer, quiet and patient when descriptors run out."""
+
+
+class ControlStreamServer(AcceptGuard, StreamServer):
+    """gevent's StreamServer for the control socket, likewise."""
+
+
+def guarded(server_class: type) -> type:
+    """server_class with the accept guard, for gunicorn's own WSGIServer subclass."""
+    return type("Guarded" + server_class.__name__, (AcceptGuard, server_class), {})
+
+
+HTTP_HEADROOM = 1024  # page requests that may run beside max_connections WebSockets
+FD_RESERVE = 64  # descriptors for listeners, logs, the webhook and refusing a few more
+
+
+def descriptor_plan(soft: int, hard: int, max_connections: int, max_control: int) -> tuple:
+    """(soft limit to ask for, max_connections, max_control_connections, HTTP headroom)
+    that fit the descriptor limit, so a client past a limit gets a 503, never EMFILE."""
+    want = max_connections + HTTP_HEADROOM + max_control + FD_RESERVE
+    reachable = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    soft = max(soft, reachable)
+    if soft >= want:
+        return soft, max_connections, max_control, HTTP_HEADROOM
+    room = max(soft - FD_RESERVE, 3)
+    control = max(1, min(max_control, room // 8))
+    headroom = max(1, min(HTTP_HEADROOM, room // 8))
+    return soft, max(1, room - control - headroom), control, headroom
+
+
 class ControlSocketInUse(RuntimeError):
-    """Another server answers on the control socket path."""
+    """Another server answers on the control socket path, or the path is not ours to use."""
 
 
 def bind_control_socket(path: str, mode: int = 0o660, gid: int | None = None) -> socket.socket:
     """A listening UNIX socket at path; a stale file is replaced, a live one kept."""
+    reason = directory_refusal(path)
+    if reason:
+        raise ControlSocketInUse(
+            f"{reason}: anyone could replace the socket; use another directory"
+        )
     try:
-        existing = os.lstat(path).st_mode
+        existing = os.lstat(path)
     except FileNotFoundError:
         existing = None
     if existing is not None:
-        if not stat.S_ISSOCK(existing):
+        if not stat.S_ISSOCK(existing.st_mode):
             raise ControlSocketInUse(f"{path} exists and is not a socket; not touching it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.settimeout(1)
             probe.connect(path)
-            raise ControlSocketInUse(f"another server is listening on {path}")
+            owner = "" if existing.st_uid == os.getuid() else f" (owned by uid {existing.st_uid})"
+            raise ControlSocketInUse(f"another server is listening on {path}{owner}")
         except (ConnectionRefusedError, FileNotFoundError):
             os.unlink(path)
         finally:
@@ -2235,98 +2855,430 @@ def remove_control_socket(path: str, inode: int) -> None:
 class ControlServer:
     """The UNIX control socket: a StreamServer with one greenlet per control connection."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, board: "Board", path: str) -> None:
+        cfg = board.cfg
         self.path = path
-        listener = bind_control_socket(path, config.control_mode, config.control_group)
+        warning = directory_warning(path)
+        if warning:
+            log.warning(warning)
+        listener = bind_control_socket(path, cfg.control_mode, cfg.control_group)
         self.inode = os.lstat(path).st_ino
-        self.server = StreamServer(listener, serve_control, backlog=None)
+        self.server = ControlStreamServer(listener, board.serve_control, backlog=None)
 
     def start(self) -> None:
         self.server.start()
+
+    def close(self) -> None:
+        """Stop accepting; the connections being served go on."""
+        self.server.close()
 
     def stop(self) -> None:
         self.server.stop(timeout=1)
         remove_control_socket(self.path, self.inode)
 
 
-def configure(new: Config) -> None:
-    """Put new settings in force for this process."""
-    global config
-    config = new
+def close_gracefully(sock: socket.socket, timeout: float) -> None:
+    """FIN first, then read out what the peer still sends: closing a socket with unread bytes
+    makes the kernel send a RST, which can destroy the close frame we just wrote."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        with gevent.Timeout(timeout, False):
+            while sock.recv(65536):
+                pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def configure_logging(level: str) -> None:
     logging.basicConfig(
-        level=new.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("wsboard").setLevel(new.log_level.upper())
-    hub.configure(new)
+    logging.getLogger("wsboard").setLevel(level.upper())
 
 
-def start_background() -> list:
-    """The greenlets a running server keeps: the heartbeat, and the webhook when set."""
-    global webhook
-    if gc_watch not in gc.callbacks:
-        gc.callbacks.append(gc_watch)
-    if config.webhook:
-        webhook = Webhook(config.webhook, config.secret_key, config.webhook_queue)
-    return [gevent.spawn(heartbeat), gevent.spawn(settle_gc)] + (
-        [webhook.greenlet] if webhook else []
-    )
+SHUTDOWN_REASON = "server shutting down; reconnect"
 
 
-def stop_background(greenlets: list) -> None:
-    global webhook
-    webhook = None
-    gevent.killall(greenlets, block=False)
+class Board:
+    """Everything one wsboard process holds, made from one Config: the hub (and through it
+    the sockets), the events and their sinks, counters, the servers and the background
+    greenlets. It is also the WSGI application: pages go to the routes, upgrades to its
+    sessions. Start-up and shutdown are written here once, for every way it runs."""
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        self.configure(cfg or Config())
+
+    def configure(self, cfg: Config) -> None:
+        """Put cfg in force: everything is made anew from it (before start() only)."""
+        self.cfg = cfg
+        self.hub = HUBS["local"](cfg)
+        self.events = Events()
+        self.refusals: collections.Counter = collections.Counter()
+        self.control_connections = 0
+        self.heads: collections.Counter = collections.Counter()  # request heads in progress
+        self.gc_watch = GCWatch()
+        self.verified_passwords: set = set()  # digests of passwords PBKDF2 already accepted
+        self.conn_prefix = str(10**11 + secrets.randbelow(9 * 10**11))  # new every start
+        self.conn_numbers = itertools.count(1)
+        self.webhook: Webhook | None = None
+        self.background: list = []
+        self.http: WSGIServer | None = None
+        self.control: ControlServer | None = None
+        self.control_path = ""
+        self.stopping = gevent.event.Event()
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable:
+        environ["wsboard.board"] = self
+        return routes(environ, start_response)
+
+    # Small services for the other sections.
+
+    def refused(self, kind: str, message: str, *args: object) -> None:
+        """Refusals are logged once each and counted by kind; the admin page shows them."""
+        self.refusals[kind] += 1
+        log.warning("refused " + message, *args)
+
+    def new_conn_id(self) -> str:
+        return f"{self.conn_prefix}.{next(self.conn_numbers)}"
+
+    def begin_head(self, ip: str) -> bool:
+        """Count a connection whose request head is still coming; False past the cap."""
+        if ip and not in_networks(ip, self.cfg.trusted_proxies):
+            if self.heads[ip] >= self.cfg.max_handshakes_per_ip:
+                return False
+        self.heads[ip] += 1
+        return True
+
+    def end_head(self, ip: str) -> None:
+        self.heads[ip] -= 1
+        if self.heads[ip] <= 0:
+            del self.heads[ip]
+
+    def admin_password_ok(self, password: str) -> bool:
+        """Check against the PBKDF2 hash in a worker thread, so a flood of guesses never blocks."""
+        stored = self.cfg.admin_hash
+        key = hashlib.sha256(f"{stored}\0{password}".encode("utf-8", "replace")).digest()
+        if key in self.verified_passwords:
+            return True
+        ok = gevent.get_hub().threadpool.apply(password_matches, (password, stored))
+        if ok:
+            if len(self.verified_passwords) >= 16:
+                self.verified_passwords.clear()
+            self.verified_passwords.add(key)
+        return ok
+
+    def stats(self) -> dict:
+        return {
+            "version": __version__,
+            **self.hub.stats(),
+            "control_connections": self.control_connections,
+            "watchers": sum(isinstance(s, ControlConnection) for s in self.events.sinks),
+            "refused": dict(self.refusals),
+            "webhook_dropped": self.webhook.dropped if self.webhook else 0,
+            "gc": self.gc_watch.stats(),
+        }
+
+    # A WebSocket's life, after its 101 (see WebSocketHandler.upgrade).
+
+    def run_session(self, conn: Connection, sock: socket.socket) -> None:
+        """A socket's session in its own greenlet; it closes the socket when the session ends."""
+        try:
+            self.serve_websocket(conn)
+        except Exception:  # a bug must cost one socket, never the server
+            log.exception("session of %s %s failed", conn.client_id, conn.peer)
+        finally:
+            self.hub.detach(conn)
+            close_gracefully(sock, self.cfg.close_timeout)
+
+    def serve_websocket(self, conn: Connection) -> None:
+        """Registered while open; what it sends goes to the event sinks."""
+        ws, events = conn.ws, self.events
+        log.info("connect %s %s (%d open)", conn.client_id, conn.peer, self.hub.local_count())
+        events.emit(
+            "connect", id=conn.client_id, conn=conn.conn_id, peer=conn.peer, origin=conn.origin
+        )
+        try:
+            while (message := ws.receive()) is not None:
+                if not events.wanted:
+                    continue
+                if isinstance(message, str):
+                    events.emit(
+                        "message", False, id=conn.client_id, conn=conn.conn_id, data=message
+                    )
+                else:
+                    encoded = base64.b64encode(message).decode()
+                    events.emit(
+                        "message", False, id=conn.client_id, conn=conn.conn_id, binary=encoded
+                    )
+        finally:
+            self.hub.detach(conn)
+            ws.close()
+            log.info(
+                "disconnect %s %s after %.1fs: %s",
+                conn.client_id,
+                conn.peer,
+                time.time() - conn.connected_at,
+                ws.end_text,
+            )
+            events.emit(
+                "disconnect",
+                id=conn.client_id,
+                conn=conn.conn_id,
+                peer=conn.peer,
+                reason=ws.end_text,
+            )
+
+    # The control socket's connections.
+
+    def control_refusal(self, sock: socket.socket) -> Refusal | None:
+        cfg = self.cfg
+        if self.control_connections >= cfg.max_control_connections:
+            return Refusal(0, "Too many control connections", "control")
+        if cfg.control_uids or cfg.control_gids:
+            pid, uid, gid = peer_credentials(sock)
+            if not peer_allowed(uid, gid, cfg.control_uids, cfg.control_gids):
+                return Refusal(0, f"Permission denied (pid {pid} uid {uid} gid {gid})", "control")
+        return None
+
+    def serve_control(self, sock: socket.socket, address: object) -> None:
+        """One control connection, until EOF, abuse or idleness."""
+        ctx = ControlConnection(self, sock)
+        refusal = self.control_refusal(sock)
+        if refusal:
+            self.refused(refusal.kind, "control connection: %s", refusal.reason)
+            try:
+                ctx.write(f"ERROR {refusal.reason.split(' (')[0]}\n".encode())
+            except (OSError, WriteTimedOut):
+                pass
+            sock.close()
+            return
+        self.control_connections += 1
+        try:
+            ctx.serve()
+        except (OSError, WriteTimedOut) as exc:
+            log.info("control connection ended: %s", exc or type(exc).__name__)
+        finally:
+            self.control_connections -= 1
+            ctx.unwatch()
+            sock.close()
+
+    # Background work.
+
+    def heartbeat_round(self, now: float) -> None:
+        """Ping every socket that owes no pong; drop those that left a ping unanswered too long."""
+        for n, conn in enumerate(self.hub.local_connections()):
+            ws = conn.ws
+            if ws.pong_due and now - ws.pong_due >= self.cfg.ping_timeout:
+                ws.ended(EndReason.PING_TIMEOUT)
+                ws.abort()
+            elif not ws.pong_due and not ws.closed:
+                ws.pong_due = now
+                try:
+                    ws.send_frame_bytes(PING_FRAME)
+                except WebSocketError:
+                    pass
+            if n % 512 == 511:
+                gevent.sleep(0)  # let others run during a long round
+
+    def heartbeat(self) -> None:
+        """Forever: a heartbeat round every ping_interval; old inbox entries and keys expired."""
+        while True:
+            gevent.sleep(self.cfg.ping_interval or 60)
+            if self.cfg.ping_interval:
+                self.heartbeat_round(time.monotonic())
+            self.hub.expire(time.time())
+
+    def settle_gc(self, every: float = 5.0) -> None:
+        """After a burst of connections settles, collect once and freeze what is left, so the
+        collector's full passes stop walking every idle socket's objects (107 ms at 10k
+        sockets, measured) and cannot land inside a broadcast. A population that moved by
+        1,000 or 10% is frozen anew."""
+        frozen_at = previous = 0
+        while True:
+            gevent.sleep(every)
+            count = self.hub.local_count()
+            if abs(count - frozen_at) >= max(1000, frozen_at // 10) and count == previous:
+                started = time.perf_counter()
+                gc.unfreeze()
+                gc.collect()
+                gc.freeze()
+                log.info(
+                    "froze %d objects after the sockets settled at %d (%.0f ms)",
+                    gc.get_freeze_count(),
+                    count,
+                    (time.perf_counter() - started) * 1000,
+                )
+                frozen_at = count
+            previous = count
+
+    def drain(self, timeout: float, window: float) -> None:
+        """Close every WebSocket with 1001, spread over window seconds so that they do not all
+        reconnect at once; give them timeout seconds more to answer, then drop the rest."""
+        conns = self.hub.local_connections()
+        batches = max(1, min(len(conns), 50))
+        for i, conn in enumerate(conns):
+            conn.ws.end(EndReason.SHUTDOWN, CloseCode.GOING_AWAY, SHUTDOWN_REASON)
+            if window and (i + 1) % max(1, len(conns) // batches) == 0 and i + 1 < len(conns):
+                gevent.sleep(window / batches)
+        deadline = time.monotonic() + timeout
+        while self.hub.local_count() and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        log.info(
+            "closed %d websockets; %d did not answer in time", len(conns), self.hub.local_count()
+        )
+        for conn in self.hub.local_connections():
+            conn.ws.abort()
+
+    # Start-up and shutdown.
+
+    def fit_descriptors(self) -> None:
+        """Raise the descriptor limit to what the limits need, or lower the limits to fit."""
+        cfg = self.cfg
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        plan = descriptor_plan(soft, hard, cfg.max_connections, cfg.max_control_connections)
+        wanted_soft, max_connections, max_control, self.http_headroom = plan
+        if wanted_soft > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted_soft, hard))
+            except (ValueError, OSError) as exc:
+                log.warning("cannot raise the descriptor limit to %d: %s", wanted_soft, exc)
+                wanted_soft = soft
+                plan = descriptor_plan(soft, soft, cfg.max_connections, cfg.max_control_connections)
+                _, max_connections, max_control, self.http_headroom = plan
+        if (max_connections, max_control) != (cfg.max_connections, cfg.max_control_connections):
+            log.warning(
+                "the descriptor limit (ulimit -n %d) holds only %d WebSockets and %d control "
+                "connections: limits lowered from %d and %d; raise the limit to keep them",
+                wanted_soft,
+                max_connections,
+                max_control,
+                cfg.max_connections,
+                cfg.max_control_connections,
+            )
+            cfg.max_connections, cfg.max_control_connections = max_connections, max_control
+
+    def open_control(self) -> None:
+        self.control_path = control_socket_path(self.cfg.control)
+        self.control = ControlServer(self, self.control_path)
+        self.control.start()
+
+    def start_background(self) -> None:
+        if self.gc_watch not in gc.callbacks:
+            gc.callbacks.append(self.gc_watch)
+        if self.cfg.webhook:
+            self.webhook = Webhook(self.cfg.webhook, self.cfg.secret_key, self.cfg.webhook_queue)
+            self.events.add(self.webhook)
+            self.background.append(self.webhook.greenlet)
+        self.background += [gevent.spawn(self.heartbeat), gevent.spawn(self.settle_gc)]
+
+    def shut_down(self, quick: bool = False) -> None:
+        """Stop taking control connections, close every WebSocket with 1001 (spread over the
+        drain window unless quick), remove the control socket, end the background work."""
+        if self.control is not None:
+            self.control.close()
+        if quick:
+            self.drain(min(1.0, self.cfg.shutdown_timeout), 0)
+        else:
+            self.drain(self.cfg.shutdown_timeout, self.cfg.drain_window)
+        if self.control is not None:
+            self.control.stop()
+            self.control = None
+        if self.webhook is not None:
+            self.events.remove(self.webhook)
+            self.webhook = None
+        if self.gc_watch in gc.callbacks:
+            gc.callbacks.remove(self.gc_watch)
+        gevent.killall(self.background, block=False)
+        self.background = []
+
+    def run(self) -> int:
+        """Serve HTTP, WebSockets and the control socket until SIGTERM or SIGINT (exit 0)."""
+        cfg = self.cfg
+        configure_logging(cfg.log_level)
+        self.fit_descriptors()
+        self.http = HTTPServer(
+            (cfg.host, cfg.port),
+            self,
+            spawn=gevent.pool.Pool(cfg.max_connections + self.http_headroom),
+            backlog=cfg.backlog,
+            handler_class=WebSocketHandler,
+            log=access_log,
+            error_log=logging.getLogger("wsboard.error"),
+        )
+        try:
+            self.http.init_socket()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror or exc)
+            return 1
+        try:
+            self.open_control()
+        except (ControlSocketInUse, ConfigError, OSError) as exc:
+            log.error("cannot open control socket %s: %s", self.control_path or cfg.control, exc)
+            self.http.close()
+            return 1
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(signum, self.stopping.set)
+        self.http.start()
+        self.start_background()
+        log.info(
+            "wsboard %s on http://%s:%d, control socket %s",
+            __version__,
+            format_host(cfg.host),
+            self.http.server_port,
+            self.control_path,
+        )
+        self.stopping.wait()
+        log.info("shutting down")
+        self.http.close()
+        self.shut_down()
+        self.http.stop(timeout=1)
+        log.info("stopped")
+        return 0
+
+    # gunicorn: gunicorn.conf.py's worker calls these inside the worker process.
+
+    def start_in_worker(self) -> None:
+        """Configure from the environment and open the control socket in a gunicorn worker."""
+        self.configure(load_config([]))
+        configure_logging(self.cfg.log_level)
+        self.fit_descriptors()
+        self.open_control()
+        self.start_background()
+        log.info(
+            "wsboard %s in gunicorn worker %d, control socket %s",
+            __version__,
+            os.getpid(),
+            self.control_path,
+        )
+
+    def stop_in_worker(self, quick: bool = False) -> None:
+        """Close WebSockets with 1001 and remove the control socket as a worker stops (once)."""
+        if self.control is not None:
+            self.shut_down(quick)
 
 
-HTTP_HEADROOM = 1024  # page requests that may run beside max_connections WebSockets
+def format_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def board_of(application: object) -> Board:
+    """The Board a server serves: itself, or (wrapped in middleware) the default one."""
+    return application if isinstance(application, Board) else app
+
+
+app = Board()  # the default board: `python wsboard.py` and gunicorn's `wsboard:app`
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
 
 
 def serve(cfg: Config) -> int:
-    """Run the HTTP/WebSocket server and the control socket until SIGTERM or SIGINT."""
-    http = WSGIServer(
-        (cfg.host, cfg.port),
-        app,
-        spawn=gevent.pool.Pool(cfg.max_connections + HTTP_HEADROOM),
-        backlog=cfg.backlog,
-        handler_class=WebSocketHandler,
-        log=access_log,
-        error_log=logging.getLogger("wsboard.error"),
-    )
-    try:
-        http.init_socket()
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror or exc)
-        return 1
-    try:
-        control = ControlServer(cfg.control)
-    except (ControlSocketInUse, OSError) as exc:
-        log.error("cannot open control socket %s: %s", cfg.control, exc)
-        http.close()
-        return 1
-    stopping = gevent.event.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, stopping.set)
-    http.start()
-    control.start()
-    background = start_background()
-    log.info(
-        "wsboard %s on http://%s:%d, control socket %s",
-        __version__,
-        cfg.host,
-        http.server_port,
-        cfg.control,
-    )
-    stopping.wait()
-    log.info("shutting down")
-    http.close()
-    control.server.close()
-    drain(cfg.shutdown_timeout, cfg.drain_window)
-    http.stop(timeout=1)
-    control.stop()
-    stop_background(background)
-    log.info("stopped")
-    return 0
+    """Run a board on cfg until SIGTERM or SIGINT."""
+    return Board(cfg).run()
 
 
 def token_command(argv: Sequence[str]) -> int:
@@ -2341,7 +3293,7 @@ def token_command(argv: Sequence[str]) -> int:
     args, rest = parser.parse_known_args(argv)
     cfg = load_config(rest)
     if not is_valid_client_id(args.client_id):
-        raise ConfigError(f"{args.client_id!r} is not a valid client id")
+        raise ConfigError(f"{args.client_id!r} is not a valid client id ({CLIENT_ID_RULE})")
     if not cfg.secret_key:
         raise ConfigError("no secret: give --secret, --secret-file or WSBOARD_SECRET")
     print(signed_query(cfg.secret_key, args.client_id, args.ttl or cfg.token_ttl))
@@ -2353,7 +3305,8 @@ def hash_password_command(argv: Sequence[str]) -> int:
     argparse.ArgumentParser(
         prog="wsboard hash-password",
         description="Read the admin password from standard input (or a prompt) and print the "
-        "PBKDF2 hash to give as --admin-password / WSBOARD_ADMIN_PASSWORD.",
+        "PBKDF2 hash to give as --admin-password / WSBOARD_ADMIN_PASSWORD. Put the hash in "
+        "single quotes: a shell expands the $ signs inside double quotes.",
     ).parse_args(argv)
     if sys.stdin.isatty():
         password = getpass.getpass("Admin password: ")
@@ -2361,13 +3314,31 @@ def hash_password_command(argv: Sequence[str]) -> int:
             raise ConfigError("the passwords differ")
     else:
         password = sys.stdin.readline().rstrip("\r\n")
-    if len(password) < 8:
-        raise ConfigError("use a password of at least 8 characters")
+    if len(password) < PASSWORD_MIN:
+        raise ConfigError(f"use a password of at least {PASSWORD_MIN} characters")
     print(hash_password(password))
     return 0
 
 
-SUBCOMMANDS = {"token": token_command, "hash-password": hash_password_command}
+def check_config_command(argv: Sequence[str]) -> int:
+    """wsboard check-config [OPTIONS]: exit 0 when the settings are good, else say why."""
+    if argv[:1] in (["-h"], ["--help"]):
+        print(
+            "usage: wsboard check-config [OPTIONS]\n\nCheck the settings (flags and WSBOARD_* "
+            "variables, as `wsboard` would read them) and exit 0, or print what is wrong and "
+            "exit 2. gunicorn.conf.py runs it before any worker starts."
+        )
+        return 0
+    cfg = load_config(argv)
+    print(f"wsboard: settings are good; control socket {control_socket_path(cfg.control)}")
+    return 0
+
+
+SUBCOMMANDS = {
+    "token": token_command,
+    "hash-password": hash_password_command,
+    "check-config": check_config_command,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -2379,40 +3350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"wsboard: {exc}\n")
         return 2
-    configure(cfg)
-    return serve(cfg)
-
-
-# gunicorn: gunicorn.conf.py's worker calls these inside the worker process.
-
-worker_control: ControlServer | None = None
-worker_background: list = []
-
-
-def start_in_worker() -> None:
-    """Configure from the environment and open the control socket in a gunicorn worker."""
-    global worker_control
-    configure(load_config([]))
-    worker_control = ControlServer(config.control)
-    worker_control.start()
-    worker_background[:] = start_background()
-    log.info(
-        "wsboard %s in gunicorn worker %d, control socket %s",
-        __version__,
-        os.getpid(),
-        config.control,
-    )
-
-
-def stop_in_worker() -> None:
-    """Close WebSockets with 1001 and remove the control socket as a worker stops (once)."""
-    global worker_control
-    control, worker_control = worker_control, None
-    if control is not None:
-        control.server.close()
-        drain(config.shutdown_timeout, config.drain_window)
-        control.stop()
-        stop_background(worker_background)
+    app.configure(cfg)
+    return app.run()
 
 
 if __name__ == "__main__":

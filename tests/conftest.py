@@ -5,12 +5,16 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import base64  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
+import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
 
 import pytest  # noqa: E402
 import websocket  # noqa: E402
@@ -169,6 +173,84 @@ def server_factory(tmp_path):
 @pytest.fixture
 def server(server_factory):
     return server_factory()
+
+
+def close_frame(ws) -> tuple:
+    """Read until the server's close frame; return (code, reason)."""
+    while True:
+        opcode, frame = ws.recv_data_frame(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            code = struct.unpack("!H", frame.data[:2])[0] if len(frame.data) >= 2 else None
+            return code, frame.data[2:].decode()
+
+
+def http_request(server, path, body=None, headers=None, auth=None, content_type="application/json"):
+    """GET path (POST when there is a body); (status, headers, text), errors included."""
+    headers = dict(headers or {})
+    if body is not None:
+        headers.setdefault("Content-Type", content_type)
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    req = urllib.request.Request(server.url + path, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as response:
+            return response.status, response.headers, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read().decode()
+
+
+GUNICORN = [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py")]
+
+
+class Gunicorn:
+    """wsboard started for real under gunicorn with gunicorn.conf.py on a free port."""
+
+    def __init__(self, tmp_path, *args, env=None):
+        self.port = free_port()
+        self.control_path = str(tmp_path / "control.sock")
+        self.log_path = tmp_path / f"gunicorn-{self.port}.log"
+        env = {
+            **os.environ,
+            "WSBOARD_PORT": str(self.port),
+            "WSBOARD_CONTROL": self.control_path,
+            **(env or {}),
+        }
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [*GUNICORN, *args, "wsboard:app"],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            Control(self.control_path, timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+
+@pytest.fixture
+def gunicorn(tmp_path):
+    started = []
+
+    def start(*args, env=None):
+        server = Gunicorn(tmp_path, *args, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
 
 
 def raw_http(port: int, request: bytes, timeout: float = 5) -> bytes:

@@ -14,8 +14,7 @@ import time
 
 import pytest
 import websocket
-from conftest import free_port, upgrade_request, wait_until
-from test_server import close_frame
+from conftest import close_frame, free_port, upgrade_request, wait_until
 
 import wsboard
 
@@ -394,20 +393,54 @@ def test_a_watcher_hears_connects_messages_and_disconnects(server):
     assert ask_json(watcher, {"op": "unwatch"}) == {"ok": True, "watching": False}
 
 
-def test_a_watcher_that_falls_behind_is_dropped(server_factory):
-    server = server_factory("--watch-queue", "2", "--max-message", "65536")
+def test_a_watcher_that_falls_behind_on_connects_is_dropped(server_factory):
+    server = server_factory("--watch-queue", "2", "--allowed-origins", "*")
     lazy = socket.socket(socket.AF_UNIX)
     lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     lazy.connect(server.control_path)
     lazy.sendall(b'{"op":"watch"}\n')
-    talker = server.websocket("talker")
-    for _ in range(60):
-        talker.send("z" * 60_000)
+    origin = "http://" + "o" * 7000  # fat connect events fill the watcher's socket quickly
+    for n in range(80):
+        server.websocket(f"comer{n}", origin=origin).close()
+        if "dropped a watcher" in server.log():
+            break
     wait_until(
         lambda: "dropped a watcher" in server.log() or None, what="the watcher to be dropped"
     )
-    assert server.control().ask("SEND MESSAGE talker fine") == "OK"
+    assert server.control().ask("PING") == "PONG"
     lazy.close()
+
+
+def test_a_message_flood_cannot_push_connect_events_out(server_factory):
+    server = server_factory("--watch-queue", "50", "--max-client-rate", "0")
+    control = server.control()
+    assert ask_json(control, {"op": "watch"}) == {"ok": True, "watching": True}
+    flooder = server.websocket("flooder")
+    for _n in range(3000):
+        flooder.send_binary(b"xy")
+    late = [server.websocket(f"late{n}") for n in range(20)]
+    seen = set()
+    while len(seen) < 20:
+        event = json.loads(control.line())
+        if event.get("event") == "connect" and event["id"].startswith("late"):
+            seen.add(event["id"])
+    assert len(seen) == 20 and len(late) == 20
+    assert "dropped a watcher" not in server.log()
+
+
+def test_a_browser_over_the_message_rate_is_closed_with_1008(server_factory):
+    server = server_factory("--max-client-rate", "50")
+    chatty = server.websocket("chatty")
+    calm = server.websocket("calm")
+    for _n in range(200):
+        try:
+            chatty.send("x")
+        except (OSError, websocket.WebSocketException):
+            break
+    assert close_frame(chatty) == (1008, "too many messages")
+    wait_until(lambda: "too many messages" in server.log() or None, what="the disconnect line")
+    assert server.control().ask("SEND MESSAGE calm still here") == "OK"
+    assert calm.recv() == "still here"
 
 
 class Hook(http.server.BaseHTTPRequestHandler):
@@ -473,7 +506,9 @@ def test_frames_held_during_a_batch_keep_their_order_across_commands(server):
     assert [b.recv() for _ in range(3)] == ["2", "3", "4"]
 
 
-def test_a_ping_after_our_close_does_not_cut_the_close_handshake_short(server):
+def test_a_ping_after_our_close_does_not_cut_the_close_handshake_short(server_factory):
+    server = server_factory("--close-timeout", "30")  # only the reply can end it in time
+
     def frame(opcode: int, payload: bytes) -> bytes:  # masked with zeros, as the RFC allows
         return bytes((0x80 | opcode, 0x80 | len(payload))) + b"\x00\x00\x00\x00" + payload
 
@@ -484,6 +519,52 @@ def test_a_ping_after_our_close_does_not_cut_the_close_handshake_short(server):
     assert raw.recv(64) == b"\x88\x08\x0f\xa0kicked"  # our close: 4000 "kicked"
     raw.sendall(frame(0x9, b"still there?"))  # a ping sent before it read our close
     raw.sendall(frame(0x8, struct.pack("!H", 4000) + b"bye"))
-    server.wait_listed(0)
-    wait_until(lambda: "closed by client (4000)" in server.log() or None, what="the close reply")
+    started = time.monotonic()
+    wait_until(lambda: "disconnect pinger" in server.log() or None, what="the close reply")
+    assert time.monotonic() - started < 10
+    assert "disconnect pinger" in server.log() and "kicked (4000 kicked)" in server.log()
     assert raw.recv(64) == b""  # no pong: after our close frame we send nothing more
+
+
+def disconnect_reason(server, client_id):
+    line = wait_until(
+        lambda: next(
+            (x for x in server.log().splitlines() if f"disconnect {client_id} " in x), None
+        ),
+        what=f"the disconnect of {client_id}",
+    )
+    return line.split(": ", 1)[1].split(": ", 1)[1]
+
+
+@pytest.mark.parametrize("how", ["plain", "json"])
+def test_a_kick_is_reported_as_a_kick_though_the_client_answers_its_close(server, how):
+    ws = server.websocket("kicked1")
+    server.wait_listed(1)
+    if how == "plain":
+        assert server.control().ask("KICK kicked1") == "OK 1"
+        expected = "kicked (4000 kicked)"
+    else:
+        answer = ask_json(
+            server.control(), {"op": "kick", "id": "kicked1", "code": 4001, "reason": "bye"}
+        )
+        assert answer == {"ok": True, "sockets": 1}
+        expected = "kicked (4001 bye)"
+    assert close_frame(ws)[0] in (4000, 4001)  # websocket-client answers the close at once
+    assert disconnect_reason(server, "kicked1") == expected
+
+
+def test_a_shutdown_is_reported_as_a_shutdown(server_factory):
+    server = server_factory("--drain-window", "0")
+    ws = server.websocket("leaving")
+    server.wait_listed(1)
+    server.proc.send_signal(signal.SIGTERM)
+    assert close_frame(ws) == (1001, "server shutting down; reconnect")
+    assert server.stop() == 0
+    assert disconnect_reason(server, "leaving") == "server shutdown"
+
+
+def test_a_client_close_is_reported_as_the_clients(server):
+    ws = server.websocket("quitter")
+    server.wait_listed(1)
+    ws.close(status=4321)
+    assert disconnect_reason(server, "quitter") == "closed by client (4321)"

@@ -3,57 +3,8 @@
 import os
 import signal
 import subprocess
-import sys
 
-import pytest
-from conftest import ROOT, Control, free_port, wait_until
-from test_server import close_frame
-
-GUNICORN = [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py")]
-
-
-class Gunicorn:
-    def __init__(self, tmp_path, *args):
-        self.port = free_port()
-        self.control_path = str(tmp_path / "control.sock")
-        self.log_path = tmp_path / "gunicorn.log"
-        env = {**os.environ, "WSBOARD_PORT": str(self.port), "WSBOARD_CONTROL": self.control_path}
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [*GUNICORN, *args, "wsboard:app"],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log(self):
-        return self.log_path.read_text(errors="replace")
-
-    def ready(self):
-        if self.proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
-        try:
-            Control(self.control_path, timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-
-@pytest.fixture
-def gunicorn(tmp_path):
-    started = []
-
-    def start(*args):
-        server = Gunicorn(tmp_path, *args)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+from conftest import ROOT, Control, close_frame, free_port, wait_until
 
 
 def test_gunicorn_serves_websockets_and_the_control_socket(gunicorn):

@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 import websocket
-from conftest import ROOT, Control, raw_http, upgrade_request, wait_until
+from conftest import ROOT, Control, http_request, raw_http, upgrade_request, wait_until
 from test_server import close_frame
 
 import wsboard
@@ -65,27 +65,49 @@ def test_signed_query_carries_id_exp_and_token():
 
 
 @pytest.mark.parametrize(
-    "origin, host, patterns, allowed",
+    "origin, host, patterns, hosts, allowed",
     [
-        (None, "example.com", (), True),
-        ("http://example.com", "example.com", (), True),
-        ("https://example.com", "example.com", (), True),
-        ("https://example.com:443", "example.com", (), True),
-        ("http://127.0.0.1:8080", "127.0.0.1:8080", (), True),
-        ("http://127.0.0.1:8081", "127.0.0.1:8080", (), False),
-        ("http://evil.example", "example.com", (), False),
-        ("http://example.com.evil.example", "example.com", (), False),
-        ("null", "example.com", (), False),
-        ("http://example.com/path", "example.com", (), False),
-        ("https://app.example.com", "ws.example.com", ("https://*.example.com",), True),
-        ("https://example.com", "ws.example.com", ("https://*.example.com",), False),
-        ("http://app.example.com", "ws.example.com", ("https://*.example.com",), False),
-        ("https://APP.Example.com", "x", ("https://app.example.com",), True),
-        ("https://anything", "x", ("*",), True),
+        (None, "example.com", (), (), True),
+        ("http://example.com", "example.com", (), ("example.com",), True),
+        ("https://example.com", "example.com", (), ("*.com",), True),
+        ("https://example.com:443", "example.com", (), ("example.com",), True),
+        ("http://127.0.0.1:8080", "127.0.0.1:8080", (), (), True),
+        ("http://localhost:8080", "localhost:8080", (), (), True),
+        ("http://[::1]:8080", "[::1]:8080", (), (), True),
+        ("http://127.0.0.1:8081", "127.0.0.1:8080", (), (), False),
+        ("http://evil.example", "example.com", (), ("example.com",), False),
+        ("http://example.com.evil.example", "example.com", (), ("example.com",), False),
+        ("null", "example.com", (), ("example.com",), False),
+        ("http://example.com/path", "example.com", (), ("example.com",), False),
+        # DNS rebinding: the attacker's name, resolved to us, is same-origin with itself
+        ("http://evil.example:8080", "evil.example:8080", (), (), False),
+        ("http://evil.example:8080", "evil.example:8080", (), ("example.com",), False),
+        ("https://app.example.com", "ws.example.com", ("https://*.example.com",), (), True),
+        ("https://example.com", "ws.example.com", ("https://*.example.com",), (), False),
+        ("http://app.example.com", "ws.example.com", ("https://*.example.com",), (), False),
+        ("https://APP.Example.com", "x", ("https://app.example.com",), (), True),
+        ("https://anything", "x", ("*",), (), True),
     ],
 )
-def test_origin_allowed(origin, host, patterns, allowed):
-    assert wsboard.origin_allowed(origin, host, patterns) is allowed
+def test_origin_allowed(origin, host, patterns, hosts, allowed):
+    assert wsboard.origin_allowed(origin, host, patterns, hosts) is allowed
+
+
+@pytest.mark.parametrize(
+    "host, hosts, trusted",
+    [
+        ("127.0.0.1:8080", (), True),
+        ("[::1]:8080", (), True),
+        ("localhost", (), True),
+        ("evil.example:8080", (), False),
+        ("push.example.com", ("push.example.com",), True),
+        ("a.example.com:443", ("*.example.com",), True),
+        ("", (), False),
+        ("[bad", (), False),
+    ],
+)
+def test_only_addresses_localhost_and_listed_names_are_trusted_hosts(host, hosts, trusted):
+    assert wsboard.host_trusted(host, hosts) is trusted
 
 
 def test_passwords_are_kept_as_pbkdf2_hashes():
@@ -158,8 +180,13 @@ def test_tokens_are_hidden_in_logged_request_lines():
         (["--secret", "short"], {}, "at least 16 characters"),
         (["--secret", SECRET, "--secret-file", "/etc/hostname"], {}, "not both"),
         (["--secret-file", "/nonexistent/secret"], {}, "No such file"),
-        (["--admin-password", "pbkdf2_sha256$x$y$z"], {}, "hash is malformed"),
+        (["--admin-password", "pbkdf2_sha256$x$y$z"], {}, "is malformed"),
+        # "pbkdf2_sha256$200000$ab$cd" in double quotes: the shell ate every $word
+        (["--admin-password", "pbkdf2_sha25600000"], {}, "single quotes"),
+        (["--admin-password", "a"], {}, "at least 8 characters"),
         (["--control-mode", "0400"], {}, "owner read and write"),
+        (["--control-mode", "0666"], {}, "no access"),
+        (["--control-mode", "0604"], {}, "no access"),
         (["--control-mode", "rw"], {}, "is not a number"),
         (["--control-group", "no-such-group-here"], {}, "is not a group"),
         ([], {"WSBOARD_TRUSTED_PROXIES": "not-an-ip"}, "WSBOARD_TRUSTED_PROXIES"),
@@ -319,27 +346,13 @@ def test_allowed_origins_patterns_are_honoured(server_factory):
 # The admin routes #############################################################
 
 
-def request(server, path, body=None, headers=None, auth=None):
-    headers = dict(headers or {})
-    if body is not None:
-        headers.setdefault("Content-Type", "application/json")
-    if auth:
-        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-    req = urllib.request.Request(server.url + path, data=body, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as response:
-            return response.status, response.headers, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers, error.read().decode()
-
-
 SEND = json.dumps({"clientId": "target", "message": "hi"}).encode()
 
 
 def test_without_a_password_admin_routes_refuse_requests_relayed_by_a_proxy(server):
-    status, _, body = request(server, "/admin", headers={"X-Forwarded-For": "203.0.113.5"})
+    status, _, body = http_request(server, "/admin", headers={"X-Forwarded-For": "203.0.113.5"})
     assert status == 403 and "--admin-password" in body
-    status, _, body = request(
+    status, _, body = http_request(
         server, "/sendMessage", SEND, headers={"X-Forwarded-For": "203.0.113.5"}
     )
     assert status == 403 and json.loads(body)["error"] is True
@@ -355,9 +368,9 @@ def protected(request, server_factory):
 
 
 def test_admin_routes_ask_for_the_password(protected):
-    status, headers, _ = request(protected, "/admin")
+    status, headers, _ = http_request(protected, "/admin")
     assert status == 401 and headers["WWW-Authenticate"].startswith('Basic realm="wsboard admin"')
-    status, _, body = request(protected, "/sendMessage", SEND)
+    status, _, body = http_request(protected, "/sendMessage", SEND)
     assert status == 401 and json.loads(body) == {
         "error": True,
         "message": "Admin password required",
@@ -366,15 +379,17 @@ def test_admin_routes_ask_for_the_password(protected):
 
 @pytest.mark.parametrize("auth", ["admin:wrong", "root:correct horse battery", "admin:"])
 def test_a_wrong_admin_credential_is_refused(protected, auth):
-    assert request(protected, "/admin", auth=auth)[0] == 401
+    assert http_request(protected, "/admin", auth=auth)[0] == 401
     assert "correct horse" not in protected.log()
 
 
 def test_the_right_admin_credential_opens_both_routes(protected):
     ws = protected.websocket("target")
     protected.wait_listed(1)
-    assert request(protected, "/admin", auth="admin:correct horse battery")[0] == 200
-    status, _, body = request(protected, "/sendMessage", SEND, auth="admin:correct horse battery")
+    assert http_request(protected, "/admin", auth="admin:correct horse battery")[0] == 200
+    status, _, body = http_request(
+        protected, "/sendMessage", SEND, auth="admin:correct horse battery"
+    )
     assert status == 200 and json.loads(body) == {"error": False, "message": ""}
     assert json.loads(ws.recv()) == {"message": "hi"}
 
@@ -392,7 +407,7 @@ def test_the_right_admin_credential_opens_both_routes(protected):
 def test_cross_site_requests_to_send_message_are_refused(server, headers, status):
     ws = server.websocket("target")
     server.wait_listed(1)
-    code, _, body = request(server, "/sendMessage", SEND, headers=headers)
+    code, _, body = http_request(server, "/sendMessage", SEND, headers=headers)
     assert code == status and json.loads(body)["error"] is True
     ws.settimeout(0.3)
     with pytest.raises(websocket.WebSocketTimeoutException):
@@ -403,7 +418,7 @@ def test_a_same_origin_request_to_send_message_is_accepted(server):
     ws = server.websocket("target")
     server.wait_listed(1)
     headers = {"Origin": server.url, "Sec-Fetch-Site": "same-origin"}
-    assert request(server, "/sendMessage", SEND, headers=headers)[0] == 200
+    assert http_request(server, "/sendMessage", SEND, headers=headers)[0] == 200
     assert json.loads(ws.recv()) == {"message": "hi"}
 
 
@@ -413,13 +428,13 @@ def test_refusals_are_counted_on_the_admin_page(server):
         server.port,
         upgrade_request("?id=x").replace(b"\r\n\r\n", b"\r\nOrigin: http://evil\r\n\r\n"),
     )
-    body = request(server, "/admin")[2]
+    body = http_request(server, "/admin")[2]
     assert "<td>bad_id</td><td>1</td>" in body and "<td>origin</td><td>1</td>" in body
 
 
 @pytest.mark.parametrize("path", ["/", "/admin", "/static/board.js", "/nowhere"])
 def test_every_answer_carries_the_security_headers(server, path):
-    _, headers, _ = request(server, path)
+    _, headers, _ = http_request(server, path)
     csp = headers["Content-Security-Policy"]
     assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
     assert f"ws://127.0.0.1:{server.port}" in csp
@@ -440,7 +455,7 @@ def test_the_hash_password_command_makes_a_hash_the_server_accepts(server_factor
     stored = made.stdout.strip()
     assert stored.startswith("pbkdf2_sha256$") and "long enough" not in stored
     server = server_factory("--admin-password", stored)
-    assert request(server, "/admin", auth="admin:a long enough password")[0] == 200
+    assert http_request(server, "/admin", auth="admin:a long enough password")[0] == 200
 
 
 # The control socket ###########################################################

@@ -6,7 +6,6 @@ import re
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import time
@@ -15,7 +14,15 @@ import urllib.request
 
 import pytest
 import websocket
-from conftest import ROOT, Control, raw_http, upgrade_request, wait_until
+from conftest import (
+    ROOT,
+    Control,
+    close_frame,
+    http_request,
+    raw_http,
+    upgrade_request,
+    wait_until,
+)
 
 # Listing and sending ##########################################################
 
@@ -242,15 +249,6 @@ def test_messages_from_browsers_are_read_and_the_socket_stays_open(server):
     assert ws.recv() == "back"
 
 
-def close_frame(ws) -> tuple:
-    """Read until the server's close frame; return (code, reason)."""
-    while True:
-        opcode, frame = ws.recv_data_frame(control_frame=True)
-        if opcode == websocket.ABNF.OPCODE_CLOSE:
-            code = struct.unpack("!H", frame.data[:2])[0] if len(frame.data) >= 2 else None
-            return code, frame.data[2:].decode()
-
-
 def test_a_message_over_max_message_is_closed_with_1009(server_factory):
     server = server_factory("--max-message", "1000")
     ws = server.websocket("chatty")
@@ -315,42 +313,28 @@ def test_a_control_client_that_never_reads_its_answers_is_dropped(server_factory
 # Pages ########################################################################
 
 
-def http(server, path, body=None, content_type="application/json"):
-    request = urllib.request.Request(
-        server.url + path,
-        data=body,
-        method="POST" if body is not None else "GET",
-        headers={"Content-Type": content_type},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, response.headers, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers, error.read().decode()
-
-
 def test_the_board_page_shows_a_random_board_id(server):
-    status, headers, body = http(server, "/")
+    status, headers, body = http_request(server, "/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     assert 'src="/static/board.js"' in body
     board_id = re.compile(r'id="boardId" data-query="id=([A-Z0-9]{10})">([A-Z0-9]{10})<')
-    first, second = board_id.search(body), board_id.search(http(server, "/")[2])
+    first, second = board_id.search(body), board_id.search(http_request(server, "/")[2])
     assert first and second, body
     assert first.group(1) == first.group(2)
     assert first.group(1) != second.group(1)
 
 
 def test_static_files_are_served_and_paths_cannot_escape(server):
-    status, headers, body = http(server, "/static/board.js")
+    status, headers, body = http_request(server, "/static/board.js")
     assert status == 200 and "textContent" in body
-    assert http(server, "/static/../../wsboard.py")[0] in (403, 404)
-    assert http(server, "/nowhere")[0] == 404
+    assert http_request(server, "/static/../../wsboard.py")[0] in (403, 404)
+    assert http_request(server, "/nowhere")[0] == 404
 
 
 def test_the_admin_page_lists_connected_clients(server):
     ws = server.websocket("admin-sees-me")
     server.wait_listed(1)
-    status, _, body = http(server, "/admin")
+    status, _, body = http_request(server, "/admin")
     port = ws.sock.getsockname()[1]
     assert status == 200
     assert f"<td>admin-sees-me</td><td>127.0.0.1:{port}</td>" in body
@@ -361,14 +345,16 @@ def test_send_message_endpoint_delivers_the_message_as_json(server):
     ws = server.websocket("form")
     server.wait_listed(1)
     body = json.dumps({"clientId": "form", "message": "hi <b>you</b> \u00e9"}).encode()
-    status, headers, answer = http(server, "/sendMessage", body)
+    status, headers, answer = http_request(server, "/sendMessage", body)
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert json.loads(answer) == {"error": False, "message": ""}
     assert json.loads(ws.recv()) == {"message": "hi <b>you</b> \u00e9"}
 
 
 def test_send_message_endpoint_answers_client_not_found(server):
-    status, _, answer = http(server, "/sendMessage", b'{"clientId": "nobody", "message": "x"}')
+    status, _, answer = http_request(
+        server, "/sendMessage", b'{"clientId": "nobody", "message": "x"}'
+    )
     assert status == 200 and json.loads(answer) == {"error": True, "message": "Client Not Found"}
 
 
@@ -385,14 +371,14 @@ def test_send_message_endpoint_answers_client_not_found(server):
     ],
 )
 def test_malformed_send_message_bodies_get_400_with_the_same_json_shape(server, body):
-    status, headers, answer = http(server, "/sendMessage", body)
+    status, headers, answer = http_request(server, "/sendMessage", body)
     data = json.loads(answer)
     assert status == 400 and headers["Content-Type"] == "application/json"
     assert data["error"] is True and isinstance(data["message"], str) and data["message"]
 
 
 def test_an_oversized_send_message_body_gets_413(server):
-    status, _, answer = http(server, "/sendMessage", b"x" * (1024 * 1024 + 1))
+    status, _, answer = http_request(server, "/sendMessage", b"x" * (1024 * 1024 + 1))
     assert status == 413 and json.loads(answer)["error"] is True
 
 
@@ -561,7 +547,7 @@ def test_a_burst_of_lists_is_answered_without_piling_up(server):
 def test_a_chunked_send_message_body_is_refused_with_411(server):
     body = b'{"clientId": "a", "message": "x"}'
     request = (
-        b"POST /sendMessage HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /sendMessage HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
         + f"{len(body):x}\r\n".encode()
         + body

@@ -53,7 +53,7 @@ def test_bad_control_lines_are_refused_with_a_reason(line, error):
 
 def test_every_command_answers_with_at_least_one_line():
     for verb, args in (("list", ()), ("send", ("nobody", "x")), ("error", ("why",))):
-        lines = wsboard.run_command(Command(verb, args))
+        lines = wsboard.run_command(Command(verb, args), wsboard.ControlConnection(wsboard.Board()))
         assert lines and all("\n" not in line for line in lines)
 
 
@@ -124,33 +124,70 @@ def good_handshake(**changes):
         "HTTP_SEC_WEBSOCKET_VERSION": "13",
         "HTTP_SEC_WEBSOCKET_KEY": "dGhlIHNhbXBsZSBub25jZQ==",
         "QUERY_STRING": "id=abc",
+        "REMOTE_ADDR": "10.0.0.7",
     }
     environ.update(changes)
     return environ
 
 
-def test_a_good_handshake_is_not_refused():
-    assert wsboard.handshake_refusal(good_handshake(), "HTTP/1.1") is None
+def parse(environ, version="HTTP/1.1", address=("10.0.0.7", 5555), trusted=()):
+    return wsboard.parse_handshake(environ, version, address, trusted)
+
+
+def test_a_good_handshake_parses_once_into_everything_the_checks_need():
+    hs = parse(good_handshake(HTTP_ORIGIN="http://a.example", HTTP_HOST="a.example"))
+    assert isinstance(hs, wsboard.Handshake)
+    assert (hs.client_id, hs.ip, hs.peer, hs.origin, hs.host, hs.subprotocol) == (
+        "abc",
+        "10.0.0.7",
+        "10.0.0.7:5555",
+        "http://a.example",
+        "a.example",
+        "",
+    )
+
+
+def test_a_handshake_carries_the_resume_point_the_token_and_the_subprotocol():
+    hs = parse(
+        good_handshake(
+            QUERY_STRING="id=abc&exp=99&token=ff&epoch=9f1c&last=41",
+            HTTP_SEC_WEBSOCKET_PROTOCOL="other, wsboard.v1",
+        )
+    )
+    assert (hs.exp, hs.token, hs.epoch, hs.last, hs.subprotocol) == (
+        "99",
+        "ff",
+        "9f1c",
+        41,
+        "wsboard.v1",
+    )
+
+
+def test_behind_a_trusted_proxy_the_peer_is_the_browsers_address():
+    environ = good_handshake(REMOTE_ADDR="10.0.0.1", HTTP_X_FORWARDED_FOR="203.0.113.9")
+    hs = parse(environ, address=("10.0.0.1", 40000), trusted=wsboard._networks("10.0.0.1"))
+    assert (hs.ip, hs.peer) == ("203.0.113.9", "203.0.113.9:40000")
 
 
 @pytest.mark.parametrize(
     "changes, version, status",
     [
-        ({"QUERY_STRING": ""}, "HTTP/1.1", "400 Bad Request"),
-        ({"QUERY_STRING": "id="}, "HTTP/1.1", "400 Bad Request"),
-        ({"QUERY_STRING": "id=a&id=b"}, "HTTP/1.1", "400 Bad Request"),
-        ({"QUERY_STRING": "id=%3Cscript%3E"}, "HTTP/1.1", "400 Bad Request"),
-        ({"HTTP_SEC_WEBSOCKET_KEY": "not base64!"}, "HTTP/1.1", "400 Bad Request"),
-        ({"HTTP_SEC_WEBSOCKET_KEY": "c2hvcnQ="}, "HTTP/1.1", "400 Bad Request"),
-        ({"HTTP_SEC_WEBSOCKET_VERSION": "8"}, "HTTP/1.1", "426 Upgrade Required"),
-        ({"REQUEST_METHOD": "POST"}, "HTTP/1.1", "400 Bad Request"),
-        ({}, "HTTP/1.0", "400 Bad Request"),
-        ({"HTTP_CONNECTION": "close"}, "HTTP/1.1", "400 Bad Request"),
+        ({"QUERY_STRING": ""}, "HTTP/1.1", 400),
+        ({"QUERY_STRING": "id="}, "HTTP/1.1", 400),
+        ({"QUERY_STRING": "id=a&id=b"}, "HTTP/1.1", 400),
+        ({"QUERY_STRING": "id=%3Cscript%3E"}, "HTTP/1.1", 400),
+        ({"HTTP_SEC_WEBSOCKET_KEY": "not base64!"}, "HTTP/1.1", 400),
+        ({"HTTP_SEC_WEBSOCKET_KEY": "c2hvcnQ="}, "HTTP/1.1", 400),
+        ({"HTTP_SEC_WEBSOCKET_VERSION": "8"}, "HTTP/1.1", 426),
+        ({"REQUEST_METHOD": "POST"}, "HTTP/1.1", 400),
+        ({}, "HTTP/1.0", 400),
+        ({"HTTP_CONNECTION": "close"}, "HTTP/1.1", 400),
     ],
 )
 def test_bad_handshakes_are_refused_with_a_status(changes, version, status):
-    refusal = wsboard.handshake_refusal(good_handshake(**changes), version)
-    assert refusal is not None and refusal[0] == status and refusal[1]
+    refusal = parse(good_handshake(**changes), version)
+    assert isinstance(refusal, wsboard.Refusal)
+    assert refusal.status == status and refusal.reason
 
 
 # /sendMessage body ############################################################
@@ -225,7 +262,7 @@ def test_every_option_has_a_flag_an_environment_variable_and_help():
 def test_the_registry_counts_by_id_and_address_as_sockets_come_and_go():
     registry = wsboard.Registry()
     conns = [
-        wsboard.Connection(cid, ("127.0.0.1", n), ip, None)
+        wsboard.Connection(cid, f"1.{n}", f"{ip}:{n}", ip, None, wsboard.FRAMINGS[""])
         for n, (cid, ip) in enumerate([("a", "10.0.0.1"), ("a", "10.0.0.2"), ("b", "10.0.0.1")])
     ]
     for conn in conns:

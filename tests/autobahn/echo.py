@@ -19,9 +19,11 @@ from geventwebsocket.exceptions import WebSocketError  # noqa: E402
 import wsboard  # noqa: E402  (patches with gevent first)
 
 
-class EchoHandler(wsboard.WebSocketHandler):
-    def run_websocket(self) -> None:
-        ws = self.websocket
+class EchoBoard(wsboard.Board):
+    """A board whose sessions echo what they receive instead of reporting it."""
+
+    def serve_websocket(self, conn: wsboard.Connection) -> None:
+        ws = conn.ws
         try:
             while (message := ws.receive()) is not None:
                 ws.send(message, binary=not isinstance(message, str))
@@ -35,13 +37,15 @@ def main() -> None:
     port = int(sys.argv[1])
     max_message = int(sys.argv[2]) if len(sys.argv) > 2 else 64 * 1024 * 1024
     # Group 9 echoes messages of up to 16 MiB: the send queue must hold one whole.
-    wsboard.configure(
-        wsboard.Config(max_message=max_message, queue_bytes=max_message, log_level="warning")
+    board = EchoBoard(
+        wsboard.Config(
+            max_message=max_message, queue_bytes=max_message, max_client_rate=0, log_level="warning"
+        )
     )
     server = WSGIServer(
         ("127.0.0.1", port),
-        wsboard.app,
-        handler_class=EchoHandler,
+        board,
+        handler_class=wsboard.WebSocketHandler,
         log=None,
         error_log=logging.getLogger("echo.error"),
     )
