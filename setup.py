@@ -2,25 +2,18 @@ from setuptools import setup
 
 setup(
     name="wsboard",
-    version="0.1.0",
+    version="0.2.0",
     description="A small, fast, safe WebSocket push server beside a request/response web app",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
     py_modules=["wsboard"],
-    data_files=[
-        ("share/wsboard/views", ["views/board.tpl", "views/admin.tpl"]),
-        (
-            "share/wsboard/views/static",
-            [
-                "views/static/board.js",
-                "views/static/admin.js",
-                "views/static/wsboard.js",
-                "views/static/wsboard.css",
-            ],
-        ),
-    ],
+    # The views travel as package data, so every install mode (venv, --user, --target,
+    # wheel) finds them next to the code.
+    packages=["wsboard_views"],
+    package_dir={"wsboard_views": "views"},
+    package_data={"wsboard_views": ["*.tpl", "static/*", "gunicorn.conf.py"]},
     install_requires=[
         "gevent>=24",
         "gevent-websocket==0.10.1",
@@ -32,6 +25,7 @@ setup(
         "gunicorn": ["gunicorn[gevent]>=23"],
         "test": [
             "pytest>=8",
+            "hypothesis>=6",
             "websocket-client>=1.7",
             "selenium>=4.20",
             "gunicorn[gevent]>=23",

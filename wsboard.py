@@ -397,14 +397,15 @@ def admin_hash(password: str) -> str:
 SUBCOMMAND_HELP = (
     "commands: wsboard [OPTIONS] runs the server; wsboard token ID [--ttl S] prints a signed "
     "query string for ID; wsboard hash-password hashes an admin password read from stdin; "
-    "wsboard check-config checks the settings and exits. `wsboard COMMAND --help` for more."
+    "wsboard check-config checks the settings and exits; wsboard gunicorn-conf prints the "
+    "path of the gunicorn.conf.py installed with it. `wsboard COMMAND --help` for more."
 )
 
 
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsboard",
-        usage="wsboard [OPTIONS] | wsboard {token,hash-password,check-config} ...",
+        usage="wsboard [OPTIONS] | wsboard {token,hash-password,check-config,gunicorn-conf} ...",
         description="WebSocket push server: browsers connect to /websocket?id=ID, "
         "the backend app pushes to them over a UNIX control socket. " + SUBCOMMAND_HELP,
         epilog="Each option can also be set by the environment variable named in brackets; "
@@ -3334,10 +3335,25 @@ def check_config_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def gunicorn_conf_command(argv: Sequence[str]) -> int:
+    """wsboard gunicorn-conf: print the path of the gunicorn.conf.py installed with wsboard."""
+    argparse.ArgumentParser(
+        prog="wsboard gunicorn-conf",
+        description="Print the path of wsboard's gunicorn.conf.py, for "
+        'gunicorn -c "$(wsboard gunicorn-conf)" wsboard:app',
+    ).parse_args(argv)
+    path = os.path.join(VIEWS, "gunicorn.conf.py")
+    if not os.path.isfile(path):
+        raise ConfigError(f"no gunicorn.conf.py at {path}")
+    print(os.path.realpath(path))
+    return 0
+
+
 SUBCOMMANDS = {
     "token": token_command,
     "hash-password": hash_password_command,
     "check-config": check_config_command,
+    "gunicorn-conf": gunicorn_conf_command,
 }
 
 

@@ -79,6 +79,9 @@ class Control:
         self.sock.close()
 
 
+SHORT_TIMEOUTS = ("--close-timeout", "1", "--shutdown-timeout", "2")
+
+
 class Server:
     """wsboard started for real as `python wsboard.py` on a free loopback port."""
 
@@ -92,7 +95,16 @@ class Server:
         else:
             self.control_path = str(tmp_path / "control.sock")
         self.log_path = tmp_path / f"wsboard-{self.port}.log"
-        self.args = ["--port", str(self.port), "--control", self.control_path, *args]
+        # Short close and shutdown timeouts, so no test waits out the 5 s defaults; a test's
+        # own flags come later and win.
+        self.args = [
+            "--port",
+            str(self.port),
+            "--control",
+            self.control_path,
+            *SHORT_TIMEOUTS,
+            *args,
+        ]
         self.env = {**os.environ, **(env or {})}
         self.proc = None
 
@@ -213,6 +225,8 @@ class Gunicorn:
             **os.environ,
             "WSBOARD_PORT": str(self.port),
             "WSBOARD_CONTROL": self.control_path,
+            "WSBOARD_CLOSE_TIMEOUT": "1",
+            "WSBOARD_SHUTDOWN_TIMEOUT": "2",
             **(env or {}),
         }
         with open(self.log_path, "wb") as log:

@@ -1,8 +1,13 @@
 """The pure parts of wsboard, called directly: no sockets."""
 
+import io
+import json
+import os
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import wsboard
 from wsboard import Command, parse_control_line
@@ -286,4 +291,218 @@ def test_the_registry_counts_by_id_and_address_as_sockets_come_and_go():
         len(registry) == 0
         and registry.sockets_of("a") == []
         and registry.count_for_ip("10.0.0.1") == 0
+    )
+
+
+# Whole-word verbs, HELP from the table ########################################
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"KICKME", b"KICKXbc", b"KICKALL", b"BROADCASTx", b"PINGX", b"HELPME", b"LIST", b"SEND"],
+)
+def test_a_verb_never_matches_by_prefix(line):
+    assert parse_control_line(line) == Command("error", ("Unknown command",))
+
+
+def test_verbs_without_their_argument_say_what_is_missing():
+    assert parse_control_line(b"KICK") == Command("error", ("Missing client id",))
+    assert parse_control_line(b"KICK ") == Command("error", ("Missing client id",))
+    assert parse_control_line(b"BROADCAST") == Command("error", ("Missing message text",))
+    assert parse_control_line(b"KICK me") == Command("kick", ("me",))
+
+
+def test_help_is_made_from_the_verb_table_and_the_json_ops():
+    help_line = wsboard.help_line()
+    assert help_line.startswith("OK commands: ")
+    for verb in wsboard.VERBS.values():
+        assert verb.usage in help_line
+    for op in wsboard.JSON_OPS:
+        assert op in help_line
+
+
+# Inputs that once dropped the control connection ##############################
+
+
+def board_context(**settings):
+    return wsboard.ControlConnection(wsboard.Board(wsboard.Config(**settings)))
+
+
+def json_answer(ctx, line: bytes) -> dict:
+    (answer,) = wsboard.run_command(parse_control_line(line), ctx)
+    return json.loads(answer)
+
+
+@pytest.mark.parametrize(
+    "line, error",
+    [
+        (b'{"op":' + b"[" * 2000 + b"]" * 2000 + b"}", "nested too deeply"),
+        (b'{"op":"send","to":"a","data":' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+        (b'{"op":"send","to":"a","data":"\\ud800"}', "lone surrogates"),
+        (b'{"op":"kick","id":"a","code":4000.0}', '"code" must be'),
+        (b'{"op":"kick","id":"a","code":true}', '"code" must be'),
+        (b'{"op":"kick","id":"a","reason":"\\udfff"}', "lone surrogates"),
+        (b'{"op":"send","to":"a","data":NaN}', "NaN is not a JSON number"),
+        (b'{"op":"send","to":"a","data":-Infinity}', "-Infinity is not a JSON number"),
+        (b'{"op":"send","to":"a","data":1e999}', "out of range"),
+    ],
+)
+def test_json_inputs_that_once_crashed_get_an_error_answer(line, error):
+    answer = json_answer(board_context(), line)
+    assert answer["ok"] is False and error in answer["error"]
+
+
+def test_an_idempotent_retry_echoes_its_own_ref():
+    ctx = board_context()
+    hub = ctx.board.hub
+    ws = __import__("test_hub").RecordingSocket()
+    hs = __import__("test_hub").handshake("a")
+    hub.attach(wsboard.Connection("a", "1.1", "x:1", "10.0.0.1", ws, wsboard.FRAMINGS[""]), hs)
+    first = json_answer(ctx, b'{"op":"send","to":"a","data":"x","key":"k","ref":1}')
+    again = json_answer(ctx, b'{"op":"send","to":"a","data":"x","key":"k","ref":2}')
+    ctx.batch.release()
+    assert (first["ref"], again["ref"], again["duplicate"]) == (1, 2, True)
+    assert "duplicate" not in first and len(ws.frames) == 1
+
+
+def one_answer_per_line(ctx, line: bytes) -> None:
+    lines = wsboard.run_command(parse_control_line(line), ctx)
+    assert lines and all("\n" not in answer for answer in lines)
+    if lines[0] == "=== START ===":
+        assert lines[-1] == "=== END ==="
+    else:
+        assert len(lines) == 1
+    if line.rstrip(b"\r").startswith(b"{"):
+        answer = json.loads(lines[0])
+        assert isinstance(answer, dict) and isinstance(answer["ok"], bool)
+
+
+PROPERTY_CONTEXT = board_context()
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_every_plain_line_gets_exactly_one_answer(line):
+    one_answer_per_line(PROPERTY_CONTEXT, line.replace(b"\n", b""))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["send", "broadcast", "list", "kick", "ping", "stats", "nope", 7, None]),
+    st.dictionaries(
+        st.sampled_from(["to", "data", "key", "id", "code", "reason", "ref"]), json_values
+    ),
+)
+def test_every_json_line_gets_exactly_one_answer(op, fields):
+    line = json.dumps({"op": op, **fields}, allow_nan=True).encode()
+    one_answer_per_line(PROPERTY_CONTEXT, line)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from([b"SEND MESSAGE ", b"KICK ", b"BROADCAST ", b"{", b'{"op":"send","to":']),
+    st.binary(max_size=200),
+)
+def test_every_line_with_a_real_verb_and_any_tail_gets_exactly_one_answer(head, tail):
+    one_answer_per_line(PROPERTY_CONTEXT, (head + tail).replace(b"\n", b""))
+
+
+# /sendMessage in-process, through the real WSGI app ###########################
+
+
+def post_send_message(board, body: bytes, length: int | None = None) -> tuple:
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/sendMessage",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "8080",
+        "HTTP_HOST": "127.0.0.1:8080",
+        "REMOTE_ADDR": "127.0.0.1",
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": str(len(body) if length is None else length),
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": io.StringIO(),
+    }
+    status = []
+    chunks = board(environ, lambda s, headers, exc_info=None: status.append(s))
+    return int(status[0].split()[0]), json.loads(b"".join(chunks))
+
+
+SEND_BOARD = wsboard.Board()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_every_send_message_body_gets_a_json_answer_and_never_a_500(body):
+    status, answer = post_send_message(SEND_BOARD, body)
+    assert status in (200, 400) and set(answer) == {"error", "message"}
+
+
+def test_a_deeply_nested_send_message_body_is_a_400():
+    status, answer = post_send_message(SEND_BOARD, b"[" * 50_000 + b"]" * 50_000)
+    assert status == 400 and answer["error"] is True
+
+
+def test_a_send_message_body_shorter_than_its_length_is_a_408():
+    status, answer = post_send_message(SEND_BOARD, b'{"clientId":"a"', length=100)
+    assert status == 408 and answer["error"] is True
+
+
+# Limits that fit the machine ##################################################
+
+
+def test_the_descriptor_limit_is_raised_when_it_can_be():
+    assert wsboard.descriptor_plan(1024, 1 << 20, 10000, 256) == (11344, 10000, 256, 1024)
+
+
+def test_limits_are_lowered_to_fit_a_descriptor_limit_that_cannot_be_raised():
+    soft, conns, control, headroom = wsboard.descriptor_plan(256, 256, 10000, 256)
+    assert soft == 256 and conns + control + headroom + wsboard.FD_RESERVE <= 256
+    assert conns >= 100 and control >= 1 and headroom >= 1
+
+
+def test_the_inbox_keeps_a_total_byte_budget_dropping_the_oldest_ids():
+    inbox = wsboard.Inbox(100, 1 << 20, 300, 1000, total_bytes=1000)
+    for n in range(10):
+        inbox.add(f"id{n}", "x" * 250, now=1.0, offline=True)
+    assert inbox.total_bytes <= 1000 and len(inbox) <= 4
+    assert inbox.take_undelivered("id9", 1.0) == ["x" * 250]
+    assert inbox.take_undelivered("id0", 1.0) == []
+
+
+# The control socket's place ###################################################
+
+
+def test_auto_picks_a_private_directory_and_an_explicit_path_is_kept(tmp_path):
+    assert wsboard.control_socket_path("/x/y.sock") == "/x/y.sock"
+    path = wsboard.control_socket_path("auto", environ={"XDG_RUNTIME_DIR": str(tmp_path)})
+    assert path.endswith("/wsboard.sock")
+    directory = os.path.dirname(path)
+    assert not os.stat(directory).st_mode & 0o022
+
+
+def test_a_world_writable_directory_without_the_sticky_bit_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert "writable by everyone" in wsboard.directory_refusal(str(shared / "c.sock"))
+    shared.chmod(0o1777)
+    assert wsboard.directory_refusal(str(shared / "c.sock")) is None
+    assert "another user could take the path" in wsboard.directory_warning(str(shared / "c.sock"))
+    assert wsboard.directory_warning(str(tmp_path / "c.sock")) is None
+
+
+def test_a_directory_another_user_can_write_is_not_private(tmp_path):
+    assert wsboard.private_directory(str(tmp_path), os.getuid(), make=False)
+    tmp_path.chmod(0o777)
+    assert not wsboard.private_directory(str(tmp_path), os.getuid(), make=False)
+    tmp_path.chmod(0o700)
+    assert not wsboard.private_directory(str(tmp_path), os.getuid() + 4242, make=False) or (
+        os.stat(tmp_path).st_uid == 0
     )

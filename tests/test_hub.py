@@ -1,0 +1,223 @@
+"""The hub contract, written once and run against every hub in wsboard.HUBS.
+
+A hub is the only way to the sockets, so these tests drive it in-process with sockets that
+record the frames they are given; the wire itself is tested on real sockets elsewhere.
+"""
+
+import json
+
+import pytest
+
+import wsboard
+
+
+class RecordingSocket:
+    """What a hub may touch of a BoardSocket, recording every frame it is given."""
+
+    def __init__(self) -> None:
+        self.frames: list = []
+        self.closed = False
+        self.close_code = None
+        self.end_reason = None
+        self.queued_bytes = 0
+
+    def send_frame_bytes(self, frame: bytes) -> None:
+        if self.closed:
+            raise wsboard.WebSocketError("Connection is already closed")
+        self.frames.append(frame)
+
+    def write_frames(self, frames: list) -> None:
+        for frame in frames:
+            self.send_frame_bytes(frame)
+
+    def end(self, reason, code, told="", detail="") -> None:
+        self.end_reason, self.close_code, self.closed = reason, code, True
+
+    def ended(self, reason, detail="") -> None:
+        self.end_reason = reason
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def texts(self) -> list:
+        """The payloads of the text frames received, decoded."""
+        out = []
+        for frame in self.frames:
+            assert frame[0] == 0x81, frame[:2]
+            length = frame[1] & 0x7F
+            start = 2 if length < 126 else 4 if length == 126 else 10
+            out.append(frame[start:].decode("utf-8"))
+        return out
+
+
+def make_hub(name, **settings):
+    return wsboard.HUBS[name](wsboard.Config(**settings))
+
+
+@pytest.fixture(params=sorted(wsboard.HUBS))
+def hub_name(request):
+    return request.param
+
+
+@pytest.fixture
+def hub(hub_name):
+    return make_hub(hub_name)
+
+
+def handshake(client_id, ip="10.0.0.1", subprotocol="", epoch="", last=0):
+    return wsboard.Handshake(
+        client_id, ip, f"{ip}:1", None, "127.0.0.1", "k", subprotocol, "", "", epoch, last
+    )
+
+
+counter = iter(range(1, 1_000_000))
+
+
+def connect(hub, client_id, ip="10.0.0.1", subprotocol=""):
+    """Admit and attach a socket, as the handshake does; return (conn, its opening frames)."""
+    hs = handshake(client_id, ip, subprotocol)
+    assert hub.admit(hs) is None
+    ws = RecordingSocket()
+    conn = wsboard.Connection(
+        client_id, f"1.{next(counter)}", hs.peer, ip, ws, wsboard.FRAMINGS[subprotocol]
+    )
+    opening = hub.attach(conn, hs)
+    ws.write_frames(opening)
+    return conn
+
+
+def test_a_send_reaches_every_socket_of_the_id_and_no_other(hub):
+    tabs = [connect(hub, "a") for _ in range(3)]
+    other = connect(hub, "b")
+    result = hub.send(["a"], "hello", keep_offline=False)
+    assert (result.sockets, result.queued, result.missing) == (3, 0, [])
+    assert [tab.ws.texts() for tab in tabs] == [["hello"]] * 3
+    assert other.ws.texts() == []
+
+
+def test_a_send_to_an_id_with_no_socket_is_missing(hub):
+    result = hub.send(["nobody"], "x", keep_offline=False)
+    assert (result.sockets, result.queued, result.missing) == (0, 0, ["nobody"])
+
+
+def test_a_detached_socket_is_gone_from_sends_and_listings(hub):
+    gone, kept = connect(hub, "gone"), connect(hub, "kept")
+    hub.detach(gone)
+    hub.detach(gone)  # twice: no harm
+    assert hub.send(["gone"], "x", keep_offline=False).missing == ["gone"]
+    assert [row.client_id for row in hub.clients()] == ["kept"]
+    assert hub.local_count() == 1 and kept.ws.texts() == []
+
+
+def test_a_closing_socket_is_neither_listed_nor_reached(hub):
+    closing = connect(hub, "closing")
+    closing.ws.closed = True  # e.g. cut for a full send queue, its session not yet over
+    assert hub.clients() == []
+    assert hub.send(["closing"], "x", keep_offline=False).sockets == 0
+    assert hub.local_count() == 1  # it still holds its descriptor until its session ends
+
+
+def test_listings_carry_id_connection_id_peer_and_protocol(hub):
+    conn = connect(hub, "v1er", ip="10.0.0.9", subprotocol="wsboard.v1")
+    (row,) = hub.clients()
+    assert (row.client_id, row.conn_id, row.peer, row.protocol) == (
+        "v1er",
+        conn.conn_id,
+        "10.0.0.9:1",
+        "wsboard.v1",
+    )
+
+
+def test_a_broadcast_reaches_every_open_socket_once(hub):
+    conns = [connect(hub, f"c{n}") for n in range(5)]
+    conns[0].ws.closed = True
+    assert hub.broadcast("all") == 4
+    assert [c.ws.texts() for c in conns[1:]] == [["all"]] * 4
+
+
+def test_a_kick_ends_every_socket_of_the_id_with_its_code(hub):
+    a1, a2, b = connect(hub, "a"), connect(hub, "a"), connect(hub, "b")
+    assert hub.kick("a", 4001, "bye") == 2
+    assert (a1.ws.close_code, a2.ws.close_code, b.ws.close_code) == (4001, 4001, None)
+    assert a1.ws.end_reason is wsboard.EndReason.KICKED
+    assert hub.kick("nobody", 4000, "kicked") == 0
+
+
+def test_limits_count_every_attached_socket(hub_name):
+    hub = make_hub(hub_name, max_connections=3, max_connections_per_ip=2, max_sockets_per_id=1)
+    connect(hub, "a", ip="10.0.0.1")
+    assert hub.admit(handshake("a", ip="10.0.0.2")).reason.startswith("Too many sockets for")
+    connect(hub, "b", ip="10.0.0.1")
+    assert "this address" in hub.admit(handshake("c", ip="10.0.0.1")).reason
+    connect(hub, "c", ip="10.0.0.2")
+    refusal = hub.admit(handshake("d", ip="10.0.0.3"))
+    assert refusal.status == 503 and refusal.reason == "Too many connections (limit 3)"
+
+
+def test_a_keyed_send_is_delivered_once_and_a_retry_gets_the_first_result(hub):
+    tab = connect(hub, "a")
+    first = hub.send(["a"], "once", keep_offline=False, key="k1")
+    again = hub.send(["a"], "once", keep_offline=False, key="k1")
+    assert tab.ws.texts() == ["once"]
+    assert (first.duplicate, again.duplicate, again.sockets) == (False, True, 1)
+
+
+def test_a_failed_keyed_send_may_be_tried_again(hub):
+    assert hub.send(["late"], "x", keep_offline=False, key="k2").missing == ["late"]
+    tab = connect(hub, "late")
+    assert hub.send(["late"], "x", keep_offline=False, key="k2").duplicate is False
+    assert tab.ws.texts() == ["x"]
+
+
+def test_frames_held_in_a_batch_go_out_together_and_in_order(hub):
+    a = connect(hub, "a")
+    batch = wsboard.Batch()
+    hub.send(["a"], "1", keep_offline=False, batch=batch)
+    hub.send(["a"], "2", keep_offline=False, batch=batch)
+    assert a.ws.texts() == []  # held
+    hub.broadcast("3", batch)  # behind what is held for a, never before it
+    batch.release()
+    assert a.ws.texts() == ["1", "2", "3"]
+
+
+def test_a_broadcast_in_a_batch_passes_straight_to_sockets_with_nothing_held(hub):
+    a, b = connect(hub, "a"), connect(hub, "b")
+    batch = wsboard.Batch()
+    hub.send(["a"], "held", keep_offline=False, batch=batch)
+    hub.broadcast("now", batch)
+    assert (a.ws.texts(), b.ws.texts()) == ([], ["now"])
+    batch.release()
+    assert a.ws.texts() == ["held", "now"]
+
+
+def test_v1_sockets_get_a_hello_then_numbered_frames(hub_name):
+    hub = make_hub(hub_name, inbox=10)
+    conn = connect(hub, "v", subprotocol="wsboard.v1")
+    hello = json.loads(conn.ws.texts()[0])["hello"]
+    assert hello["inbox"] is True and hello["seq"] == 0
+    hub.send(["v"], "hi", keep_offline=False)
+    assert json.loads(conn.ws.texts()[1]) == {"seq": 1, "data": "hi"}
+
+
+def test_what_was_queued_offline_reaches_the_next_plain_socket_once(hub_name):
+    hub = make_hub(hub_name, inbox=10)
+    result = hub.send(["p"], "while away", keep_offline=True)
+    assert (result.sockets, result.queued) == (0, 1)
+    first = connect(hub, "p")
+    second = connect(hub, "p")
+    assert first.ws.texts() == ["while away"] and second.ws.texts() == []
+
+
+def test_what_was_delivered_is_not_replayed_to_a_plain_socket(hub_name):
+    hub = make_hub(hub_name, inbox=10)
+    tab = connect(hub, "p")
+    hub.send(["p"], "seen", keep_offline=True)
+    hub.detach(tab)
+    assert connect(hub, "p").ws.texts() == []
+
+
+def test_stats_count_open_sockets(hub):
+    connect(hub, "a")
+    closing = connect(hub, "b")
+    closing.ws.closed = True
+    assert hub.stats()["sockets"] == 1

@@ -1,0 +1,1 @@
+"""wsboard's templates and static files, installed as package data beside wsboard.py."""
