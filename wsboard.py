@@ -776,6 +776,7 @@ SUBPROTOCOL = "wsboard.v1"  # frames become {"seq": n, "data": text}; see docs/p
 OPCODE_TEXT = 0x1
 OPCODE_CLOSE = 0x8
 PING_FRAME = b"\x89\x00"  # an empty ping, the same bytes for every socket
+FLUSH_BYTES = 256 * 1024  # queued frames joined into one write, up to this size
 
 
 class MessageTooBig(WebSocketError):
@@ -1063,11 +1064,10 @@ class BoardSocket(_GeventWebSocket):
     def write_frames(self, frames: list) -> None:
         """Write several frames in one send() where the kernel takes them; queue the rest
         frame by frame, so a bound cuts between frames, never inside one."""
-        if self.backlog is not None or len(frames) == 1:
-            for frame in frames:
-                self._write(frame)
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        if self.backlog is not None:  # nothing of it is sent yet: it waits as one block
+            self._write(data)
             return
-        data = b"".join(frames)
         sent = self._send_now(data)
         if sent == len(data):
             return
@@ -1076,8 +1076,8 @@ class BoardSocket(_GeventWebSocket):
             sent -= len(frames[index])
             index += 1
         self._start_backlog(frames[index][sent:])
-        for frame in frames[index + 1 :]:
-            self._write(frame)
+        if index + 1 < len(frames):
+            self._write(b"".join(frames[index + 1 :]))
 
     def _send_now(self, data: bytes) -> int:
         """What the kernel takes of data without waiting."""
@@ -1118,16 +1118,19 @@ class BoardSocket(_GeventWebSocket):
         backlog = self.backlog
         try:
             while backlog:
-                data = backlog[0]
+                chunk = [backlog.popleft()]  # what waits goes out in as few writes as it can
+                size = len(chunk[0])
+                while backlog and size < FLUSH_BYTES:
+                    chunk.append(backlog.popleft())
+                    size += len(chunk[-1])
+                self.backlog_bytes -= size
                 limit = (
                     self.cfg.close_timeout
                     if self.half_close_after_flush
                     else self.cfg.write_timeout
                 )
                 with gevent.Timeout(limit, WriteTimedOut("write timed out")):
-                    self.sock.sendall(data)
-                backlog.popleft()
-                self.backlog_bytes -= len(data)
+                    self.sock.sendall(chunk[0] if len(chunk) == 1 else b"".join(chunk))
         except WriteTimedOut:
             if not self.closed:
                 self.ended(EndReason.WRITE_TIMEOUT)
@@ -1149,7 +1152,7 @@ class BoardSocket(_GeventWebSocket):
 
     def _overflow(self) -> None:
         """Too slow to keep up: drop what it has not begun to receive, queue a 1013 close."""
-        head = self.backlog[0] if self.backlog else None  # may be half-written: keep it whole
+        head = self.backlog[0] if self.backlog else None  # a begun frame's rest: keep it whole
         self.backlog.clear()
         if head is not None:
             self.backlog.append(head)
