@@ -280,6 +280,8 @@ OPTIONS = (
     Option("max_handshakes_per_ip", "32", _positive_int,
            "connections per client address that may be still sending their request head "
            "(more: 503); trusted proxies are exempt"),
+    Option("max_channels_per_socket", "100", _positive_int,
+           "channels one WebSocket may be in at most (its URL's and those joined later)"),
     Option("max_control_connections", "256", _positive_int,
            "open control connections at most"),
     Option("max_line", "1048576", _positive_int,
@@ -464,6 +466,16 @@ def is_valid_client_id(value: object) -> bool:
     return isinstance(value, str) and CLIENT_ID.fullmatch(value) is not None
 
 
+# Channel names follow Pusher's rules, so the Pusher endpoint can share the namespace.
+CHANNEL_NAME = re.compile(r"[A-Za-z0-9_\-=@,.;]{1,164}")
+CHANNEL_RULE = "1-164 characters from A-Z a-z 0-9 _ - = @ , . ;"
+PRIVATE_PREFIXES = ("private-", "presence-")  # need a token that covers them, when ids are signed
+
+
+def is_valid_channel(value: object) -> bool:
+    return isinstance(value, str) and CHANNEL_NAME.fullmatch(value) is not None
+
+
 def new_board_id() -> str:
     """A random id for a board page, in the seed's form: 10 of A-Z 0-9."""
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -523,30 +535,59 @@ class Refusal(NamedTuple):
 # Small pure checks, each answering "why is this refused?" with a reason or None. The
 # handshake, the admin routes and the control socket call them at their edges.
 
-# Signed client ids: token = hex(HMAC-SHA256(secret, "<id>.<exp>")), exp a Unix time.
-# In PHP: hash_hmac('sha256', "$id.$exp", $secret)
+# Signed client ids: token = hex(HMAC-SHA256(secret, "<id>.<exp>")), exp a Unix time. A
+# socket that asks for private- or presence- channels signs them too, in the order its URL
+# names them, each after a "|" (which neither ids nor channel names may hold):
+# "<id>.<exp>|<channel>|<channel>". In PHP:
+# hash_hmac('sha256', "$id.$exp" . implode('', array_map(fn($c) => "|$c", $private)), $secret)
 
 
-def mint_token(secret: bytes, client_id: str, exp: int) -> str:
-    return hmac.new(secret, f"{client_id}.{exp}".encode(), hashlib.sha256).hexdigest()
+def signed_string(client_id: str, exp: int, private: Sequence[str] = ()) -> str:
+    return f"{client_id}.{exp}" + "".join("|" + channel for channel in private)
 
 
-def signed_query(secret: bytes, client_id: str, ttl: int, now: float | None = None) -> str:
-    """The query string a browser needs to connect as client_id for ttl seconds."""
+def mint_token(secret: bytes, client_id: str, exp: int, private: Sequence[str] = ()) -> str:
+    message = signed_string(client_id, exp, private).encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def private_channels(channels: Iterable[str]) -> list:
+    return [channel for channel in channels if channel.startswith(PRIVATE_PREFIXES)]
+
+
+def signed_query(
+    secret: bytes,
+    client_id: str,
+    ttl: int,
+    now: float | None = None,
+    channels: Sequence[str] = (),
+) -> str:
+    """The query string a browser needs to connect as client_id (in channels) for ttl s."""
     exp = int(time.time() if now is None else now) + ttl
-    return urlencode({"id": client_id, "exp": exp, "token": mint_token(secret, client_id, exp)})
+    token = mint_token(secret, client_id, exp, private_channels(channels))
+    fields = [("id", client_id), *(("channel", c) for c in channels), ("exp", exp)]
+    return urlencode([*fields, ("token", token)])
 
 
-def token_refusal(secret: bytes, client_id: str, exp: str, token: str, now: float) -> str | None:
+def token_refusal(
+    secret: bytes,
+    client_id: str,
+    exp: str,
+    token: str,
+    now: float,
+    private: Sequence[str] = (),
+) -> str | None:
     if not exp or not token:
         return "a signed id needs exp and token"
     if not (exp.isascii() and exp.isdigit() and len(exp) <= 12):
         return "exp must be a Unix time"
     if int(exp) < now:
         return "token expired"
-    expected = mint_token(secret, client_id, int(exp)).encode()
+    expected = mint_token(secret, client_id, int(exp), private).encode()
     # Hex in either case: PHP's hash_hmac gives lowercase, other tools may not.
     if not hmac.compare_digest(expected, token.lower().encode("utf-8", "surrogateescape")):
+        if private:
+            return "token does not match (it must sign the private and presence channels too)"
         return "token does not match"
     return None
 
@@ -901,10 +942,26 @@ class Handshake(NamedTuple):
     token: str
     epoch: str
     last: int
+    channels: tuple = ()  # joined before the 101, in the order the URL names them
+
+
+def parse_channels(names: Sequence[str], limit: int) -> "tuple | Refusal":
+    """The channel= names of an upgrade, or the Refusal of a bad or oversized list."""
+    if len(names) > limit:
+        return Refusal(400, f"Too many channels (limit {limit})", "bad_channel")
+    for name in names:
+        if not is_valid_channel(name):
+            shown = name[:40] + ("…" if len(name) > 40 else "")
+            return Refusal(400, f"Invalid channel name {shown!r}: {CHANNEL_RULE}", "bad_channel")
+    return tuple(dict.fromkeys(names))
 
 
 def parse_handshake(
-    environ: Mapping[str, str], http_version: str, address: object, trusted: Sequence
+    environ: Mapping[str, str],
+    http_version: str,
+    address: object,
+    trusted: Sequence,
+    max_channels: int = 100,
 ) -> "Handshake | Refusal":
     """The upgrade request as a Handshake, or the Refusal of a malformed one."""
     if environ.get("REQUEST_METHOD") != "GET" or http_version != "HTTP/1.1":
@@ -926,6 +983,9 @@ def parse_handshake(
     ids = query.get("id", [])
     if len(ids) != 1 or not is_valid_client_id(ids[0]):
         return Refusal(400, f"Invalid client id: give exactly one id of {CLIENT_ID_RULE}", "bad_id")
+    channels = parse_channels(query.get("channel", []), max_channels)
+    if isinstance(channels, Refusal):
+        return channels
     ip = client_ip(environ, trusted)
     port = address[1] if isinstance(address, tuple) and len(address) >= 2 else 0
     offered = environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
@@ -942,6 +1002,7 @@ def parse_handshake(
         token=query.get("token", [""])[0],
         epoch=epoch,
         last=last,
+        channels=channels,
     )
 
 
@@ -950,7 +1011,8 @@ def access_refusal(hs: Handshake, cfg: Config, now: float) -> Refusal | None:
     if not origin_allowed(hs.origin, hs.host, cfg.allowed_origins, cfg.allowed_hosts):
         return Refusal(403, "Origin not allowed", "origin")
     if cfg.secret_key:
-        reason = token_refusal(cfg.secret_key, hs.client_id, hs.exp, hs.token, now)
+        private = private_channels(hs.channels)
+        reason = token_refusal(cfg.secret_key, hs.client_id, hs.exp, hs.token, now, private)
         if reason:
             return Refusal(403, "Signed id refused: " + reason, "token")
     return None
@@ -1379,7 +1441,11 @@ class WebSocketHandler(_GeventWebSocketHandler):
             return WSGIHandler.run_application(self)
         board = self.board
         hs = parse_handshake(
-            environ, self.request_version, self.client_address, board.cfg.trusted_proxies
+            environ,
+            self.request_version,
+            self.client_address,
+            board.cfg.trusted_proxies,
+            board.cfg.max_channels_per_socket,
         )
         if not isinstance(hs, Refusal):
             refusal = access_refusal(hs, board.cfg, time.time()) or board.hub.admit(hs)
@@ -1488,15 +1554,19 @@ class Connection:
 
 
 class Registry:
-    """This process's sockets by client id, with the counts the limits ask for."""
+    """This process's sockets by client id, by connection id and by channel, with the
+    counts the limits ask for. A socket's memberships end when it is removed."""
 
     def __init__(self) -> None:
         self._by_id: dict[str, dict[Connection, None]] = {}
+        self._by_conn: dict[str, Connection] = {}
+        self._channels: dict[str, dict[Connection, None]] = {}
         self._per_ip: collections.Counter = collections.Counter()
         self._count = 0  # kept, not summed: every handshake asks
 
     def add(self, conn: Connection) -> None:
         self._by_id.setdefault(conn.client_id, {})[conn] = None
+        self._by_conn[conn.conn_id] = conn
         self._per_ip[conn.ip] += 1
         self._count += 1
 
@@ -1504,13 +1574,50 @@ class Registry:
         sockets = self._by_id.get(conn.client_id)
         if sockets is None or conn not in sockets:
             return
+        for channel in list(conn.channels or ()):
+            self.leave(conn, channel)
         del sockets[conn]
+        self._by_conn.pop(conn.conn_id, None)
         self._count -= 1
         if not sockets:
             del self._by_id[conn.client_id]
         self._per_ip[conn.ip] -= 1
         if not self._per_ip[conn.ip]:
             del self._per_ip[conn.ip]
+
+    def join(self, conn: Connection, channel: str, limit: int) -> bool:
+        """Put conn in channel; False when it is in limit channels already."""
+        if conn.channels is None:
+            conn.channels = set()
+        elif channel in conn.channels:
+            return True
+        if len(conn.channels) >= limit:
+            return False
+        conn.channels.add(channel)
+        self._channels.setdefault(channel, {})[conn] = None
+        return True
+
+    def leave(self, conn: Connection, channel: str) -> bool:
+        if not conn.channels or channel not in conn.channels:
+            return False
+        conn.channels.discard(channel)
+        members = self._channels[channel]
+        del members[conn]
+        if not members:
+            del self._channels[channel]
+        return True
+
+    def connection(self, conn_id: str) -> Connection | None:
+        """The open socket with this connection id, if it is here."""
+        conn = self._by_conn.get(conn_id)
+        return conn if conn is not None and not conn.ws.closed else None
+
+    def members(self, channel: str) -> list:
+        """The sockets in channel that can still take a message."""
+        return [c for c in self._channels.get(channel, ()) if not c.ws.closed]
+
+    def channel_names(self) -> list:
+        return list(self._channels)
 
     def count_for_id(self, client_id: str) -> int:
         """Sockets of client_id, closing ones included: they still hold resources."""
@@ -1547,12 +1654,12 @@ class Framing:
     def message(self, text: str, seq: int | None) -> bytes:
         return text_frame(text)
 
-    def opening(self, inbox: "Inbox | None", client_id: str, hs: Handshake, now: float) -> list:
+    def opening(self, inbox: "Inbox | None", conn: "Connection", hs: Handshake, now: float) -> list:
         """Frames the socket gets right after its 101: what was queued while the id had no
         socket, delivered once, to the first socket that comes."""
         if inbox is None:
             return []
-        return [text_frame(text) for text in inbox.take_undelivered(client_id, now)]
+        return [text_frame(text) for text in inbox.take_undelivered(conn.client_id, now)]
 
 
 class V1Framing(Framing):
@@ -1563,13 +1670,13 @@ class V1Framing(Framing):
     def message(self, text: str, seq: int | None) -> bytes:
         return text_frame(json.dumps({"seq": seq, "data": text}, separators=(",", ":")))
 
-    def opening(self, inbox: "Inbox | None", client_id: str, hs: Handshake, now: float) -> list:
+    def opening(self, inbox: "Inbox | None", conn: "Connection", hs: Handshake, now: float) -> list:
         if inbox is None:
-            return [compact_frame({"hello": {"inbox": False, "epoch": None, "seq": None}})]
-        box, missed, gap = inbox.missed(client_id, hs.epoch, hs.last, now)
-        frames = [
-            compact_frame({"hello": {"inbox": True, "epoch": box.epoch, "seq": box.last_seq}})
-        ]
+            hello = {"inbox": False, "epoch": None, "seq": None, "conn": conn.conn_id}
+            return [compact_frame({"hello": hello})]
+        box, missed, gap = inbox.missed(conn.client_id, hs.epoch, hs.last, now)
+        hello = {"inbox": True, "epoch": box.epoch, "seq": box.last_seq, "conn": conn.conn_id}
+        frames = [compact_frame({"hello": hello})]
         if gap:
             frames.append(
                 compact_frame({"gap": {"after": hs.last if hs.epoch == box.epoch else 0}})
@@ -1843,9 +1950,12 @@ class LocalHub:
         return Refusal(503, reason, "limit")
 
     def attach(self, conn: Connection, hs: Handshake) -> list:
-        """Register conn; return the frames it gets before any message (its framing says)."""
+        """Register conn, in its URL's channels; return the frames it gets before any
+        message (its framing says)."""
         self.registry.add(conn)
-        return conn.framing.opening(self.inbox, conn.client_id, hs, time.time())
+        for channel in hs.channels:  # bounded by max_channels_per_socket at the handshake
+            self.registry.join(conn, channel, self.cfg.max_channels_per_socket)
+        return conn.framing.opening(self.inbox, conn, hs, time.time())
 
     def detach(self, conn: Connection) -> None:
         self.registry.remove(conn)
@@ -1887,6 +1997,72 @@ class LocalHub:
         """Send text to every open socket (not kept in any inbox); return how many took it."""
         return deliver(self.registry.open_connections(), text, None, batch, hold=False)
 
+    def send_to_connection(self, conn_id: str, text: str, batch: Batch | None = None) -> int:
+        """Send text to one socket by its connection id (not kept in the inbox)."""
+        conn = self.registry.connection(conn_id)
+        return deliver([conn], text, None, batch) if conn is not None else 0
+
+    def publish(
+        self,
+        channels: Sequence[str],
+        text: str,
+        except_conn: str | None = None,
+        batch: Batch | None = None,
+    ) -> int:
+        """Send text to every socket in any of channels, once each, but the one except_conn
+        names; return how many took it. Not kept in any inbox."""
+        if len(channels) == 1:
+            members = self.registry.members(channels[0])
+        else:
+            members = list({c: None for ch in channels for c in self.registry.members(ch)})
+        if except_conn is not None:
+            members = [c for c in members if c.conn_id != except_conn]
+        return deliver(members, text, None, batch, hold=False)
+
+    def _targets(self, client_id: str | None, conn_id: str | None) -> list:
+        if conn_id is not None:
+            conn = self.registry.connection(conn_id)
+            return [conn] if conn is not None else []
+        return self.registry.sockets_of(client_id)
+
+    def join(self, channel: str, client_id: str | None = None, conn_id: str | None = None) -> tuple:
+        """Put the id's open sockets (or one connection) in channel: (found, now in it)."""
+        conns = self._targets(client_id, conn_id)
+        limit = self.cfg.max_channels_per_socket
+        return len(conns), sum(self.registry.join(c, channel, limit) for c in conns)
+
+    def leave(
+        self, channel: str, client_id: str | None = None, conn_id: str | None = None
+    ) -> tuple:
+        """Take the id's open sockets (or one connection) out of channel: (found, taken out)."""
+        conns = self._targets(client_id, conn_id)
+        return len(conns), sum(self.registry.leave(c, channel) for c in conns)
+
+    def online(self, ids: Sequence[str]) -> list:
+        """The ids asked, in the order asked, that have at least one open socket."""
+        return [i for i in dict.fromkeys(ids) if self.registry.sockets_of(i)]
+
+    def count(self, channel: str | None = None) -> tuple:
+        """(open sockets, distinct ids among them), everywhere or in channel."""
+        registry = self.registry
+        conns = registry.open_connections() if channel is None else registry.members(channel)
+        return len(conns), len({c.client_id for c in conns})
+
+    def channel_clients(self, channel: str) -> list:
+        return [self._row(c) for c in self.registry.members(channel)]
+
+    def channels(self) -> dict:
+        """Each channel with an open socket in it, and how many."""
+        counts = {name: len(self.registry.members(name)) for name in self.registry.channel_names()}
+        return {name: count for name, count in counts.items() if count}
+
+    def kick_connection(self, conn_id: str, code: int, reason: str) -> int:
+        conn = self.registry.connection(conn_id)
+        if conn is None:
+            return 0
+        conn.ws.end(EndReason.KICKED, code, reason, f"kicked ({code} {reason})")
+        return 1
+
     def kick(self, client_id: str, code: int, reason: str) -> int:
         conns = self.registry.sockets_of(client_id)
         for conn in conns:
@@ -1896,18 +2072,19 @@ class LocalHub:
     # What there is.
 
     def clients(self) -> list:
-        return [
-            ClientRow(
-                c.client_id,
-                c.conn_id,
-                c.peer,
-                c.connected_at,
-                c.origin,
-                c.framing.name,
-                c.ws.queued_bytes,
-            )
-            for c in self.registry.open_connections()
-        ]
+        return [self._row(c) for c in self.registry.open_connections()]
+
+    @staticmethod
+    def _row(c: Connection) -> ClientRow:
+        return ClientRow(
+            c.client_id,
+            c.conn_id,
+            c.peer,
+            c.connected_at,
+            c.origin,
+            c.framing.name,
+            c.ws.queued_bytes,
+        )
 
     def stats(self) -> dict:
         return {
@@ -2081,10 +2258,43 @@ def parse_text(raw: bytes) -> str | Command:
         return Command("error", ("Message is not valid UTF-8",))
 
 
+def parse_channel(raw: bytes) -> str | Command:
+    """raw as a channel name, or the error Command that refuses it."""
+    if not raw:
+        return Command("error", ("Missing channel",))
+    name = raw.decode("ascii", "replace")
+    return name if is_valid_channel(name) else Command("error", ("Invalid channel name",))
+
+
+MAX_ONLINE_IDS = 1000
+
+
 def parse_args(shape: str, rest: bytes) -> tuple | Command:
-    """The arguments after a verb, by the verb's shape: '', 'id', 'text' or 'id text'."""
+    """The arguments after a verb, by the verb's shape: '', 'id', 'text', 'id text',
+    'channel', 'channel?' (may be absent), 'channel id', 'channel text' or 'ids'."""
     if shape == "":
         return () if not rest.strip(b" ") else Command("error", ("Unknown command",))
+    if shape in ("channel", "channel?"):
+        if shape == "channel?" and not rest.strip(b" "):
+            return (None,)
+        channel = parse_channel(rest.rstrip(b" "))
+        return channel if isinstance(channel, Command) else (channel,)
+    if shape.startswith("channel "):
+        raw_channel, _, tail = rest.partition(b" ")
+        channel = parse_channel(raw_channel)
+        if isinstance(channel, Command):
+            return channel
+        more = parse_args(shape[len("channel ") :], tail)
+        return more if isinstance(more, Command) else (channel, *more)
+    if shape == "ids":
+        raw_ids = rest.split()
+        if not raw_ids:
+            return Command("error", ("Missing client id",))
+        if len(raw_ids) > MAX_ONLINE_IDS:
+            return Command("error", (f"Too many ids (limit {MAX_ONLINE_IDS})",))
+        ids = [parse_client_id(raw) for raw in raw_ids]
+        bad = next((i for i in ids if isinstance(i, Command)), None)
+        return bad if bad is not None else (ids,)
     if shape == "id":
         client_id = parse_client_id(rest.rstrip(b" "))
         return client_id if isinstance(client_id, Command) else (client_id,)
@@ -2111,6 +2321,13 @@ VERBS = {
     b"SEND MESSAGE": Verb("send", "id text", "SEND MESSAGE <id> <text>"),
     b"BROADCAST": Verb("broadcast", "text", "BROADCAST <text>"),
     b"KICK": Verb("kick", "id", "KICK <id>"),
+    b"JOIN": Verb("join", "channel id", "JOIN <channel> <id>"),
+    b"LEAVE": Verb("leave", "channel id", "LEAVE <channel> <id>"),
+    b"PUBLISH": Verb("publish", "channel text", "PUBLISH <channel> <text>"),
+    b"ONLINE": Verb("online", "ids", "ONLINE <id> [<id> ...]"),
+    b"COUNT": Verb("count", "channel?", "COUNT [<channel>]"),
+    b"LIST CHANNEL": Verb("list_channel", "channel", "LIST CHANNEL <channel>"),
+    b"LIST CHANNELS": Verb("list_channels", "", "LIST CHANNELS"),
     b"PING": Verb("ping", "", "PING"),
     b"HELP": Verb("help", "", "HELP"),
 }
@@ -2160,8 +2377,50 @@ def cmd_kick(ctx: "ControlConnection", client_id: str) -> list:
     return [f"OK {count}"] if count else ["ERROR Client Not Found"]
 
 
+def cmd_join(ctx: "ControlConnection", channel: str, client_id: str) -> list:
+    found, joined = ctx.board.hub.join(channel, client_id=client_id)
+    if not found:
+        return ["ERROR Client Not Found"]
+    if not joined:
+        return [f"ERROR Too many channels (limit {ctx.board.cfg.max_channels_per_socket})"]
+    return [f"OK {joined}"]
+
+
+def cmd_leave(ctx: "ControlConnection", channel: str, client_id: str) -> list:
+    found, left = ctx.board.hub.leave(channel, client_id=client_id)
+    return [f"OK {left}"] if found else ["ERROR Client Not Found"]
+
+
+def cmd_online(ctx: "ControlConnection", ids: list) -> list:
+    return [" ".join(["OK", *ctx.board.hub.online(ids)])]
+
+
+def cmd_count(ctx: "ControlConnection", channel: str | None) -> list:
+    sockets, ids = ctx.board.hub.count(channel)
+    return [f"OK {sockets} {ids}"]
+
+
+def cmd_list_channel(ctx: "ControlConnection", channel: str) -> list:
+    rows = [f"{row.client_id} {row.peer}" for row in ctx.board.hub.channel_clients(channel)]
+    return ["=== START ===", *rows, "=== END ==="]
+
+
+def cmd_list_channels(ctx: "ControlConnection") -> list:
+    rows = [f"{name} {count}" for name, count in ctx.board.hub.channels().items()]
+    return ["=== START ===", *rows, "=== END ==="]
+
+
 COMMANDS: dict = {
     "list": cmd_list,
+    "join": cmd_join,
+    "leave": cmd_leave,
+    "publish": lambda ctx, channel, text: [
+        f"OK {ctx.board.hub.publish([channel], text, batch=ctx.batch)}"
+    ],
+    "online": cmd_online,
+    "count": cmd_count,
+    "list_channel": cmd_list_channel,
+    "list_channels": cmd_list_channels,
     "send": cmd_send,
     "broadcast": lambda ctx, text: [f"OK {ctx.board.hub.broadcast(text, ctx.batch)}"],
     "kick": cmd_kick,
@@ -2237,7 +2496,53 @@ def json_text(request: dict) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
+CONN_ID = re.compile(r"[0-9]{1,20}\.[0-9]{1,20}")
+
+
+def json_conn(request: dict, field: str = "conn") -> str | None:
+    """A connection id ("<digits>.<digits>") from request[field], or None when absent."""
+    conn = request.get(field)
+    if conn is None:
+        return None
+    if not (isinstance(conn, str) and CONN_ID.fullmatch(conn)):
+        raise BadRequest(f'"{field}" must be a connection id such as "123.4"')
+    return conn
+
+
+def json_channel(request: dict) -> str:
+    channel = request.get("channel")
+    if not is_valid_channel(channel):
+        raise BadRequest(f'"channel" must be a channel name of {CHANNEL_RULE}')
+    return channel
+
+
+def json_channels(request: dict) -> list:
+    channels = request.get("channel")
+    channels = [channels] if isinstance(channels, str) else channels
+    if not isinstance(channels, list) or not 1 <= len(channels) <= 100:
+        raise BadRequest('"channel" must be a channel name or a list of 1-100 of them')
+    for channel in channels:
+        if not is_valid_channel(channel):
+            raise BadRequest(f"invalid channel name: {str(channel)[:170]!r}")
+    return channels
+
+
+def json_target(request: dict) -> tuple:
+    """(client id, None) or (None, connection id): who a join, leave or kick is for."""
+    conn = json_conn(request)
+    if conn is not None:
+        return None, conn
+    client_id = request.get("id")
+    if not is_valid_client_id(client_id):
+        raise BadRequest('"id" must be a client id (or give "conn", a connection id)')
+    return client_id, None
+
+
 def op_send(ctx: "ControlConnection", request: dict) -> dict:
+    if "conn" in request and "to" not in request:  # one socket, by its connection id
+        conn, text = json_conn(request), json_text(request)
+        sockets = ctx.board.hub.send_to_connection(conn, text, ctx.batch)
+        return {"ok": True, "sockets": 1} if sockets else {"ok": False, "error": "Client Not Found"}
     ids, text, key = json_ids(request), json_text(request), request.get("key")
     if key is not None and not (isinstance(key, str) and 1 <= len(key) <= 200):
         raise BadRequest('"key" must be a string of 1-200 characters')
@@ -2274,9 +2579,7 @@ def op_list(ctx: "ControlConnection", request: dict) -> dict:
 
 
 def op_kick(ctx: "ControlConnection", request: dict) -> dict:
-    client_id = request.get("id")
-    if not is_valid_client_id(client_id):
-        raise BadRequest('"id" must be a client id')
+    client_id, conn = json_target(request)
     code, reason = request.get("code", CloseCode.KICKED), request.get("reason", "kicked")
     if isinstance(code, bool) or not isinstance(code, int) or code not in KICK_CODES:
         raise BadRequest('"code" must be 1000, 1001, 1008, 1011, 1012, 1013 or 4000-4999')
@@ -2286,8 +2589,58 @@ def op_kick(ctx: "ControlConnection", request: dict) -> dict:
         reason.encode("utf-8")
     except UnicodeEncodeError:
         raise BadRequest('"reason" must be valid Unicode (no lone surrogates)') from None
-    count = ctx.board.hub.kick(client_id, int(code), reason)
+    hub = ctx.board.hub
+    if conn is not None:
+        count = hub.kick_connection(conn, int(code), reason)
+    else:
+        count = hub.kick(client_id, int(code), reason)
     return {"ok": True, "sockets": count} if count else {"ok": False, "error": "Client Not Found"}
+
+
+def op_publish(ctx: "ControlConnection", request: dict) -> dict:
+    channels, text = json_channels(request), json_text(request)
+    sockets = ctx.board.hub.publish(channels, text, json_conn(request, "except"), ctx.batch)
+    return {"ok": True, "sockets": sockets}
+
+
+def op_join(ctx: "ControlConnection", request: dict) -> dict:
+    channel, (client_id, conn) = json_channel(request), json_target(request)
+    found, joined = ctx.board.hub.join(channel, client_id, conn)
+    if not found:
+        return {"ok": False, "error": "Client Not Found"}
+    if not joined:
+        limit = ctx.board.cfg.max_channels_per_socket
+        return {"ok": False, "error": f"Too many channels (limit {limit})"}
+    return {"ok": True, "sockets": joined}
+
+
+def op_leave(ctx: "ControlConnection", request: dict) -> dict:
+    channel, (client_id, conn) = json_channel(request), json_target(request)
+    found, left = ctx.board.hub.leave(channel, client_id, conn)
+    return {"ok": True, "sockets": left} if found else {"ok": False, "error": "Client Not Found"}
+
+
+def op_online(ctx: "ControlConnection", request: dict) -> dict:
+    ids = request.get("ids")
+    if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_ONLINE_IDS:
+        raise BadRequest(f'"ids" must be a list of 1-{MAX_ONLINE_IDS} client ids')
+    if not all(is_valid_client_id(i) for i in ids):
+        raise BadRequest('"ids" must hold client ids only')
+    return {"ok": True, "online": ctx.board.hub.online(ids)}
+
+
+def op_count(ctx: "ControlConnection", request: dict) -> dict:
+    channel = json_channel(request) if "channel" in request else None
+    sockets, ids = ctx.board.hub.count(channel)
+    return {"ok": True, "sockets": sockets, "ids": ids}
+
+
+def op_channel(ctx: "ControlConnection", request: dict) -> dict:
+    members = ctx.board.hub.channel_clients(json_channel(request))
+    return {
+        "ok": True,
+        "members": [{"id": r.client_id, "conn": r.conn_id, "peer": r.peer} for r in members],
+    }
 
 
 def op_stats(ctx: "ControlConnection", request: dict) -> dict:
@@ -2312,6 +2665,13 @@ JSON_OPS: dict = {
     },
     "list": op_list,
     "kick": op_kick,
+    "publish": op_publish,
+    "join": op_join,
+    "leave": op_leave,
+    "online": op_online,
+    "count": op_count,
+    "channel": op_channel,
+    "channels": lambda ctx, request: {"ok": True, "channels": ctx.board.hub.channels()},
     "ping": lambda ctx, request: {"ok": True, "pong": True},
     "stats": op_stats,
     "watch": op_watch,

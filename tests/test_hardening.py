@@ -457,3 +457,17 @@ def test_an_installed_copy_finds_its_views_and_gunicorn_conf(tmp_path):
         text=True,
     )
     assert views.stdout.strip() == str(target / "wsboard_views")
+
+
+def test_sigterm_during_a_long_batch_is_acted_on_at_once(server_factory):
+    server = server_factory("--max-connections-per-ip", "1000", "--drain-window", "0")
+    sockets = [server.websocket(f"term{n}") for n in range(400)]
+    server.wait_listed(400)
+    busy = server.control()
+    busy.send(b"BROADCAST z\n" * 2000)  # seconds of work for one connection
+    time.sleep(0.1)
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert close_frame(sockets[0]) == (1001, "server shutting down; reconnect")
+    assert time.monotonic() - started < 2.5
+    assert server.stop() == 0

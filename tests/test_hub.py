@@ -64,18 +64,29 @@ def hub(hub_name):
     return make_hub(hub_name)
 
 
-def handshake(client_id, ip="10.0.0.1", subprotocol="", epoch="", last=0):
+def handshake(client_id, ip="10.0.0.1", subprotocol="", epoch="", last=0, channels=()):
     return wsboard.Handshake(
-        client_id, ip, f"{ip}:1", None, "127.0.0.1", "k", subprotocol, "", "", epoch, last
+        client_id,
+        ip,
+        f"{ip}:1",
+        None,
+        "127.0.0.1",
+        "k",
+        subprotocol,
+        "",
+        "",
+        epoch,
+        last,
+        tuple(channels),
     )
 
 
 counter = iter(range(1, 1_000_000))
 
 
-def connect(hub, client_id, ip="10.0.0.1", subprotocol=""):
-    """Admit and attach a socket, as the handshake does; return (conn, its opening frames)."""
-    hs = handshake(client_id, ip, subprotocol)
+def connect(hub, client_id, ip="10.0.0.1", subprotocol="", channels=()):
+    """Admit and attach a socket, as the handshake does; return the connection."""
+    hs = handshake(client_id, ip, subprotocol, channels=channels)
     assert hub.admit(hs) is None
     ws = RecordingSocket()
     conn = wsboard.Connection(
@@ -221,3 +232,91 @@ def test_stats_count_open_sockets(hub):
     closing = connect(hub, "b")
     closing.ws.closed = True
     assert hub.stats()["sockets"] == 1
+
+
+# Channels ####################################################################
+
+
+def test_sockets_named_channels_at_connect_are_in_them_before_any_frame(hub):
+    a = connect(hub, "a", channels=["room", "lobby"])
+    b = connect(hub, "b", channels=["room"])
+    connect(hub, "c")
+    assert hub.publish(["room"], "hi") == 2
+    assert hub.publish(["lobby"], "only a") == 1
+    assert a.ws.texts() == ["hi", "only a"] and b.ws.texts() == ["hi"]
+
+
+def test_join_and_leave_act_on_every_open_socket_of_the_id(hub):
+    tabs = [connect(hub, "u") for _ in range(3)]
+    assert hub.join("room", client_id="u") == (3, 3)
+    assert hub.join("room", client_id="u") == (3, 3)  # joining again changes nothing
+    assert hub.count("room") == (3, 1)
+    assert hub.leave("room", client_id="u") == (3, 3)
+    assert hub.count("room") == (0, 0) and hub.channels() == {}
+    assert hub.join("room", client_id="nobody") == (0, 0)
+    assert all(tab.ws.texts() == [] for tab in tabs)
+
+
+def test_join_and_leave_by_connection_id_reach_one_socket(hub):
+    one, other = connect(hub, "u"), connect(hub, "u")
+    assert hub.join("room", conn_id=one.conn_id) == (1, 1)
+    assert hub.publish(["room"], "x") == 1
+    assert (one.ws.texts(), other.ws.texts()) == (["x"], [])
+    assert hub.join("room", conn_id="9.9") == (0, 0)
+
+
+def test_a_publish_to_several_channels_reaches_each_socket_once(hub):
+    both = connect(hub, "both", channels=["a", "b"])
+    connect(hub, "just-a", channels=["a"])
+    assert hub.publish(["a", "b"], "once") == 2
+    assert both.ws.texts() == ["once"]
+
+
+def test_a_publish_can_leave_out_the_sender(hub):
+    sender = connect(hub, "s", channels=["room"])
+    other = connect(hub, "o", channels=["room"])
+    assert hub.publish(["room"], "to others", except_conn=sender.conn_id) == 1
+    assert (sender.ws.texts(), other.ws.texts()) == ([], ["to others"])
+
+
+def test_membership_ends_with_the_socket(hub):
+    gone = connect(hub, "g", channels=["room"])
+    hub.detach(gone)
+    assert hub.publish(["room"], "x") == 0
+    assert hub.channels() == {} and hub.channel_clients("room") == []
+
+
+def test_a_socket_is_in_at_most_max_channels(hub_name):
+    hub = make_hub(hub_name, max_channels_per_socket=2)
+    conn = connect(hub, "u", channels=["a", "b"])
+    assert hub.join("c", client_id="u") == (1, 0)
+    assert sorted(conn.channels) == ["a", "b"]
+
+
+def test_online_and_count_tell_who_is_connected(hub):
+    connect(hub, "a")
+    connect(hub, "a")
+    connect(hub, "b", channels=["room"])
+    assert hub.online(["b", "nobody", "a", "b"]) == ["b", "a"]
+    assert hub.count() == (3, 2) and hub.count("room") == (1, 1)
+
+
+def test_channel_listings_show_members_and_counts(hub):
+    a = connect(hub, "a", channels=["room"])
+    connect(hub, "b", channels=["room", "hall"])
+    assert [r.conn_id for r in hub.channel_clients("room")][0] == a.conn_id
+    assert hub.channels() == {"room": 2, "hall": 1}
+
+
+def test_a_send_and_a_kick_by_connection_id_reach_that_socket_only(hub):
+    one, other = connect(hub, "u"), connect(hub, "u")
+    assert hub.send_to_connection(one.conn_id, "just you") == 1
+    assert (one.ws.texts(), other.ws.texts()) == (["just you"], [])
+    assert hub.kick_connection(other.conn_id, 4000, "kicked") == 1
+    assert (one.ws.close_code, other.ws.close_code) == (None, 4000)
+    assert hub.send_to_connection(other.conn_id, "x") == 0
+
+
+def test_v1_hello_carries_the_connection_id(hub):
+    conn = connect(hub, "v", subprotocol="wsboard.v1")
+    assert json.loads(conn.ws.texts()[0])["hello"]["conn"] == conn.conn_id

@@ -506,3 +506,85 @@ def test_a_directory_another_user_can_write_is_not_private(tmp_path):
     assert not wsboard.private_directory(str(tmp_path), os.getuid() + 4242, make=False) or (
         os.stat(tmp_path).st_uid == 0
     )
+
+
+def test_tokens_are_accepted_in_either_hex_case():
+    secret = b"a-secret-of-16-chars!"
+    token = wsboard.mint_token(secret, "u1", 1900000000)
+    assert token == token.lower()
+    assert wsboard.token_refusal(secret, "u1", "1900000000", token.upper(), 1.8e9) is None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--port", "x"], ["--ping-timeout", "soon"], ["--inbox", "1.5"], ["--control-mode", "rw"]],
+)
+def test_every_bad_number_is_said_the_same_way(argv):
+    with pytest.raises(wsboard.ConfigError) as info:
+        wsboard.load_config(argv, environ={})
+    assert str(info.value).startswith(f"{argv[0]}={argv[1]!r}: is not a number")
+
+
+# Channel verbs ################################################################
+
+
+@pytest.mark.parametrize(
+    "line, command",
+    [
+        (b"JOIN room u1", Command("join", ("room", "u1"))),
+        (b"LEAVE room u1 ", Command("leave", ("room", "u1"))),
+        (b"PUBLISH room  two  spaces ", Command("publish", ("room", " two  spaces "))),
+        (b"ONLINE a b  c", Command("online", (["a", "b", "c"],))),
+        (b"COUNT", Command("count", (None,))),
+        (b"COUNT presence-x", Command("count", ("presence-x",))),
+        (b"LIST CHANNEL a=b@c,d.e;f", Command("list_channel", ("a=b@c,d.e;f",))),
+        (b"LIST CHANNELS", Command("list_channels")),
+    ],
+)
+def test_channel_verbs_parse(line, command):
+    assert parse_control_line(line) == command
+
+
+@pytest.mark.parametrize(
+    "line, error",
+    [
+        (b"JOIN", "Missing channel"),
+        (b"JOIN room", "Missing client id"),
+        (b"JOIN ro/om u1", "Invalid channel name"),
+        (b"JOIN " + b"r" * 165 + b" u1", "Invalid channel name"),
+        (b"PUBLISH room", "Missing message text"),
+        (b"ONLINE", "Missing client id"),
+        (b"ONLINE " + b" ".join(b"i%d" % n for n in range(1001)), "Too many ids (limit 1000)"),
+        (b"ONLINE ok b<d", "Invalid client id"),
+        (b"LIST CHANNEL", "Missing channel"),
+        (b"JOINX room u1", "Unknown command"),
+        (b"LIST CHANNELS now", "Unknown command"),
+    ],
+)
+def test_bad_channel_lines_are_refused_with_a_reason(line, error):
+    assert parse_control_line(line) == Command("error", (error,))
+
+
+def test_the_signed_string_adds_private_channels_after_bars():
+    secret = b"a-secret-of-16-chars!"
+    assert wsboard.signed_string("u1", 99, ["private-a", "presence-b"]) == (
+        "u1.99|private-a|presence-b"
+    )
+    assert wsboard.mint_token(secret, "u1", 99) == wsboard.mint_token(secret, "u1", 99, [])
+    token = wsboard.mint_token(secret, "u1", 1900000000, ["private-a"])
+    assert wsboard.token_refusal(secret, "u1", "1900000000", token, 1.8e9, ["private-a"]) is None
+    refusal = wsboard.token_refusal(secret, "u1", "1900000000", token, 1.8e9, ["private-b"])
+    assert "sign the private and presence channels" in refusal
+
+
+def test_a_signed_query_names_its_channels_and_signs_the_private_ones():
+    secret = b"a-secret-of-16-chars!"
+    query = wsboard.signed_query(secret, "u1", 60, now=1000, channels=["news", "private-me"])
+    token = wsboard.mint_token(secret, "u1", 1060, ["private-me"])
+    assert query == f"id=u1&channel=news&channel=private-me&exp=1060&token={token}"
+
+
+def test_url_channels_are_bounded_and_checked():
+    assert wsboard.parse_channels(["a", "b", "a"], 3) == ("a", "b")
+    assert wsboard.parse_channels(["x"] * 4, 3).reason == "Too many channels (limit 3)"
+    assert "Invalid channel name" in wsboard.parse_channels(["bad name"], 3).reason
