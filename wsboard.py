@@ -326,6 +326,9 @@ OPTIONS = (
     Option("offline_ok", "no", _yes_no,
            "with an inbox, SEND MESSAGE to an id with no open socket keeps the message and "
            "answers OK instead of ERROR Client Not Found"),
+    Option("presence_grace", "5", _seconds_or_off,
+           "seconds an id stays a member of a presence- channel after its last socket there "
+           "goes, so a page reload is no leave; also how long its metadata outlives it; 0: none"),
     Option("idempotency_window", "300", _seconds,
            "seconds a JSON send's key is remembered, so a retry is not delivered twice"),
     Option("watch_queue", "10000", _positive_int,
@@ -470,6 +473,8 @@ def is_valid_client_id(value: object) -> bool:
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9_\-=@,.;]{1,164}")
 CHANNEL_RULE = "1-164 characters from A-Z a-z 0-9 _ - = @ , . ;"
 PRIVATE_PREFIXES = ("private-", "presence-")  # need a token that covers them, when ids are signed
+PRESENCE_PREFIX = "presence-"  # such channels keep members: ids, not sockets
+MAX_META_BYTES = 1024
 
 
 def is_valid_channel(value: object) -> bool:
@@ -1607,6 +1612,9 @@ class Registry:
             del self._channels[channel]
         return True
 
+    def has(self, conn: Connection) -> bool:
+        return conn in self._by_id.get(conn.client_id, ())
+
     def connection(self, conn_id: str) -> Connection | None:
         """The open socket with this connection id, if it is here."""
         conn = self._by_conn.get(conn_id)
@@ -1918,14 +1926,19 @@ class ClientRow(NamedTuple):
     origin: str
     protocol: str
     queued_bytes: int
+    meta: dict | None = None
 
 
 class LocalHub:
     """The sockets of this process, their inbox and the idempotency keys, in memory."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, events: "Events | None" = None) -> None:
         self.cfg = cfg
+        self.events = events if events is not None else Events()
         self.registry = Registry()
+        self.meta: dict[str, dict] = {}  # what the backend attached to an id, while it is here
+        self.leaving: dict[tuple, gevent.Greenlet] = {}  # (channel, id) -> its delayed leave
+        self.forgetting: dict[str, gevent.Greenlet] = {}  # id -> its metadata's delayed drop
         self.inbox = (
             Inbox(cfg.inbox, cfg.inbox_bytes, cfg.inbox_ttl, cfg.inbox_ids, cfg.inbox_total_bytes)
             if cfg.inbox
@@ -1953,12 +1966,106 @@ class LocalHub:
         """Register conn, in its URL's channels; return the frames it gets before any
         message (its framing says)."""
         self.registry.add(conn)
+        self._keep_meta(conn.client_id)
+        frames = conn.framing.opening(self.inbox, conn, hs, time.time())
         for channel in hs.channels:  # bounded by max_channels_per_socket at the handshake
-            self.registry.join(conn, channel, self.cfg.max_channels_per_socket)
-        return conn.framing.opening(self.inbox, conn, hs, time.time())
+            if self.registry.join(conn, channel, self.cfg.max_channels_per_socket):
+                frames += self._joined(conn, channel)
+        return frames
 
     def detach(self, conn: Connection) -> None:
+        if not self.registry.has(conn):
+            return
+        channels = [c for c in conn.channels or () if c.startswith(PRESENCE_PREFIX)]
         self.registry.remove(conn)
+        for channel in channels:
+            self._left(conn.client_id, channel)
+        if not self.registry.count_for_id(conn.client_id) and conn.client_id in self.meta:
+            self._later(self.forgetting, conn.client_id, self._forget_meta, conn.client_id)
+
+    # Presence: a presence- channel's members are ids. An id joins with its first socket
+    # there and leaves presence_grace seconds after its last one, unless one comes back.
+
+    def _later(self, pending: dict, key: object, action: Callable, *args: object) -> None:
+        if key in pending:
+            return
+        if not self.cfg.presence_grace:
+            action(*args)
+            return
+
+        def run() -> None:
+            pending.pop(key, None)
+            action(*args)
+
+        pending[key] = gevent.spawn_later(self.cfg.presence_grace, run)
+
+    def _keep_meta(self, client_id: str) -> None:
+        timer = self.forgetting.pop(client_id, None)
+        if timer is not None:
+            timer.kill(block=False)
+
+    def _forget_meta(self, client_id: str) -> None:
+        if not self.registry.count_for_id(client_id):
+            self.meta.pop(client_id, None)
+
+    def _member_ids(self, channel: str) -> list:
+        return list(dict.fromkeys(c.client_id for c in self.registry.members(channel)))
+
+    def _member(self, client_id: str) -> dict:
+        return {"id": client_id, "meta": self.meta.get(client_id)}
+
+    def _tell_members(self, channel: str, change: dict, but: Connection | None = None) -> None:
+        frame = compact_frame({"presence": {"channel": channel, **change}})
+        for conn in self.registry.members(channel):
+            if conn is not but and conn.framing is FRAMINGS[SUBPROTOCOL]:
+                try:
+                    conn.ws.send_frame_bytes(frame)
+                except WebSocketError:
+                    pass
+
+    def _joined(self, conn: Connection, channel: str) -> list:
+        """After conn joined channel: tell the others when its id is new there; return the
+        member list for conn (a wsboard.v1 socket)."""
+        if not channel.startswith(PRESENCE_PREFIX):
+            return []
+        timer = self.leaving.pop((channel, conn.client_id), None)
+        if timer is not None:  # back within the grace: it never left
+            timer.kill(block=False)
+        elif sum(c.client_id == conn.client_id for c in self.registry.members(channel)) == 1:
+            self._tell_members(channel, {"join": self._member(conn.client_id)}, but=conn)
+            self.events.emit(
+                "join", channel=channel, id=conn.client_id, meta=self.meta.get(conn.client_id)
+            )
+        if conn.framing is not FRAMINGS[SUBPROTOCOL]:
+            return []
+        members = [self._member(i) for i in self._member_ids(channel)]
+        return [compact_frame({"presence": {"channel": channel, "members": members}})]
+
+    def _left(self, client_id: str, channel: str) -> None:
+        if any(c.client_id == client_id for c in self.registry.members(channel)):
+            return
+        self._later(self.leaving, (channel, client_id), self._leave_now, client_id, channel)
+
+    def _leave_now(self, client_id: str, channel: str) -> None:
+        if any(c.client_id == client_id for c in self.registry.members(channel)):
+            return
+        self._tell_members(channel, {"leave": {"id": client_id}})
+        self.events.emit("leave", channel=channel, id=client_id)
+
+    def set_meta(self, client_id: str, meta: dict | None) -> int:
+        """Attach meta to an id with open sockets (None takes it off); return its sockets."""
+        sockets = self.registry.sockets_of(client_id)
+        if not sockets:
+            return 0
+        if meta is None:
+            self.meta.pop(client_id, None)
+        else:
+            self.meta[client_id] = meta
+        return len(sockets)
+
+    def presence(self, channel: str) -> list:
+        """The members of a presence channel: its ids, with their metadata."""
+        return [self._member(i) for i in self._member_ids(channel)]
 
     # Delivery.
 
@@ -2028,15 +2135,29 @@ class LocalHub:
     def join(self, channel: str, client_id: str | None = None, conn_id: str | None = None) -> tuple:
         """Put the id's open sockets (or one connection) in channel: (found, now in it)."""
         conns = self._targets(client_id, conn_id)
-        limit = self.cfg.max_channels_per_socket
-        return len(conns), sum(self.registry.join(c, channel, limit) for c in conns)
+        limit, joined = self.cfg.max_channels_per_socket, 0
+        for conn in conns:
+            already = conn.channels is not None and channel in conn.channels
+            if self.registry.join(conn, channel, limit):
+                joined += 1
+                if not already:
+                    for frame in self._joined(conn, channel):
+                        try:
+                            conn.ws.send_frame_bytes(frame)
+                        except WebSocketError:
+                            pass
+        return len(conns), joined
 
     def leave(
         self, channel: str, client_id: str | None = None, conn_id: str | None = None
     ) -> tuple:
         """Take the id's open sockets (or one connection) out of channel: (found, taken out)."""
         conns = self._targets(client_id, conn_id)
-        return len(conns), sum(self.registry.leave(c, channel) for c in conns)
+        left = sum(self.registry.leave(c, channel) for c in conns)
+        if left and channel.startswith(PRESENCE_PREFIX):
+            for member in dict.fromkeys(c.client_id for c in conns):
+                self._left(member, channel)
+        return len(conns), left
 
     def online(self, ids: Sequence[str]) -> list:
         """The ids asked, in the order asked, that have at least one open socket."""
@@ -2074,8 +2195,7 @@ class LocalHub:
     def clients(self) -> list:
         return [self._row(c) for c in self.registry.open_connections()]
 
-    @staticmethod
-    def _row(c: Connection) -> ClientRow:
+    def _row(self, c: Connection) -> ClientRow:
         return ClientRow(
             c.client_id,
             c.conn_id,
@@ -2084,6 +2204,7 @@ class LocalHub:
             c.origin,
             c.framing.name,
             c.ws.queued_bytes,
+            self.meta.get(c.client_id),
         )
 
     def stats(self) -> dict:
@@ -2572,6 +2693,7 @@ def op_list(ctx: "ControlConnection", request: dict) -> dict:
                 "origin": row.origin,
                 "protocol": row.protocol,
                 "queued_bytes": row.queued_bytes,
+                "meta": row.meta,
             }
             for row in ctx.board.hub.clients()
         ],
@@ -2639,8 +2761,31 @@ def op_channel(ctx: "ControlConnection", request: dict) -> dict:
     members = ctx.board.hub.channel_clients(json_channel(request))
     return {
         "ok": True,
-        "members": [{"id": r.client_id, "conn": r.conn_id, "peer": r.peer} for r in members],
+        "members": [
+            {"id": r.client_id, "conn": r.conn_id, "peer": r.peer, "meta": r.meta} for r in members
+        ],
     }
+
+
+def op_meta(ctx: "ControlConnection", request: dict) -> dict:
+    client_id, meta = request.get("id"), request.get("meta")
+    if not is_valid_client_id(client_id):
+        raise BadRequest('"id" must be a client id')
+    if meta is not None and not isinstance(meta, dict):
+        raise BadRequest('"meta" must be a JSON object (or null to take it off)')
+    if meta is not None and len(json.dumps(meta, separators=(",", ":"))) > MAX_META_BYTES:
+        raise BadRequest(f'"meta" must be at most {MAX_META_BYTES} bytes of JSON')
+    sockets = ctx.board.hub.set_meta(client_id, meta)
+    return (
+        {"ok": True, "sockets": sockets} if sockets else {"ok": False, "error": "Client Not Found"}
+    )
+
+
+def op_presence(ctx: "ControlConnection", request: dict) -> dict:
+    channel = json_channel(request)
+    if not channel.startswith(PRESENCE_PREFIX):
+        raise BadRequest(f'"channel" must be a presence channel ({PRESENCE_PREFIX}...)')
+    return {"ok": True, "members": ctx.board.hub.presence(channel)}
 
 
 def op_stats(ctx: "ControlConnection", request: dict) -> dict:
@@ -2672,6 +2817,8 @@ JSON_OPS: dict = {
     "count": op_count,
     "channel": op_channel,
     "channels": lambda ctx, request: {"ok": True, "channels": ctx.board.hub.channels()},
+    "meta": op_meta,
+    "presence": op_presence,
     "ping": lambda ctx, request: {"ok": True, "pong": True},
     "stats": op_stats,
     "watch": op_watch,
@@ -2897,12 +3044,18 @@ SAFE_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{
 
 @routes.get("/")
 def board_page() -> str:
+    """The board, under a fresh id; /?channel=A&channel=B puts it in those channels."""
     cfg = request_board().cfg
+    channels = parse_channels(bottle.request.query.getall("channel"), cfg.max_channels_per_socket)
+    if isinstance(channels, Refusal):
+        bottle.response.status = channels.status
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return channels.reason + "\n"
     board_id = new_board_id()
     if cfg.secret_key:  # signed mode: the page gets a server-minted token for its id
-        query = signed_query(cfg.secret_key, board_id, cfg.token_ttl)
+        query = signed_query(cfg.secret_key, board_id, cfg.token_ttl, channels=channels)
     else:
-        query = urlencode({"id": board_id})
+        query = urlencode([("id", board_id), *(("channel", c) for c in channels)])
     return render("board", board_id=board_id, query=query)
 
 
@@ -3277,8 +3430,8 @@ class Board:
     def configure(self, cfg: Config) -> None:
         """Put cfg in force: everything is made anew from it (before start() only)."""
         self.cfg = cfg
-        self.hub = HUBS["local"](cfg)
         self.events = Events()
+        self.hub = HUBS["local"](cfg, self.events)
         self.refusals: collections.Counter = collections.Counter()
         self.control_connections = 0
         self.heads: collections.Counter = collections.Counter()  # request heads in progress

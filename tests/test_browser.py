@@ -208,3 +208,58 @@ def test_the_board_page_shows_a_gap_when_messages_were_lost(browser, server_fact
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#message_board > div")) == 3)
     lines = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#message_board > div")]
     assert lines == ["Some messages were missed while this page was away.", "kept 3", "kept 4"]
+
+
+# Channels and presence ########################################################
+
+
+def open_tab(browser, url) -> str:
+    """Open url in a new tab, wait for it to connect; return its window handle."""
+    browser.switch_to.new_window("tab")
+    browser.get(url)
+    wait(browser, lambda d: d.find_element(By.ID, "status").text == "connected")
+    wait(browser, lambda d: d.find_element(By.ID, "connection").text)
+    return browser.current_window_handle
+
+
+def control_json(server, request) -> dict:
+    control = server.control()
+    try:
+        return json.loads(control.ask(json.dumps(request)))
+    finally:
+        control.close()
+
+
+def test_two_board_pages_in_a_channel_and_one_left_out_by_its_connection_id(browser, server):
+    first = open_tab(browser, server.url + "/?channel=ticket-9")
+    first_conn = browser.find_element(By.ID, "connection").text
+    second = open_tab(browser, server.url + "/?channel=ticket-9")
+    server.wait_listed(2)
+    request = {"op": "publish", "channel": "ticket-9", "data": json.dumps({"message": "to all"})}
+    assert control_json(server, request)["sockets"] == 2
+    others = {**request, "data": json.dumps({"message": "to others"}), "except": first_conn}
+    assert control_json(server, others)["sockets"] == 1
+    wait(browser, lambda d: messages(d) == ["to all", "to others"])
+    browser.switch_to.window(first)
+    assert control_json(server, {"op": "send", "conn": first_conn, "data": "sentinel"})["ok"]
+    wait(browser, lambda d: messages(d) == ["to all", "sentinel"])  # never "to others"
+    assert second != first
+
+
+def test_a_board_page_shows_who_is_present(browser, server_factory):
+    server = server_factory("--presence-grace", "0.5")
+    watcher = open_tab(browser, server.url + "/?channel=presence-lobby")
+    other = open_tab(browser, server.url + "/?channel=presence-lobby")
+    other_id = browser.find_element(By.ID, "boardId").text
+    assert control_json(server, {"op": "meta", "id": other_id, "meta": {"name": "Ada"}})["ok"]
+    browser.switch_to.window(watcher)
+
+    def shown(d):
+        return sorted(e.text for e in d.find_elements(By.CSS_SELECTOR, "#members .member"))
+
+    wait(browser, lambda d: len(shown(d)) == 2)
+    browser.switch_to.window(other)
+    browser.close()
+    browser.switch_to.window(watcher)
+    wait(browser, lambda d: len(shown(d)) == 1)
+    assert other_id not in shown(browser)[0]

@@ -5,6 +5,7 @@ record the frames they are given; the wire itself is tested on real sockets else
 """
 
 import json
+import time
 
 import pytest
 
@@ -320,3 +321,116 @@ def test_a_send_and_a_kick_by_connection_id_reach_that_socket_only(hub):
 def test_v1_hello_carries_the_connection_id(hub):
     conn = connect(hub, "v", subprotocol="wsboard.v1")
     assert json.loads(conn.ws.texts()[0])["hello"]["conn"] == conn.conn_id
+
+
+# Presence ####################################################################
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def push(self, line: str, lifecycle: bool) -> None:
+        self.events.append(json.loads(line))
+
+    def kinds(self) -> list:
+        return [(e["event"], e.get("channel"), e.get("id")) for e in self.events]
+
+
+def presence_hub(hub_name, grace):
+    sink = RecordingSink()
+    events = wsboard.Events()
+    events.add(sink)
+    return wsboard.HUBS[hub_name](wsboard.Config(presence_grace=grace), events), sink
+
+
+def frames_of(conn) -> list:
+    return [json.loads(text) for text in conn.ws.texts()]
+
+
+def test_a_member_is_an_id_not_a_socket(hub_name):
+    hub, sink = presence_hub(hub_name, 0)
+    watcher = connect(hub, "w", subprotocol="wsboard.v1", channels=["presence-room"])
+    tabs = [
+        connect(hub, "u", subprotocol="wsboard.v1", channels=["presence-room"]) for _ in range(3)
+    ]
+    joins = [f for f in frames_of(watcher) if "join" in f.get("presence", {})]
+    assert joins == [{"presence": {"channel": "presence-room", "join": {"id": "u", "meta": None}}}]
+    assert [m["id"] for m in hub.presence("presence-room")] == ["w", "u"]
+    assert sink.kinds().count(("join", "presence-room", "u")) == 1
+    for tab in tabs[:2]:
+        hub.detach(tab)
+    assert not [f for f in frames_of(watcher) if "leave" in f.get("presence", {})]
+    hub.detach(tabs[2])
+    leaves = [f for f in frames_of(watcher) if "leave" in f.get("presence", {})]
+    assert leaves == [{"presence": {"channel": "presence-room", "leave": {"id": "u"}}}]
+    assert ("leave", "presence-room", "u") in sink.kinds()
+
+
+def test_a_joining_v1_socket_gets_the_member_list(hub_name):
+    hub, _ = presence_hub(hub_name, 0)
+    connect(hub, "a", channels=["presence-room"])  # a plain socket: a member, told nothing
+    newcomer = connect(hub, "b", subprotocol="wsboard.v1", channels=["presence-room"])
+    hello, members = frames_of(newcomer)
+    assert "hello" in hello
+    assert members == {
+        "presence": {
+            "channel": "presence-room",
+            "members": [{"id": "a", "meta": None}, {"id": "b", "meta": None}],
+        }
+    }
+
+
+def test_a_reload_within_the_grace_is_no_leave_and_no_join(hub_name):
+    hub, sink = presence_hub(hub_name, 0.3)
+    watcher = connect(hub, "w", subprotocol="wsboard.v1", channels=["presence-room"])
+    page = connect(hub, "u", channels=["presence-room"])
+    hub.detach(page)
+    connect(hub, "u", channels=["presence-room"])  # the reloaded page
+    time.sleep(0.5)
+    changes = [f["presence"] for f in frames_of(watcher) if "presence" in f][1:]
+    assert changes == [{"channel": "presence-room", "join": {"id": "u", "meta": None}}]
+    assert sink.kinds().count(("join", "presence-room", "u")) == 1
+    assert ("leave", "presence-room", "u") not in sink.kinds()
+
+
+def test_a_leave_comes_after_the_grace(hub_name):
+    hub, sink = presence_hub(hub_name, 0.2)
+    page = connect(hub, "u", channels=["presence-room"])
+    hub.detach(page)
+    assert ("leave", "presence-room", "u") not in sink.kinds()
+    time.sleep(0.4)
+    assert ("leave", "presence-room", "u") in sink.kinds()
+
+
+def test_join_and_leave_by_the_backend_count_as_presence(hub_name):
+    hub, sink = presence_hub(hub_name, 0)
+    watcher = connect(hub, "w", subprotocol="wsboard.v1", channels=["presence-room"])
+    connect(hub, "u")
+    hub.join("presence-room", client_id="u")
+    hub.leave("presence-room", client_id="u")
+    changes = [f["presence"] for f in frames_of(watcher)[2:]]
+    assert [next(k for k in c if k != "channel") for c in changes] == ["join", "leave"]
+    assert sink.kinds()[-2:] == [("join", "presence-room", "u"), ("leave", "presence-room", "u")]
+
+
+def test_metadata_shows_in_members_and_listings_and_goes_with_the_id(hub_name):
+    hub, _ = presence_hub(hub_name, 0)
+    page = connect(hub, "u", channels=["presence-room"])
+    assert hub.set_meta("nobody", {"name": "x"}) == 0
+    assert hub.set_meta("u", {"name": "Ada"}) == 1
+    assert hub.presence("presence-room") == [{"id": "u", "meta": {"name": "Ada"}}]
+    assert hub.clients()[0].meta == {"name": "Ada"}
+    hub.detach(page)
+    connect(hub, "u")
+    assert hub.clients()[0].meta is None  # it did not outlive the id's sockets
+
+
+def test_metadata_survives_a_reload_within_the_grace(hub_name):
+    hub, _ = presence_hub(hub_name, 0.3)
+    page = connect(hub, "u")
+    hub.set_meta("u", {"name": "Ada"})
+    hub.detach(page)
+    connect(hub, "u")
+    time.sleep(0.5)
+    assert hub.clients()[0].meta == {"name": "Ada"}

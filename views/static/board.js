@@ -29,9 +29,21 @@
     board.appendChild(line);
   }
 
-  WSBoard.connect(scheme + "//" + location.host + "/websocket?" + query, {
+  var memberList = document.getElementById("members");
+  var client = WSBoard.connect(scheme + "//" + location.host + "/websocket?" + query, {
     onMessage: function (data) {
       append("message", textOf(data));
+    },
+    onPresence: function (channel, members) {
+      document.getElementById("presence").hidden = false;
+      memberList.textContent = "";
+      members.forEach(function (member) {
+        var item = document.createElement("li");
+        item.className = "member";
+        item.textContent = member.meta && typeof member.meta.name === "string"
+          ? member.meta.name + " (" + member.id + ")" : member.id;
+        memberList.appendChild(item);
+      });
     },
     onGap: function () {
       append("notice", "Some messages were missed while this page was away.");
@@ -43,6 +55,9 @@
         status.textContent = "disconnected (code " + code + "); reload the page to reconnect";
       } else {
         status.textContent = state;
+      }
+      if (state === "connected") {
+        document.getElementById("connection").textContent = client.connectionId || "";
       }
     }
   });

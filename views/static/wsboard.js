@@ -3,9 +3,17 @@
 //   var client = WSBoard.connect("wss://push.example.com/websocket?id=ID", {
 //     onMessage: function (text, seq) { … },     // each message, once, in order
 //     onGap: function (gap) { … },               // something was lost: reload what you show
-//     onStatus: function (state, code) { … }     // "connecting" | "connected" | "reconnecting" | "closed"
+//     onStatus: function (state, code) { … },    // "connecting" | "connected" | "reconnecting" | "closed"
+//     onPresence: function (channel, members, change) { … }  // a presence- channel's members
 //   });
+//   client.connectionId;      // this socket's connection id, once connected ("123.45")
+//   client.members(channel);  // [{id, meta}, …] of a presence- channel the socket is in
 //   client.close();
+//
+// Channels are named in the URL (…/websocket?id=ID&channel=news&channel=presence-room). In a
+// presence- channel the members are ids, not sockets: five tabs of one user are one member,
+// and a reload within the server's grace is no leave. `change` is {join: {id, meta}},
+// {leave: {id}}, or null for the whole list the socket gets when it joins.
 //
 // It speaks the wsboard.v1 subprotocol: every frame is JSON, and messages carry a per-id
 // sequence number when the server keeps an inbox (--inbox). After a drop it reconnects with
@@ -28,11 +36,13 @@
     var socket = null;
     var timer = null;
     var stopped = false;
+    var client = {connectionId: null};
+    var members = {};  // channel -> [{id, meta}]
 
-    function call(name, a, b) {
+    function call(name, a, b, c) {
       if (typeof handlers[name] === "function") {
         try {
-          handlers[name](a, b);
+          handlers[name](a, b, c);
         } catch (error) {
           if (global.console) global.console.error(error);
         }
@@ -55,6 +65,10 @@
       if (frame.hello) {
         if ((frame.hello.epoch || "") !== epoch) last = 0;  // numbered afresh
         epoch = frame.hello.epoch || "";
+        client.connectionId = frame.hello.conn || null;
+        call("onStatus", "connected");  // the hello comes first: now the socket is ready
+      } else if (frame.presence) {
+        onPresence(frame.presence);
       } else if (frame.gap) {
         call("onGap", frame.gap);
       } else if ("data" in frame) {
@@ -66,12 +80,27 @@
       }
     }
 
+    function onPresence(p) {
+      var list = members[p.channel] || [];
+      var change = null;
+      if (p.members) {
+        list = p.members.slice();
+      } else if (p.join) {
+        list = list.filter(function (m) { return m.id !== p.join.id; }).concat([p.join]);
+        change = {join: p.join};
+      } else if (p.leave) {
+        list = list.filter(function (m) { return m.id !== p.leave.id; });
+        change = {leave: p.leave};
+      }
+      members[p.channel] = list;
+      call("onPresence", p.channel, list.slice(), change);
+    }
+
     function open() {
       call("onStatus", "connecting");
       socket = new WebSocket(resumeUrl(), ["wsboard.v1"]);
       socket.onopen = function () {
         attempt = 0;
-        call("onStatus", "connected");
       };
       socket.onmessage = onFrame;
       socket.onclose = function (event) {
@@ -88,16 +117,18 @@
     }
 
     open();
-    return {
-      close: function () {
-        stopped = true;
-        global.clearTimeout(timer);
-        if (socket) socket.close(1000);
-      },
-      position: function () {
-        return {epoch: epoch, seq: last};
-      }
+    client.close = function () {
+      stopped = true;
+      global.clearTimeout(timer);
+      if (socket) socket.close(1000);
     };
+    client.position = function () {
+      return {epoch: epoch, seq: last};
+    };
+    client.members = function (channel) {
+      return (members[channel] || []).slice();
+    };
+    return client;
   }
 
   global.WSBoard = {connect: connect};
