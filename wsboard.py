@@ -3132,7 +3132,17 @@ def admin_only(route: Callable) -> Callable:
 @admin_only
 def admin_page() -> str:
     board = request_board()
-    return render("admin", clients=board.hub.clients(), refusals=sorted(board.refusals.items()))
+    hub = board.hub
+    channels = [
+        (name, count, hub.presence(name) if name.startswith(PRESENCE_PREFIX) else None)
+        for name, count in sorted(hub.channels().items())
+    ]
+    return render(
+        "admin",
+        clients=hub.clients(),
+        channels=channels,
+        refusals=sorted(board.refusals.items()),
+    )
 
 
 def json_answer(status: int, error: bool, message: str) -> str:
@@ -3178,29 +3188,45 @@ def read_body(limit: int, timeout: float) -> bytes:
     return body
 
 
-@routes.post("/sendMessage")
-@admin_only
-def send_message() -> str:
-    board = request_board()
+class AnswerNow(Exception):
+    """A JSON admin request refused: the answer to send as it is."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+
+
+def admin_json_body(board: "Board") -> bytes:
+    """The body of a state-changing admin request, after the cross-site, encoding, size
+    and time checks; each failure is an AnswerNow with the {"error", "message"} shape."""
     cross_site = cross_site_refusal(board, bottle.request.environ)
     if cross_site:
         board.refused(
             cross_site.kind,
-            "sendMessage from %s: %s",
+            "%s from %s: %s",
+            bottle.request.path,
             bottle.request.remote_addr,
             cross_site.reason,
         )
-        return json_answer(cross_site.status, True, cross_site.reason)
+        raise AnswerNow(json_answer(cross_site.status, True, cross_site.reason))
     if bottle.request.get_header("Transfer-Encoding"):  # Bottle would spool it whole first
-        return json_answer(411, True, "Send the body with a Content-Length")
+        raise AnswerNow(json_answer(411, True, "Send the body with a Content-Length"))
     if bottle.request.content_length > MAX_FORM_BYTES:
-        return json_answer(413, True, f"Body larger than {MAX_FORM_BYTES} bytes")
+        raise AnswerNow(json_answer(413, True, f"Body larger than {MAX_FORM_BYTES} bytes"))
     try:
-        body = read_body(MAX_FORM_BYTES, board.cfg.handshake_timeout)
-        client_id, message = parse_send_request(body)
+        return read_body(MAX_FORM_BYTES, board.cfg.handshake_timeout)
     except BodyIncomplete:
         bottle.response.set_header("Connection", "close")
-        return json_answer(408, True, "The body did not arrive whole in time")
+        raise AnswerNow(json_answer(408, True, "The body did not arrive whole in time")) from None
+
+
+@routes.post("/sendMessage")
+@admin_only
+def send_message() -> str:
+    board = request_board()
+    try:
+        client_id, message = parse_send_request(admin_json_body(board))
+    except AnswerNow as refusal:
+        return refusal.answer
     except ValueError as exc:
         log.warning("sendMessage refused: %s", exc)
         return json_answer(400, True, str(exc))
@@ -3209,6 +3235,43 @@ def send_message() -> str:
     if result.sockets or result.queued:
         return json_answer(200, False, "")
     return json_answer(200, True, "Client Not Found")
+
+
+def parse_publish_request(body: bytes) -> tuple:
+    """(channel, message) from the admin page's publish form, or raise ValueError(reason)."""
+    try:
+        data = strict_json(body.decode("utf-8"))
+    except (UnicodeDecodeError, BadRequest):
+        raise ValueError("Body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise ValueError("Body must be a JSON object")
+    channel, message = data.get("channel"), data.get("message")
+    if not is_valid_channel(channel):
+        raise ValueError(f"channel must be a channel name of {CHANNEL_RULE}")
+    if not isinstance(message, str):
+        raise ValueError("message must be a string")
+    try:
+        message.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("message must be valid Unicode (no lone surrogates)") from None
+    return channel, message
+
+
+@routes.post("/publish")
+@admin_only
+def publish() -> str:
+    """The admin page's publish form: {"channel", "message"}; answers like /sendMessage,
+    with the number of sockets that took it as the message."""
+    board = request_board()
+    try:
+        channel, message = parse_publish_request(admin_json_body(board))
+    except AnswerNow as refusal:
+        return refusal.answer
+    except ValueError as exc:
+        log.warning("publish refused: %s", exc)
+        return json_answer(400, True, str(exc))
+    payload = json.dumps({"message": message}, separators=(",", ":"))
+    return json_answer(200, False, str(board.hub.publish([channel], payload)))
 
 
 @routes.get(WEBSOCKET_PATH)

@@ -263,3 +263,24 @@ def test_a_board_page_shows_who_is_present(browser, server_factory):
     browser.switch_to.window(watcher)
     wait(browser, lambda d: len(shown(d)) == 1)
     assert other_id not in shown(browser)[0]
+
+
+def test_the_admin_page_shows_channels_with_their_members_and_publishes_to_one(browser, server):
+    board = open_tab(browser, server.url + "/?channel=presence-room&channel=news")
+    board_id = browser.find_element(By.ID, "boardId").text
+    browser.switch_to.new_window("tab")
+    browser.get(server.url + "/admin")
+    rows = {
+        tuple(td.text for td in row.find_elements(By.TAG_NAME, "td"))
+        for row in browser.find_elements(By.CSS_SELECTOR, "#channel_table tbody tr")
+    }
+    assert rows == {("news", "1", ""), ("presence-room", "1", board_id)}
+    browser.find_element(By.ID, "channel").send_keys("news")
+    browser.find_element(By.ID, "publish_message").send_keys("to the news channel")
+    browser.find_element(By.ID, "publish_button").click()
+    wait(
+        browser,
+        lambda d: d.find_element(By.ID, "publish_result").text == "Published to 1 socket(s)",
+    )
+    browser.switch_to.window(board)
+    wait(browser, lambda d: messages(d) == ["to the news channel"])

@@ -227,3 +227,21 @@ def test_a_php_script_joins_publishes_and_asks_who_is_online(server, tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == ["OK 1", "OK 1", "OK alice", "OK 1 1"]
     assert json.loads(alice.recv()) == {"message": "hi room"}
+
+
+# /publish (the admin page's form) #############################################
+
+
+def test_the_publish_route_sends_to_a_channel_and_answers_like_send_message(server):
+    from conftest import http_request
+
+    ws = in_channels(server, "reader", "news")
+    server.wait_listed(1)
+    body = json.dumps({"channel": "news", "message": "extra"}).encode()
+    status, _, answer = http_request(server, "/publish", body)
+    assert status == 200 and json.loads(answer) == {"error": False, "message": "1"}
+    assert json.loads(ws.recv()) == {"message": "extra"}
+    status, _, answer = http_request(server, "/publish", b'{"channel": "bad name", "message": "x"}')
+    assert status == 400 and json.loads(answer)["error"] is True
+    headers = {"Host": f"evil.example:{server.port}"}
+    assert http_request(server, "/publish", body, headers=headers)[0] == 403

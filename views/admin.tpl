@@ -32,6 +32,33 @@
     <p><button id="send_message" type="submit">Send Message</button></p>
     <p id="result" role="status"></p>
   </form>
+  <h2>Channels</h2>
+  % if channels:
+  <table id="channel_table">
+    <thead><tr><th>Channel</th><th>Sockets</th><th>Members</th></tr></thead>
+    <tbody>
+    % for name, count, members in channels:
+      <tr><td>{{name}}</td><td>{{count}}</td><td>{{", ".join(m["id"] for m in members) if members is not None else ""}}</td></tr>
+    % end
+    </tbody>
+  </table>
+  % else:
+  <p id="no_channels">No socket is in a channel.</p>
+  % end
+  <form id="publish_form">
+    <label for="channel">Publish to channel</label>
+    <input id="channel" name="channel" required maxlength="164" pattern="[A-Za-z0-9_\-=@,.;]+"
+           list="channel_names">
+    <datalist id="channel_names">
+    % for name, count, members in channels:
+      <option value="{{name}}">
+    % end
+    </datalist>
+    <label for="publish_message">Message</label>
+    <textarea id="publish_message" name="message" rows="2" cols="60"></textarea>
+    <p><button id="publish_button" type="submit">Publish</button></p>
+    <p id="publish_result" role="status"></p>
+  </form>
   % if refusals:
   <h2>Refused since start</h2>
   <table id="refusals">
