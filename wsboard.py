@@ -3151,24 +3151,35 @@ def json_answer(status: int, error: bool, message: str) -> str:
     return json.dumps({"error": error, "message": message})
 
 
-def parse_send_request(body: bytes) -> tuple:
-    """(client_id, message) from the admin form's JSON body, or raise ValueError(reason)."""
+def parse_admin_form(body: bytes, field: str, valid: Callable, rule: str) -> tuple:
+    """(body[field], body["message"]) from an admin form's JSON body, or raise
+    ValueError(reason)."""
     try:
         data = strict_json(body.decode("utf-8"))
     except (UnicodeDecodeError, BadRequest):
         raise ValueError("Body must be a JSON object") from None
     if not isinstance(data, dict):
         raise ValueError("Body must be a JSON object")
-    client_id, message = data.get("clientId"), data.get("message")
-    if not is_valid_client_id(client_id):
-        raise ValueError("clientId must be a valid client id")
+    target, message = data.get(field), data.get("message")
+    if not valid(target):
+        raise ValueError(f"{field} must be {rule}")
     if not isinstance(message, str):
         raise ValueError("message must be a string")
     try:
         message.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("message must be valid Unicode (no lone surrogates)") from None
-    return client_id, message
+    return target, message
+
+
+def parse_send_request(body: bytes) -> tuple:
+    """(client_id, message) from the admin form's JSON body, or raise ValueError(reason)."""
+    return parse_admin_form(body, "clientId", is_valid_client_id, "a valid client id")
+
+
+def parse_publish_request(body: bytes) -> tuple:
+    """(channel, message) from the admin page's publish form, or raise ValueError(reason)."""
+    return parse_admin_form(body, "channel", is_valid_channel, f"a channel name of {CHANNEL_RULE}")
 
 
 class BodyIncomplete(Exception):
@@ -3235,26 +3246,6 @@ def send_message() -> str:
     if result.sockets or result.queued:
         return json_answer(200, False, "")
     return json_answer(200, True, "Client Not Found")
-
-
-def parse_publish_request(body: bytes) -> tuple:
-    """(channel, message) from the admin page's publish form, or raise ValueError(reason)."""
-    try:
-        data = strict_json(body.decode("utf-8"))
-    except (UnicodeDecodeError, BadRequest):
-        raise ValueError("Body must be a JSON object") from None
-    if not isinstance(data, dict):
-        raise ValueError("Body must be a JSON object")
-    channel, message = data.get("channel"), data.get("message")
-    if not is_valid_channel(channel):
-        raise ValueError(f"channel must be a channel name of {CHANNEL_RULE}")
-    if not isinstance(message, str):
-        raise ValueError("message must be a string")
-    try:
-        message.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("message must be valid Unicode (no lone surrogates)") from None
-    return channel, message
 
 
 @routes.post("/publish")

@@ -162,7 +162,9 @@ def p99(values: list) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else values[0]
 
 
-def fanout(swarm: Swarm, control: Control, n: int, rounds: int) -> tuple:
+def fanout(
+    swarm: Swarm, control: Control, n: int, rounds: int, command: str = f"BROADCAST {MESSAGE}"
+) -> tuple:
     """Seconds of each round of a broadcast to n, as three lists: the server's send loop
     (command -> OK), end to end (command -> last receive), and the load generator's own time
     spent reading.
@@ -191,7 +193,7 @@ def fanout(swarm: Swarm, control: Control, n: int, rounds: int) -> tuple:
 
             busy = swarm.busy
             started = time.perf_counter()
-            control.sock.sendall(f"BROADCAST {MESSAGE}\n".encode())
+            control.sock.sendall(f"{command}\n".encode())
             swarm.pump(done, timeout=60, spin=True)
             answer = control.line()
             assert answer.startswith(b"OK"), answer

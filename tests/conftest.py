@@ -19,7 +19,65 @@ import urllib.request  # noqa: E402
 import pytest  # noqa: E402
 import websocket  # noqa: E402
 
+import wsboard  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class RecordingSocket:
+    """What a hub may touch of a BoardSocket, recording every frame it is given."""
+
+    def __init__(self) -> None:
+        self.frames: list = []
+        self.closed = False
+        self.close_code = None
+        self.end_reason = None
+        self.queued_bytes = 0
+
+    def send_frame_bytes(self, frame: bytes) -> None:
+        if self.closed:
+            raise wsboard.WebSocketError("Connection is already closed")
+        self.frames.append(frame)
+
+    def write_frames(self, frames: list) -> None:
+        for frame in frames:
+            self.send_frame_bytes(frame)
+
+    def end(self, reason, code, told="", detail="") -> None:
+        self.end_reason, self.close_code, self.closed = reason, code, True
+
+    def ended(self, reason, detail="") -> None:
+        self.end_reason = reason
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def texts(self) -> list:
+        """The payloads of the text frames received, decoded."""
+        out = []
+        for frame in self.frames:
+            assert frame[0] == 0x81, frame[:2]
+            length = frame[1] & 0x7F
+            start = 2 if length < 126 else 4 if length == 126 else 10
+            out.append(frame[start:].decode("utf-8"))
+        return out
+
+
+def handshake(client_id, ip="10.0.0.1", subprotocol="", epoch="", last=0, channels=()):
+    return wsboard.Handshake(
+        client_id,
+        ip,
+        f"{ip}:1",
+        None,
+        "127.0.0.1",
+        "k",
+        subprotocol,
+        "",
+        "",
+        epoch,
+        last,
+        tuple(channels),
+    )
 
 
 def free_port() -> int:
@@ -194,6 +252,19 @@ def close_frame(ws) -> tuple:
         if opcode == websocket.ABNF.OPCODE_CLOSE:
             code = struct.unpack("!H", frame.data[:2])[0] if len(frame.data) >= 2 else None
             return code, frame.data[2:].decode()
+
+
+def drain_answers(control) -> int:
+    """Read what has arrived without waiting; return how many answer lines are in hand."""
+    control.sock.settimeout(0)
+    try:
+        while chunk := control.sock.recv(1 << 16):
+            control.buffer += chunk
+    except BlockingIOError:
+        pass
+    finally:
+        control.sock.settimeout(10)
+    return control.buffer.count(b"\n")
 
 
 def http_request(server, path, body=None, headers=None, auth=None, content_type="application/json"):

@@ -3,10 +3,11 @@
 import json
 import socket
 import subprocess
+import time
 
 import pytest
 import websocket
-from conftest import upgrade_request, wait_until
+from conftest import drain_answers, upgrade_request, wait_until
 
 import wsboard
 
@@ -245,3 +246,22 @@ def test_the_publish_route_sends_to_a_channel_and_answers_like_send_message(serv
     assert status == 400 and json.loads(answer)["error"] is True
     headers = {"Host": f"evil.example:{server.port}"}
     assert http_request(server, "/publish", body, headers=headers)[0] == 403
+
+
+def test_a_publish_to_a_big_channel_with_a_member_that_never_reads_holds_nobody(server_factory):
+    server = server_factory("--max-connections-per-ip", "1000")
+    members = [in_channels(server, f"m{n}", "big") for n in range(300)]
+    stuck = socket.create_connection(("127.0.0.1", server.port))
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.sendall(upgrade_request("?id=stuck&channel=big"))
+    stuck.recv(1024)
+    server.wait_listed(301)
+    busy, other = server.control(), server.control()
+    busy.send(f"PUBLISH big {'p' * 100}\n".encode() * 1000)
+    time.sleep(0.02)
+    other.send(b"PING\n")
+    assert other.line() == b"PONG"
+    assert drain_answers(busy) < 1000  # answered while the publishes were still going out
+    answers = {busy.line() for _ in range(1000)}
+    assert answers <= {b"OK 301", b"OK 300"}  # 300 once the stuck one is cut, if it is
+    assert members[0].recv() == "p" * 100

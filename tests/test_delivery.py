@@ -301,7 +301,13 @@ def test_a_reconnecting_client_gets_what_it_missed_in_order_and_once(server_fact
         )
     back = v1(server, "tab", f"&epoch={epoch}&last=3")
     hello, *missed = frames(back, 5)
-    assert hello["hello"] == {"inbox": True, "epoch": epoch, "seq": 7}
+    assert hello["hello"] == {
+        "inbox": True,
+        "epoch": epoch,
+        "seq": 7,
+        "conn": hello["hello"]["conn"],
+    }
+    assert wsboard.CONN_ID.fullmatch(hello["hello"]["conn"])
     assert missed == [{"seq": 4 + i, "data": f"while away {i}"} for i in range(4)]
     assert ask_json(control, {"op": "send", "to": "tab", "data": "sentinel"})["sockets"] == 1
     assert frames(back, 1) == [{"seq": 8, "data": "sentinel"}]  # nothing replayed twice
@@ -359,7 +365,10 @@ def test_a_replay_larger_than_the_send_queue_closes_cleanly(server_factory):
 
 def test_v1_without_an_inbox_still_wraps_frames(server):
     ws = v1(server, "noinbox")
-    assert frames(ws, 1) == [{"hello": {"inbox": False, "epoch": None, "seq": None}}]
+    (hello,) = frames(ws, 1)
+    assert hello == {
+        "hello": {"inbox": False, "epoch": None, "seq": None, "conn": hello["hello"]["conn"]}
+    }
     assert server.control().ask("SEND MESSAGE noinbox hi") == "OK"
     assert json.loads(ws.recv()) == {"seq": None, "data": "hi"}
 

@@ -16,6 +16,7 @@ from conftest import (
     ROOT,
     Control,
     close_frame,
+    drain_answers,
     http_request,
     raw_http,
     upgrade_request,
@@ -28,19 +29,6 @@ def ask_json(control, request) -> dict:
 
 
 # One control client cannot hold the server ###################################
-
-
-def drain_answers(control) -> int:
-    """Read what has arrived without waiting; return how many answer lines are in hand."""
-    control.sock.settimeout(0)
-    try:
-        while chunk := control.sock.recv(1 << 16):
-            control.buffer += chunk
-    except BlockingIOError:
-        pass
-    finally:
-        control.sock.settimeout(10)
-    return control.buffer.count(b"\n")
 
 
 def test_a_batch_of_broadcasts_does_not_hold_other_control_clients(server_factory):

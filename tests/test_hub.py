@@ -8,47 +8,9 @@ import json
 import time
 
 import pytest
+from conftest import RecordingSocket, handshake
 
 import wsboard
-
-
-class RecordingSocket:
-    """What a hub may touch of a BoardSocket, recording every frame it is given."""
-
-    def __init__(self) -> None:
-        self.frames: list = []
-        self.closed = False
-        self.close_code = None
-        self.end_reason = None
-        self.queued_bytes = 0
-
-    def send_frame_bytes(self, frame: bytes) -> None:
-        if self.closed:
-            raise wsboard.WebSocketError("Connection is already closed")
-        self.frames.append(frame)
-
-    def write_frames(self, frames: list) -> None:
-        for frame in frames:
-            self.send_frame_bytes(frame)
-
-    def end(self, reason, code, told="", detail="") -> None:
-        self.end_reason, self.close_code, self.closed = reason, code, True
-
-    def ended(self, reason, detail="") -> None:
-        self.end_reason = reason
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def texts(self) -> list:
-        """The payloads of the text frames received, decoded."""
-        out = []
-        for frame in self.frames:
-            assert frame[0] == 0x81, frame[:2]
-            length = frame[1] & 0x7F
-            start = 2 if length < 126 else 4 if length == 126 else 10
-            out.append(frame[start:].decode("utf-8"))
-        return out
 
 
 def make_hub(name, **settings):
@@ -63,23 +25,6 @@ def hub_name(request):
 @pytest.fixture
 def hub(hub_name):
     return make_hub(hub_name)
-
-
-def handshake(client_id, ip="10.0.0.1", subprotocol="", epoch="", last=0, channels=()):
-    return wsboard.Handshake(
-        client_id,
-        ip,
-        f"{ip}:1",
-        None,
-        "127.0.0.1",
-        "k",
-        subprotocol,
-        "",
-        "",
-        epoch,
-        last,
-        tuple(channels),
-    )
 
 
 counter = iter(range(1, 1_000_000))

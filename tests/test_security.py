@@ -19,8 +19,15 @@ import urllib.request
 
 import pytest
 import websocket
-from conftest import ROOT, Control, http_request, raw_http, upgrade_request, wait_until
-from test_server import close_frame
+from conftest import (
+    ROOT,
+    Control,
+    close_frame,
+    http_request,
+    raw_http,
+    upgrade_request,
+    wait_until,
+)
 
 import wsboard
 

@@ -6,6 +6,7 @@ import os
 import struct
 
 import pytest
+from conftest import RecordingSocket, handshake
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -355,8 +356,8 @@ def test_json_inputs_that_once_crashed_get_an_error_answer(line, error):
 def test_an_idempotent_retry_echoes_its_own_ref():
     ctx = board_context()
     hub = ctx.board.hub
-    ws = __import__("test_hub").RecordingSocket()
-    hs = __import__("test_hub").handshake("a")
+    ws = RecordingSocket()
+    hs = handshake("a")
     hub.attach(wsboard.Connection("a", "1.1", "x:1", "10.0.0.1", ws, wsboard.FRAMINGS[""]), hs)
     first = json_answer(ctx, b'{"op":"send","to":"a","data":"x","key":"k","ref":1}')
     again = json_answer(ctx, b'{"op":"send","to":"a","data":"x","key":"k","ref":2}')
