@@ -521,8 +521,6 @@ class EndReason(enum.Enum):
     RATE_LIMITED = "too many messages"
     KICKED = "kicked"
     SHUTDOWN = "server shutdown"
-    LIMIT = "too many connections"
-    ERROR = "internal error"
 
 
 class Refusal(NamedTuple):
@@ -1452,10 +1450,11 @@ class WebSocketHandler(_GeventWebSocketHandler):
             board.cfg.trusted_proxies,
             board.cfg.max_channels_per_socket,
         )
-        if not isinstance(hs, Refusal):
-            refusal = access_refusal(hs, board.cfg, time.time()) or board.hub.admit(hs)
-        if isinstance(hs, Refusal) or refusal:
-            return self.refuse(hs if isinstance(hs, Refusal) else refusal)
+        if isinstance(hs, Refusal):
+            return self.refuse(hs)
+        refusal = access_refusal(hs, board.cfg, time.time()) or board.hub.admit(hs)
+        if refusal:
+            return self.refuse(refusal)
         self.upgrade(board, hs)
 
     def upgrade(self, board: "Board", hs: Handshake) -> None:
@@ -1566,6 +1565,8 @@ class Registry:
         self._by_id: dict[str, dict[Connection, None]] = {}
         self._by_conn: dict[str, Connection] = {}
         self._channels: dict[str, dict[Connection, None]] = {}
+        self._presence: dict[str, collections.Counter] = {}  # channel -> id -> its sockets
+        self._listeners: dict[str, dict[Connection, None]] = {}  # who gets presence frames
         self._per_ip: collections.Counter = collections.Counter()
         self._count = 0  # kept, not summed: every handshake asks
 
@@ -1600,6 +1601,10 @@ class Registry:
             return False
         conn.channels.add(channel)
         self._channels.setdefault(channel, {})[conn] = None
+        if channel.startswith(PRESENCE_PREFIX):
+            self._presence.setdefault(channel, collections.Counter())[conn.client_id] += 1
+            if conn.framing.name == SUBPROTOCOL:
+                self._listeners.setdefault(channel, {})[conn] = None
         return True
 
     def leave(self, conn: Connection, channel: str) -> bool:
@@ -1610,7 +1615,31 @@ class Registry:
         del members[conn]
         if not members:
             del self._channels[channel]
+        listeners = self._listeners.get(channel)
+        if listeners is not None:
+            listeners.pop(conn, None)
+            if not listeners:
+                del self._listeners[channel]
+        ids = self._presence.get(channel)
+        if ids is not None:
+            ids[conn.client_id] -= 1
+            if ids[conn.client_id] <= 0:
+                del ids[conn.client_id]
+            if not ids:
+                del self._presence[channel]
         return True
+
+    def presence_sockets(self, channel: str, client_id: str) -> int:
+        """The sockets client_id has in a presence channel (closing ones until they go)."""
+        return self._presence.get(channel, {}).get(client_id, 0)
+
+    def presence_listeners(self, channel: str) -> list:
+        """The wsboard.v1 sockets in a presence channel: the ones told who comes and goes."""
+        return [c for c in self._listeners.get(channel, ()) if not c.ws.closed]
+
+    def presence_ids(self, channel: str) -> list:
+        """The ids with a socket in a presence channel, in the order they came."""
+        return list(self._presence.get(channel, ()))
 
     def has(self, conn: Connection) -> bool:
         return conn in self._by_id.get(conn.client_id, ())
@@ -2008,16 +2037,13 @@ class LocalHub:
         if not self.registry.count_for_id(client_id):
             self.meta.pop(client_id, None)
 
-    def _member_ids(self, channel: str) -> list:
-        return list(dict.fromkeys(c.client_id for c in self.registry.members(channel)))
-
     def _member(self, client_id: str) -> dict:
         return {"id": client_id, "meta": self.meta.get(client_id)}
 
     def _tell_members(self, channel: str, change: dict, but: Connection | None = None) -> None:
         frame = compact_frame({"presence": {"channel": channel, **change}})
-        for conn in self.registry.members(channel):
-            if conn is not but and conn.framing is FRAMINGS[SUBPROTOCOL]:
+        for conn in self.registry.presence_listeners(channel):
+            if conn is not but:
                 try:
                     conn.ws.send_frame_bytes(frame)
                 except WebSocketError:
@@ -2031,23 +2057,23 @@ class LocalHub:
         timer = self.leaving.pop((channel, conn.client_id), None)
         if timer is not None:  # back within the grace: it never left
             timer.kill(block=False)
-        elif sum(c.client_id == conn.client_id for c in self.registry.members(channel)) == 1:
+        elif self.registry.presence_sockets(channel, conn.client_id) == 1:  # its first
             self._tell_members(channel, {"join": self._member(conn.client_id)}, but=conn)
             self.events.emit(
                 "join", channel=channel, id=conn.client_id, meta=self.meta.get(conn.client_id)
             )
         if conn.framing is not FRAMINGS[SUBPROTOCOL]:
             return []
-        members = [self._member(i) for i in self._member_ids(channel)]
+        members = [self._member(i) for i in self.registry.presence_ids(channel)]
         return [compact_frame({"presence": {"channel": channel, "members": members}})]
 
     def _left(self, client_id: str, channel: str) -> None:
-        if any(c.client_id == client_id for c in self.registry.members(channel)):
+        if self.registry.presence_sockets(channel, client_id):
             return
         self._later(self.leaving, (channel, client_id), self._leave_now, client_id, channel)
 
     def _leave_now(self, client_id: str, channel: str) -> None:
-        if any(c.client_id == client_id for c in self.registry.members(channel)):
+        if self.registry.presence_sockets(channel, client_id):
             return
         self._tell_members(channel, {"leave": {"id": client_id}})
         self.events.emit("leave", channel=channel, id=client_id)
@@ -2065,7 +2091,7 @@ class LocalHub:
 
     def presence(self, channel: str) -> list:
         """The members of a presence channel: its ids, with their metadata."""
-        return [self._member(i) for i in self._member_ids(channel)]
+        return [self._member(i) for i in self.registry.presence_ids(channel)]
 
     # Delivery.
 

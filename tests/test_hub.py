@@ -379,3 +379,12 @@ def test_metadata_survives_a_reload_within_the_grace(hub_name):
     connect(hub, "u")
     time.sleep(0.5)
     assert hub.clients()[0].meta == {"name": "Ada"}
+
+
+def test_presence_leaves_nothing_behind_when_every_socket_goes(hub_name):
+    hub, _ = presence_hub(hub_name, 0)
+    conns = [connect(hub, f"u{n % 3}", channels=["presence-room"]) for n in range(9)]
+    assert [m["id"] for m in hub.presence("presence-room")] == ["u0", "u1", "u2"]
+    for conn in conns:
+        hub.detach(conn)
+    assert hub.presence("presence-room") == [] and hub.channels() == {}
