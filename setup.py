@@ -23,7 +23,11 @@ setup(
     ],
     extras_require={
         "gunicorn": ["gunicorn[gevent]>=23"],
+        # Scale-out over many processes and hosts (--redis); hiredis parses replies in C.
+        "redis": ["redis>=5,<9", "hiredis>=2"],
         "test": [
+            "redis>=5,<9",
+            "hiredis>=2",
             "pytest>=8",
             "hypothesis>=6",
             "websocket-client>=1.7",

@@ -80,6 +80,13 @@ from geventwebsocket.utf8validator import Utf8Validator
 from geventwebsocket.websocket import Header
 from geventwebsocket.websocket import WebSocket as _GeventWebSocket
 
+try:  # optional: only --redis needs it (pip install 'wsboard[redis]')
+    import redis
+    import redis.retry
+    from redis.backoff import NoBackoff
+except ImportError:  # pragma: no cover - the extra is installed wherever tests run
+    redis = None
+
 __version__ = "0.2.0"
 
 log = logging.getLogger("wsboard")
@@ -154,6 +161,23 @@ def _yes_no(text: str) -> bool:
 def _url(text: str) -> str:
     if text and (urlsplit(text).scheme not in ("http", "https") or not urlsplit(text).netloc):
         raise ValueError("must be an http:// or https:// URL")
+    return text
+
+
+def _redis_url(text: str) -> str:
+    if not text:
+        return text
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    if redis is None:
+        raise ValueError("needs the redis package: pip install 'wsboard[redis]'")
+    return text
+
+
+def _redis_prefix(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", text):
+        raise ValueError("must be 1-64 characters from A-Z a-z 0-9 _ - .")
     return text
 
 
@@ -338,6 +362,19 @@ OPTIONS = (
     Option("webhook_queue", "10000", _positive_int,
            "events that may wait for the webhook, shared as for --watch-queue; past it: "
            "dropped and counted"),
+    # Scale-out
+    Option("redis", "", _redis_url,
+           "Redis URL (redis://[:password@]host:port/db, rediss://..., unix:///path) that "
+           "turns on scale-out: every process given it shares one id space; empty: one "
+           "process, no Redis"),
+    Option("redis_prefix", "wsboard", _redis_prefix,
+           "prefix of wsboard's Redis keys and channels, so installations can share a Redis"),
+    Option("redis_timeout", "1", _seconds,
+           "seconds Redis gets to answer and a process holding a target gets to confirm; "
+           "past it: ERROR Timeout (or ERROR Backplane Unavailable)"),
+    Option("node_timeout", "10", _seconds,
+           "seconds a process may miss its heartbeats (every fifth of this) before the others "
+           "take it for dead: its subscriptions are cut and its presence memberships end"),
     Option("log_level", "info", _log_level, "debug, info, warning or error"),
 )
 # fmt: on
@@ -1557,11 +1594,15 @@ class Connection:
         self.meta: dict | None = None  # what the backend attached to it
 
 
+ID_ROUTE, CHANNEL_ROUTE = "i:", "c:"  # what Registry.watch names: an id's or a channel's
+
+
 class Registry:
     """This process's sockets by client id, by connection id and by channel, with the
     counts the limits ask for. A socket's memberships end when it is removed."""
 
-    def __init__(self) -> None:
+    def __init__(self, watch: Callable[[str, bool], None] | None = None) -> None:
+        self.watch = watch  # told (name, True) when an id or channel gets its first socket here
         self._by_id: dict[str, dict[Connection, None]] = {}
         self._by_conn: dict[str, Connection] = {}
         self._channels: dict[str, dict[Connection, None]] = {}
@@ -1571,7 +1612,12 @@ class Registry:
         self._count = 0  # kept, not summed: every handshake asks
 
     def add(self, conn: Connection) -> None:
-        self._by_id.setdefault(conn.client_id, {})[conn] = None
+        sockets = self._by_id.get(conn.client_id)
+        if sockets is None:
+            sockets = self._by_id[conn.client_id] = {}
+            if self.watch is not None:
+                self.watch(ID_ROUTE + conn.client_id, True)
+        sockets[conn] = None
         self._by_conn[conn.conn_id] = conn
         self._per_ip[conn.ip] += 1
         self._count += 1
@@ -1587,6 +1633,8 @@ class Registry:
         self._count -= 1
         if not sockets:
             del self._by_id[conn.client_id]
+            if self.watch is not None:
+                self.watch(ID_ROUTE + conn.client_id, False)
         self._per_ip[conn.ip] -= 1
         if not self._per_ip[conn.ip]:
             del self._per_ip[conn.ip]
@@ -1600,7 +1648,12 @@ class Registry:
         if len(conn.channels) >= limit:
             return False
         conn.channels.add(channel)
-        self._channels.setdefault(channel, {})[conn] = None
+        members = self._channels.get(channel)
+        if members is None:
+            members = self._channels[channel] = {}
+            if self.watch is not None:
+                self.watch(CHANNEL_ROUTE + channel, True)
+        members[conn] = None
         if channel.startswith(PRESENCE_PREFIX):
             self._presence.setdefault(channel, collections.Counter())[conn.client_id] += 1
             if conn.framing.name == SUBPROTOCOL:
@@ -1615,6 +1668,8 @@ class Registry:
         del members[conn]
         if not members:
             del self._channels[channel]
+            if self.watch is not None:
+                self.watch(CHANNEL_ROUTE + channel, False)
         listeners = self._listeners.get(channel)
         if listeners is not None:
             listeners.pop(conn, None)
@@ -1655,6 +1710,13 @@ class Registry:
 
     def channel_names(self) -> list:
         return list(self._channels)
+
+    def ids(self) -> list:
+        """Every id with a registered socket here, closing ones included."""
+        return list(self._by_id)
+
+    def presence_channels(self) -> list:
+        return list(self._presence)
 
     def count_for_id(self, client_id: str) -> int:
         """Sockets of client_id, closing ones included: they still hold resources."""
@@ -1911,6 +1973,8 @@ class SendResult(NamedTuple):
     seq: dict  # id -> sequence number, when the inbox is on
     missing: list  # ids that got nothing
     duplicate: bool = False  # a retry of a keyed send: nothing was sent again
+    unconfirmed: tuple = ()  # ids (among missing) whose fate is unknown: see trouble
+    trouble: str = ""  # why: TIMEOUT or UNAVAILABLE (scale-out only)
 
 
 class IdempotencyKeys:
@@ -1958,11 +2022,20 @@ class ClientRow(NamedTuple):
     meta: dict | None = None
 
 
+class BackplaneError(Exception):
+    """An answer that cannot be known: TIMEOUT or UNAVAILABLE (scale-out only)."""
+
+
+TIMEOUT = "Timeout"  # a process that holds the target did not confirm in time
+UNAVAILABLE = "Backplane Unavailable"  # Redis cannot be reached
+
+
 class LocalHub:
     """The sockets of this process, their inbox and the idempotency keys, in memory."""
 
-    def __init__(self, cfg: Config, events: "Events | None" = None) -> None:
+    def __init__(self, cfg: Config, events: "Events | None" = None, node: str = "") -> None:
         self.cfg = cfg
+        self.node = node or "1"  # what connection ids begin with: "<node>.<n>"
         self.events = events if events is not None else Events()
         self.registry = Registry()
         self.meta: dict[str, dict] = {}  # what the backend attached to an id, while it is here
@@ -1996,11 +2069,25 @@ class LocalHub:
         message (its framing says)."""
         self.registry.add(conn)
         self._keep_meta(conn.client_id)
+        limit = self.cfg.max_channels_per_socket  # hs.channels is bounded by it too
+        joined = [channel for channel in hs.channels if self.registry.join(conn, channel, limit)]
+        self._settle()
         frames = conn.framing.opening(self.inbox, conn, hs, time.time())
-        for channel in hs.channels:  # bounded by max_channels_per_socket at the handshake
-            if self.registry.join(conn, channel, self.cfg.max_channels_per_socket):
-                frames += self._joined(conn, channel)
+        for channel in joined:
+            frames += self._joined(conn, channel)
         return frames
+
+    def _settle(self) -> None:
+        """Wait until a socket just registered can be reached from everywhere (here: it is)."""
+
+    def start(self) -> None:
+        """Begin the hub's background work (none here)."""
+
+    def sync(self) -> None:
+        """Wait until what this hub changed is in force everywhere (here it is at once)."""
+
+    def stop(self) -> None:
+        """End it, after the sockets have gone."""
 
     def detach(self, conn: Connection) -> None:
         if not self.registry.has(conn):
@@ -2058,12 +2145,24 @@ class LocalHub:
         if timer is not None:  # back within the grace: it never left
             timer.kill(block=False)
         elif self.registry.presence_sockets(channel, conn.client_id) == 1:  # its first
-            self._tell_members(channel, {"join": self._member(conn.client_id)}, but=conn)
-            self.events.emit(
-                "join", channel=channel, id=conn.client_id, meta=self.meta.get(conn.client_id)
-            )
+            self._member_joined(channel, conn)
         if conn.framing is not FRAMINGS[SUBPROTOCOL]:
             return []
+        return self._members_frames(conn, channel)
+
+    def _member_joined(self, channel: str, conn: Connection) -> None:
+        """conn's id became a member of channel here: tell the others and the sinks."""
+        self._tell_members(channel, {"join": self._member(conn.client_id)}, but=conn)
+        self.events.emit(
+            "join", channel=channel, id=conn.client_id, meta=self.meta.get(conn.client_id)
+        )
+
+    def _member_left(self, channel: str, client_id: str) -> None:
+        self._tell_members(channel, {"leave": {"id": client_id}})
+        self.events.emit("leave", channel=channel, id=client_id)
+
+    def _members_frames(self, conn: Connection, channel: str) -> list:
+        """What a wsboard.v1 socket that joined a presence channel is told first."""
         members = [self._member(i) for i in self.registry.presence_ids(channel)]
         return [compact_frame({"presence": {"channel": channel, "members": members}})]
 
@@ -2073,10 +2172,8 @@ class LocalHub:
         self._later(self.leaving, (channel, client_id), self._leave_now, client_id, channel)
 
     def _leave_now(self, client_id: str, channel: str) -> None:
-        if self.registry.presence_sockets(channel, client_id):
-            return
-        self._tell_members(channel, {"leave": {"id": client_id}})
-        self.events.emit("leave", channel=channel, id=client_id)
+        if not self.registry.presence_sockets(channel, client_id):
+            self._member_left(channel, client_id)
 
     def set_meta(self, client_id: str, meta: dict | None) -> int:
         """Attach meta to an id with open sockets (None takes it off); return its sockets."""
@@ -2238,6 +2335,7 @@ class LocalHub:
             "sockets": len(self.registry.open_connections()),
             "inbox_ids": len(self.inbox) if self.inbox is not None else 0,
             "inbox_bytes": self.inbox.total_bytes if self.inbox is not None else 0,
+            "backplane": {"state": "off"},
         }
 
     # This process's own sockets, for the heartbeat, the drain and the limits.
@@ -2254,7 +2352,1033 @@ class LocalHub:
         self.keys.expire(now)
 
 
-HUBS: dict = {"local": LocalHub}
+###############################################################################
+# Scale-out on Redis ##########################################################
+###############################################################################
+# With --redis every process shares one id space. Routing rides on Redis pub/sub: each
+# process subscribes to a route for every client id and every channel it holds sockets
+# of, so a SEND is one PUBLISH that only the holders hear, and PUBLISH's count says how
+# many answers to wait for; each holder answers with the sockets that took the message,
+# so OK means delivered. A process that dies loses its subscriptions with its connection
+# and drops out of routing at once; one that hangs is cut off by the others after
+# --node-timeout. Listings ask every live process and wait for all of them, or say
+# Timeout. Presence counts and the inbox live in Redis, each change one Lua script, so
+# one atomic step; what Redis loses is put back by the live processes when it returns.
+
+# The inbox: KEYS box meta, box list, the id's route; ARGV text, keep when nobody heard
+# (1/0), size, ttl, an epoch for a new box, the message without its "s" and closing brace.
+# Numbering, keeping and publishing are one step, so every process hears an id's
+# messages in the order of their numbers.
+INBOX_SEND = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'undelivered', 0)
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local heard = redis.call('PUBLISH', KEYS[3], ARGV[6] .. ',"s":' .. seq .. '}')
+if heard == 0 and ARGV[2] ~= '1' then
+  redis.call('HINCRBY', KEYS[1], 'seq', -1)
+  return {0, 0, epoch}
+end
+local now = redis.call('TIME')
+redis.call('RPUSH', KEYS[2], cjson.encode({seq, ARGV[1], tonumber(now[1])}))
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+if heard == 0 and redis.call('HGET', KEYS[1], 'undelivered') == '0' then
+  redis.call('HSET', KEYS[1], 'undelivered', seq)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return {heard, seq, epoch}
+"""
+
+# A socket opens: KEYS box meta, box list; ARGV an epoch for a new box, ttl, take (1: only
+# what was kept while the id had no socket). Returns {epoch, last seq, first undelivered,
+# items}; the undelivered mark is cleared, so they are given once.
+INBOX_OPEN = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  if ARGV[3] == '1' then return {'', 0, 0, {}} end
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'undelivered', 0)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+local first = tonumber(redis.call('HGET', KEYS[1], 'undelivered'))
+redis.call('HSET', KEYS[1], 'undelivered', 0)
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+if ARGV[3] == '1' and first == 0 then return {epoch, seq, 0, {}} end
+return {epoch, seq, first, redis.call('LRANGE', KEYS[2], 0, -1)}
+"""
+
+# Presence: KEYS this process's memberships, the channel's member counts, the all route;
+# ARGV "channel id", id, the change to publish, quiet (1: publish nothing). A member is an
+# id with a socket there on some process; the count says on how many.
+PRESENCE_JOIN = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('HINCRBY', KEYS[2], ARGV[2], 1) ~= 1 then return 0 end
+if ARGV[4] ~= '1' then redis.call('PUBLISH', KEYS[3], ARGV[3]) end
+return 1
+"""
+
+PRESENCE_LEAVE = """
+if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) > 0 then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[2])
+redis.call('PUBLISH', KEYS[3], ARGV[3])
+return 1
+"""
+
+# A process is gone: KEYS its memberships, the node list, its record; ARGV the prefix,
+# its name. Ends every membership it held and forgets it; returns the {channel, id} that
+# left presence altogether (their leaves are published here, once).
+REAP = """
+local left = {}
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local space = string.find(member, ' ', 1, true)
+  local channel, id = string.sub(member, 1, space - 1), string.sub(member, space + 1)
+  local counts = ARGV[1] .. ':pc:' .. channel
+  if redis.call('HINCRBY', counts, id, -1) <= 0 then
+    redis.call('HDEL', counts, id)
+    redis.call('PUBLISH', ARGV[1] .. ':all', '{"k":"p","c":' .. cjson.encode(channel) ..
+      ',"change":{"leave":{"id":' .. cjson.encode(id) .. '}}}')
+    table.insert(left, channel)
+    table.insert(left, id)
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return left
+"""
+
+# A heartbeat: KEYS the node list; ARGV this process, node timeout. Returns the processes
+# whose last beat is older than the timeout, by Redis's clock (hosts' clocks may differ).
+BEAT = """
+local now = tonumber(redis.call('TIME')[1])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+"""
+
+
+class BoxView(NamedTuple):
+    """An inbox box as a hello tells it: its epoch and its last number."""
+
+    epoch: str
+    last_seq: int
+
+
+class RedisInbox:
+    """The inbox kept in Redis: any process numbers an id's messages from one counter, and
+    a client resumes on whichever process it reaches. Bounded per id by --inbox and by age
+    (the box expires --inbox-ttl after its last message); Redis's maxmemory bounds the rest."""
+
+    def __init__(self, hub: "RedisHub") -> None:
+        self.hub = hub
+        self.opened: dict = {}  # id -> the last number its latest opening read (see attach)
+
+    def _open(self, client_id: str, take: bool) -> list:
+        hub = self.hub
+        keys = [hub.key("im", client_id), hub.key("ib", client_id)]
+        args = [secrets.token_hex(4), int(hub.cfg.inbox_ttl), int(take)]
+        return hub.call(hub.scripts["inbox_open"], keys, args)
+
+    def _items(self, raw: list, now: float) -> list:
+        """(seq, text) of raw items no older than the ttl."""
+        ttl, items = self.hub.cfg.inbox_ttl, []
+        for entry in raw:
+            seq, text, at = json.loads(entry)
+            if now - at <= ttl:
+                items.append((int(seq), text))
+        return items
+
+    def take_undelivered(self, client_id: str, now: float) -> list:
+        try:
+            _, _, first, raw = self._open(client_id, take=True)
+        except BackplaneError:
+            return []
+        return [text for seq, text in self._items(raw, now) if first and seq >= first]
+
+    def missed(self, client_id: str, epoch: str, last: int, now: float) -> tuple:
+        try:
+            box_epoch, last_seq, _, raw = self._open(client_id, take=False)
+        except BackplaneError:  # numbered by nothing now: a new epoch tells of the gap later
+            return BoxView(secrets.token_hex(4), 0), [], bool(epoch)
+        box_epoch = box_epoch.decode() if isinstance(box_epoch, bytes) else box_epoch
+        box, items = BoxView(box_epoch, int(last_seq)), self._items(raw, now)
+        self.opened[client_id] = box.last_seq
+        first_kept = items[0][0] if items else box.last_seq + 1
+        if epoch and epoch != box.epoch:
+            return box, items, True
+        if not epoch:
+            last = 0
+        return box, [(seq, text) for seq, text in items if seq > last], last + 1 < first_kept
+
+
+class Answers:
+    """The answers to one request: as many as PUBLISH said processes heard it."""
+
+    __slots__ = ("expected", "values", "done", "lost")
+
+    def __init__(self) -> None:
+        self.expected = -1
+        self.values: list = []
+        self.done = gevent.event.Event()
+        self.lost = False  # the link broke while they were awaited
+
+    def expect(self, heard: int) -> None:
+        self.expected = heard
+        if len(self.values) >= heard:
+            self.done.set()
+
+    def add(self, value: object) -> None:
+        self.values.append(value)
+        if 0 <= self.expected <= len(self.values):
+            self.done.set()
+
+    @property
+    def complete(self) -> bool:
+        return 0 <= self.expected <= len(self.values)
+
+
+class EventRelay:
+    """The sink that hands this process's events to the others' watchers. The webhook is
+    told only by the process where an event happened, so it gets each event once."""
+
+    def __init__(self, hub: "RedisHub") -> None:
+        self.hub = hub
+
+    def push(self, line: str, lifecycle: bool) -> None:
+        self.hub.post("ev", {"k": "ev", "o": self.hub.node, "l": lifecycle, "e": line})
+
+
+class RedisHub(LocalHub):
+    """LocalHub's sockets, reached from every process through Redis (see the banner)."""
+
+    FIXED = ("all", "ev")  # routes every process hears, beside its own n:<node>
+
+    def __init__(self, cfg: Config, events: "Events | None" = None, node: str = "") -> None:
+        super().__init__(cfg, events)
+        if redis is None:
+            raise ConfigError("--redis needs the redis package: pip install 'wsboard[redis]'")
+        self.node = node or str(10**11 + secrets.randbelow(9 * 10**11))
+        self.registry.watch = self._route_changed
+        self.inbox = RedisInbox(self) if cfg.inbox else None
+        self.pool = redis.BlockingConnectionPool.from_url(
+            cfg.redis,
+            max_connections=16,
+            timeout=cfg.redis_timeout,  # for a free connection: a full pool is an outage too
+            socket_timeout=cfg.redis_timeout,
+            socket_connect_timeout=cfg.redis_timeout,
+            socket_keepalive=True,
+            health_check_interval=0,
+            protocol=2,  # pub/sub as plain replies, read by our own loop
+            retry=redis.retry.Retry(
+                NoBackoff(), 0
+            ),  # a retry would hide an outage, or repeat a PUBLISH
+        )
+        self.redis = redis.Redis(connection_pool=self.pool)
+        self.scripts = {
+            name: self.redis.register_script(source)
+            for name, source in (
+                ("inbox_send", INBOX_SEND),
+                ("inbox_open", INBOX_OPEN),
+                ("join", PRESENCE_JOIN),
+                ("leave", PRESENCE_LEAVE),
+                ("reap", REAP),
+                ("beat", BEAT),
+            )
+        }
+        self.events.add(EventRelay(self))
+        self.requests = itertools.count(1)
+        self.answers: dict[str, Answers] = {}
+        self.replies: list = []  # (origin, request, value) to send after the reader's batch
+        self.floors: dict = {}  # Connection -> last seq its opening gave it, while it resumes
+        self.awaiting: dict = {}  # (Connection, channel) -> presence frames held for it
+        # The pub/sub link: one connection, read by one greenlet, written by the link's
+        # greenlet before it is up and by the subscriber's after.
+        self.link = None
+        self.link_up = False
+        self.link_client_id = 0
+        self.link_since = 0.0
+        self.link_error = ""
+        self.reconnects = 0
+        self.subscribed: set = set()  # routes asked of Redis on the link now
+        self.changes: dict = {}  # route -> wanted, not yet asked
+        self.changed = gevent.event.Event()
+        self.next_batch = gevent.event.Event()  # set when the changes waiting now are in force
+        self.inflight: dict = {}  # ping token -> Event of a batch sent
+        self.last_batch = gevent.event.Event()
+        self.last_batch.set()
+        self.batches = itertools.count(1)
+        self.outbox: gevent.queue.Queue = gevent.queue.Queue()
+        self.presence_queue: gevent.queue.Queue = gevent.queue.Queue()
+        self.probe_sent = self.probe_seen = 0
+        self.probe_at = 0.0
+        self.nodes_seen = 0
+        self.boot = None  # the token of the Redis this process last saw; a new one: it lost all
+        self.greenlets: list = []
+        self.warned = Throttle(10)
+        self.stopping = False
+
+    # Names in Redis.
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.cfg.redis_prefix, *parts))
+
+    def call(self, command: object, *args: object) -> object:
+        """One Redis command (or script): its answer, or BackplaneError(UNAVAILABLE)."""
+        try:
+            if callable(command):
+                return command(*args)
+            return self.redis.execute_command(command, *args)
+        except (redis.RedisError, OSError) as exc:
+            self._trouble(exc)
+            raise BackplaneError(UNAVAILABLE) from None
+
+    def _trouble(self, exc: Exception) -> None:
+        self.link_error = f"{type(exc).__name__}: {exc}"
+        if self.warned():
+            log.warning("redis: %s", self.link_error)
+
+    def post(self, route: str, message: dict) -> None:
+        """Publish without waiting for the count (answers, events): the outbox pipelines them."""
+        self.outbox.put((self.key(route), json.dumps(message, separators=(",", ":"))))
+
+    # Start and stop.
+
+    def start(self) -> None:
+        self.greenlets = [
+            gevent.spawn(self._link_forever),
+            gevent.spawn(self._subscriber),
+            gevent.spawn(self._publisher),
+            gevent.spawn(self._presence_writer),
+            gevent.spawn(self._heartbeat),
+        ]
+
+    def stop(self) -> None:
+        """Leave: end this process's memberships (their leaves are told) and its record."""
+        self.stopping = True
+        for timer in [*self.leaving.values(), *self.forgetting.values()]:
+            timer.kill(block=False)
+        self.leaving.clear()
+        gevent.killall(self.greenlets, block=True, timeout=1)
+        self.greenlets = []
+        try:
+            self._reap(self.node)
+            while not self.outbox.empty():
+                self._publish_some()
+        except BackplaneError:
+            pass
+        if self.link is not None:
+            self.link.disconnect()
+        self.link_up = False
+        self.pool.disconnect()
+
+    # Routes: which ids and channels this process holds, as Redis subscriptions.
+
+    def _route_changed(self, route: str, wanted: bool) -> None:
+        self.changes[route] = wanted
+        self.changed.set()
+
+    def _wanted_routes(self) -> list:
+        return [
+            *self.FIXED,
+            "n:" + self.node,
+            *(ID_ROUTE + i for i in self.registry.ids()),
+            *(CHANNEL_ROUTE + c for c in self.registry.channel_names()),
+        ]
+
+    def _subscriber(self) -> None:
+        """Ask Redis for the routes that changed, many in one command, then a PING whose
+        PONG says they are in force."""
+        while True:
+            self.changed.wait()
+            self.changed.clear()
+            link = self.link
+            if link is None or not self.changes:
+                continue
+            changes, self.changes = self.changes, {}
+            done, self.next_batch = self.next_batch, gevent.event.Event()
+            add = [r for r, wanted in changes.items() if wanted and r not in self.subscribed]
+            drop = [r for r, wanted in changes.items() if not wanted and r in self.subscribed]
+            self.subscribed.update(add)
+            self.subscribed.difference_update(drop)
+            try:
+                self._send_batch(link, add, drop, done)
+            except (redis.RedisError, OSError) as exc:
+                self._trouble(exc)  # the reader sees the link break and starts again
+                done.set()
+
+    def _send_batch(self, link: object, add: list, drop: list, done: gevent.event.Event) -> None:
+        prefix = self.cfg.redis_prefix + ":"
+        for i in range(0, len(add), 10_000):
+            link.send_command("SUBSCRIBE", *(prefix + r for r in add[i : i + 10_000]))
+        for i in range(0, len(drop), 10_000):
+            link.send_command("UNSUBSCRIBE", *(prefix + r for r in drop[i : i + 10_000]))
+        token = f"b{next(self.batches)}"
+        self.inflight[token] = done
+        self.last_batch = done
+        link.send_command("PING", token)
+
+    def _settle(self) -> None:
+        """A socket was just registered: wait (bounded) until Redis routes its id and
+        channels here, so a SEND from any process the moment it has its 101 finds it."""
+        if not self.link_up:
+            return
+        event = self.next_batch if self.changes else self.last_batch
+        event.wait(self.cfg.redis_timeout)
+
+    # The link: connect, subscribe, read until it breaks, start again.
+
+    def _link_forever(self) -> None:
+        pause = 0.1
+        while True:
+            try:
+                self._link_once()
+            except (redis.RedisError, OSError) as exc:
+                self._trouble(exc)
+            except Exception:
+                log.exception("redis link failed")
+            finally:
+                self._link_down()
+            if self.link_since and time.time() - self.link_since > 10:
+                pause = 0.1  # it held for a while: this is a new outage
+            gevent.sleep(pause)
+            pause = min(1.0, pause * 2)
+
+    def _link_once(self) -> None:
+        kwargs = dict(self.pool.connection_kwargs, socket_timeout=None)  # the probe watches it
+        link = self.pool.connection_class(**kwargs)
+        link.connect()
+        link.send_command("CLIENT", "SETNAME", f"wsboard-{self.node}")
+        link.read_response()
+        link.send_command("CLIENT", "ID")
+        self.link_client_id = int(link.read_response())
+        self.changes.clear()
+        routes = self._wanted_routes()
+        self.subscribed = set(routes)
+        done = gevent.event.Event()
+        self._send_batch(link, routes, [], done)
+        self.link = link
+        self.changed.set()  # anything that changed meanwhile
+        self._read(link, done)
+
+    def _link_down(self) -> None:
+        was_up, self.link_up, link, self.link = self.link_up, False, self.link, None
+        if link is not None:
+            link.disconnect()
+        for event in self.inflight.values():
+            event.set()
+        self.inflight.clear()
+        for answers in self.answers.values():
+            answers.lost = True
+            answers.done.set()
+        if was_up and not self.stopping:
+            log.warning("redis link down: %s; local sockets are still served", self.link_error)
+
+    def _read(self, link: object, first: gevent.event.Event) -> None:
+        batch = Batch()
+        while True:
+            response = link.read_response(disconnect_on_error=False)
+            kind = response[0]
+            if kind == b"message":
+                try:
+                    message = json.loads(response[2])
+                    handler = self.HANDLERS.get(message.get("k"))
+                    if handler is not None:
+                        handler(self, message, batch)
+                except Exception:  # one bad message costs itself, never the link
+                    log.exception("redis message failed: %r", response[2][:200])
+            elif kind == b"pong":
+                event = self.inflight.pop(response[1].decode(), None)
+                if event is not None:
+                    event.set()
+                if event is first:
+                    self._link_up()
+            if not link.can_read(0):  # nothing more buffered: let the held frames out
+                batch.release()
+                self._send_replies()
+
+    def _link_up(self) -> None:
+        self.probe_seen = self.probe_sent
+        self.link_up = True
+        self.link_since = time.time()
+        self.reconnects += 1
+        log.info("redis link up (node %s, client %d)", self.node, self.link_client_id)
+        gevent.spawn(self._rejoin)
+
+    # Sending and asking.
+
+    def _ask(self, route: str, message: dict) -> tuple:
+        """Publish a request to route; (answers, complete) once every process that heard it
+        has answered, or the timeout is over."""
+        if not self.link_up:
+            raise BackplaneError(UNAVAILABLE)
+        request = str(next(self.requests))
+        message["o"], message["r"] = self.node, request
+        answers = self.answers[request] = Answers()
+        try:
+            heard = self.call("PUBLISH", self.key(route), json.dumps(message))
+            answers.expect(heard)
+            answers.done.wait(self.cfg.redis_timeout)
+        finally:
+            del self.answers[request]
+        if answers.lost:
+            raise BackplaneError(UNAVAILABLE)
+        return answers.values, answers.complete
+
+    def _ask_all(self, route: str, message: dict) -> list:
+        values, complete = self._ask(route, message)
+        if not complete:
+            raise BackplaneError(TIMEOUT)
+        return values
+
+    def _answer(self, message: dict, value: object) -> None:
+        """Answer a request once the frames it made have left the reader's batch."""
+        self.replies.append((message["o"], message["r"], value))
+
+    def _send_replies(self) -> None:
+        replies, self.replies = self.replies, []
+        for origin, request, value in replies:
+            if origin == self.node:
+                answers = self.answers.get(request)
+                if answers is not None:
+                    answers.add(value)
+            else:
+                self.post("n:" + origin, {"k": "a", "r": request, "v": value})
+
+    def send(
+        self,
+        ids: Iterable[str],
+        text: str,
+        keep_offline: bool,
+        key: str | None = None,
+        batch: Batch | None = None,
+    ) -> SendResult:
+        ids = list(dict.fromkeys(ids))
+        if key is not None:
+            earlier = self._claim(key)
+            if earlier is not None:
+                return earlier._replace(duplicate=True)
+        try:
+            result = self._send_everywhere(ids, text, keep_offline)
+        except BackplaneError:
+            result = self._send_here(ids, text, batch)
+        if key is not None:
+            self._settle_key(key, result)
+        return result
+
+    def _send_everywhere(self, ids: list, text: str, keep_offline: bool) -> SendResult:
+        if not self.link_up:
+            raise BackplaneError(UNAVAILABLE)
+        waits, requests = {}, []
+        pipe = self.redis.pipeline(transaction=False)
+        for client_id in ids:
+            request = str(next(self.requests))
+            requests.append(request)
+            waits[client_id] = self.answers[request] = Answers()
+            head = {"k": "s", "o": self.node, "r": request, "i": client_id, "t": text}
+            route = self.key(ID_ROUTE + client_id)
+            if self.inbox is None:
+                pipe.publish(route, json.dumps(head))
+            else:
+                keys = [self.key("im", client_id), self.key("ib", client_id), route]
+                args = [
+                    text,
+                    int(keep_offline),
+                    self.cfg.inbox,
+                    int(self.cfg.inbox_ttl),
+                    secrets.token_hex(4),
+                    json.dumps(head)[:-1],  # the script adds "s", the number it gives
+                ]
+                self.scripts["inbox_send"](keys, args, client=pipe)
+        try:
+            heard = self.call(pipe.execute)
+            sockets, queued, seqs, missing, unconfirmed = 0, 0, {}, [], []
+            deadline = time.monotonic() + self.cfg.redis_timeout
+            for client_id, reply in zip(ids, heard, strict=True):
+                answers = waits[client_id]
+                count, seq = (reply, None) if self.inbox is None else (reply[0], reply[1])
+                answers.expect(count)
+                if seq:
+                    seqs[client_id] = seq
+                answers.done.wait(max(0.0, deadline - time.monotonic()))
+                if answers.lost:
+                    raise BackplaneError(UNAVAILABLE)
+                took = sum(answers.values)
+                sockets += took
+                if took:
+                    continue
+                if not count and seq:
+                    queued += 1
+                else:
+                    missing.append(client_id)
+                    if not answers.complete:
+                        unconfirmed.append(client_id)
+        finally:
+            for request in requests:
+                del self.answers[request]
+        return SendResult(sockets, queued, seqs, missing, False, tuple(unconfirmed), TIMEOUT)
+
+    def _send_here(self, ids: list, text: str, batch: Batch | None) -> SendResult:
+        """Redis cannot be reached: this process's sockets still get it (unnumbered)."""
+        sockets, missing = 0, []
+        for client_id in ids:
+            conns = self.registry.sockets_of(client_id)
+            took = deliver(conns, text, None, batch) if conns else 0
+            sockets += took
+            if not took:
+                missing.append(client_id)
+        return SendResult(sockets, 0, {}, missing, False, tuple(missing), UNAVAILABLE)
+
+    def _claim(self, key: str) -> SendResult | None:
+        """Take key for this send, or the result of the send that took it first (waiting,
+        bounded, while that one is still going on); None: go ahead."""
+        name, window = self.key("key", key), int(self.cfg.idempotency_window * 1000)
+        deadline = time.monotonic() + 2 * self.cfg.redis_timeout
+        try:
+            while True:
+                if self.call("SET", name, "", "NX", "PX", window):
+                    return None
+                stored = self.call("GET", name)
+                if stored:
+                    fields = json.loads(stored)
+                    return SendResult(*fields[:4], False, tuple(fields[4]), fields[5])
+                if time.monotonic() > deadline:
+                    raise BackplaneError(TIMEOUT)
+                gevent.sleep(0.01)
+        except BackplaneError as exc:
+            if str(exc) == TIMEOUT:
+                raise
+            return None  # no Redis: no other process can be sent to anyway
+
+    def _settle_key(self, key: str, result: SendResult) -> None:
+        name = self.key("key", key)
+        try:
+            if result.sockets or result.queued:
+                fields = [*result[:4], list(result.unconfirmed), result.trouble]
+                window = int(self.cfg.idempotency_window * 1000)
+                self.call("SET", name, json.dumps(fields), "XX", "PX", window)
+            else:
+                self.call("DEL", name)  # a failed send may be tried again
+        except BackplaneError:
+            pass
+
+    def send_to_connection(self, conn_id: str, text: str, batch: Batch | None = None) -> int:
+        message = {"k": "sc", "cn": conn_id, "t": text}
+        return sum(self._ask_all("n:" + conn_id.partition(".")[0], message))
+
+    def broadcast(self, text: str, batch: Batch | None = None) -> int:
+        return sum(self._ask_all("all", {"k": "b", "t": text}))
+
+    def publish(
+        self,
+        channels: Sequence[str],
+        text: str,
+        except_conn: str | None = None,
+        batch: Batch | None = None,
+    ) -> int:
+        # One channel: only the processes with members hear it. Several: every process, so
+        # a socket in two of them still gets it once.
+        route = CHANNEL_ROUTE + channels[0] if len(channels) == 1 else "all"
+        message = {"k": "pub", "c": list(channels), "t": text, "x": except_conn}
+        return sum(self._ask_all(route, message))
+
+    def _target_route(self, client_id: str | None, conn_id: str | None) -> str:
+        return "n:" + conn_id.partition(".")[0] if conn_id else ID_ROUTE + client_id
+
+    def join(self, channel: str, client_id: str | None = None, conn_id: str | None = None) -> tuple:
+        message = {"k": "j", "c": channel, "i": client_id, "cn": conn_id}
+        values = self._ask_all(self._target_route(client_id, conn_id), message)
+        return sum(v[0] for v in values), sum(v[1] for v in values)
+
+    def leave(
+        self, channel: str, client_id: str | None = None, conn_id: str | None = None
+    ) -> tuple:
+        message = {"k": "l", "c": channel, "i": client_id, "cn": conn_id}
+        values = self._ask_all(self._target_route(client_id, conn_id), message)
+        return sum(v[0] for v in values), sum(v[1] for v in values)
+
+    def kick(self, client_id: str, code: int, reason: str) -> int:
+        message = {"k": "k", "i": client_id, "code": code, "why": reason}
+        return sum(self._ask_all(ID_ROUTE + client_id, message))
+
+    def kick_connection(self, conn_id: str, code: int, reason: str) -> int:
+        message = {"k": "kc", "cn": conn_id, "code": code, "why": reason}
+        return sum(self._ask_all("n:" + conn_id.partition(".")[0], message))
+
+    def set_meta(self, client_id: str, meta: dict | None) -> int:
+        return sum(self._ask_all(ID_ROUTE + client_id, {"k": "m", "i": client_id, "meta": meta}))
+
+    # What there is: asked of every process that can have it.
+
+    def _query(self, route: str, name: str, *args: object) -> list:
+        return self._ask_all(route, {"k": "q", "q": name, "a": list(args)})
+
+    def clients(self) -> list:
+        rows = [ClientRow(*row) for rows in self._query("all", "clients") for row in rows]
+        return sorted(rows, key=lambda row: row.since)
+
+    def channel_clients(self, channel: str) -> list:
+        rows = self._query(CHANNEL_ROUTE + channel, "channel", channel)
+        return sorted((ClientRow(*row) for part in rows for row in part), key=lambda r: r.since)
+
+    def online(self, ids: Sequence[str]) -> list:
+        found = {i for part in self._query("all", "online", list(ids)) for i in part}
+        return [i for i in dict.fromkeys(ids) if i in found]
+
+    def count(self, channel: str | None = None) -> tuple:
+        route = "all" if channel is None else CHANNEL_ROUTE + channel
+        parts = self._query(route, "count", channel)
+        return sum(p[0] for p in parts), len({i for p in parts for i in p[1]})
+
+    def channels(self) -> dict:
+        counts: collections.Counter = collections.Counter()
+        for part in self._query("all", "channels"):
+            counts.update(part)
+        return dict(counts)
+
+    def presence(self, channel: str) -> list:
+        members: dict = {}
+        for part in self._query(CHANNEL_ROUTE + channel, "presence", channel):
+            for member in part:
+                if members.get(member["id"], {}).get("meta") is None:
+                    members[member["id"]] = member
+        return list(members.values())
+
+    def stats(self) -> dict:
+        return {
+            "sockets": len(self.registry.open_connections()),
+            "inbox_ids": 0,
+            "inbox_bytes": 0,
+            "backplane": {
+                "state": "up" if self.link_up else "down",
+                "node": self.node,
+                "processes": self.nodes_seen,
+                "since": round(self.link_since, 3) if self.link_up else None,
+                "reconnects": max(0, self.reconnects - 1),
+                "error": "" if self.link_up else self.link_error,
+                "routes": len(self.subscribed),
+            },
+        }
+
+    def expire(self, now: float) -> None:
+        """Keys and inboxes expire in Redis by themselves."""
+
+    # What other processes ask of this one (run on the link's reader, in order).
+
+    def _on_send(self, message: dict, batch: Batch) -> None:
+        conns, seq = self.registry.sockets_of(message["i"]), message.get("s")
+        if conns and seq is not None and self.floors:
+            conns = [c for c in conns if seq > self.floors.get(c, 0)]
+        self._answer(message, deliver(conns, message["t"], seq, batch) if conns else 0)
+
+    def _on_send_to_connection(self, message: dict, batch: Batch) -> None:
+        self._answer(message, LocalHub.send_to_connection(self, message["cn"], message["t"], batch))
+
+    def _on_broadcast(self, message: dict, batch: Batch) -> None:
+        self._answer(message, LocalHub.broadcast(self, message["t"], batch))
+
+    def _on_publish(self, message: dict, batch: Batch) -> None:
+        sockets = LocalHub.publish(self, message["c"], message["t"], message["x"], batch)
+        self._answer(message, sockets)
+
+    def _on_join(self, message: dict, batch: Batch) -> None:
+        found = LocalHub.join(self, message["c"], message["i"], message["cn"])
+        self._answer(message, list(found))
+
+    def _on_leave(self, message: dict, batch: Batch) -> None:
+        found = LocalHub.leave(self, message["c"], message["i"], message["cn"])
+        self._answer(message, list(found))
+
+    def _on_kick(self, message: dict, batch: Batch) -> None:
+        self._answer(message, LocalHub.kick(self, message["i"], message["code"], message["why"]))
+
+    def _on_kick_connection(self, message: dict, batch: Batch) -> None:
+        code, why = message["code"], message["why"]
+        self._answer(message, LocalHub.kick_connection(self, message["cn"], code, why))
+
+    def _on_meta(self, message: dict, batch: Batch) -> None:
+        self._answer(message, LocalHub.set_meta(self, message["i"], message["meta"]))
+
+    QUERIES = {
+        "clients": lambda hub: [list(row) for row in LocalHub.clients(hub)],
+        "channel": lambda hub, channel: [list(r) for r in LocalHub.channel_clients(hub, channel)],
+        "online": lambda hub, ids: LocalHub.online(hub, ids),
+        "count": lambda hub, channel: hub._local_count(channel),
+        "channels": lambda hub: LocalHub.channels(hub),
+        "presence": lambda hub, channel: LocalHub.presence(hub, channel),
+    }
+
+    def _local_count(self, channel: str | None) -> list:
+        """[sockets, their ids] here: ids are counted once over every process."""
+        registry = self.registry
+        conns = registry.open_connections() if channel is None else registry.members(channel)
+        return [len(conns), list({c.client_id for c in conns})]
+
+    def _on_query(self, message: dict, batch: Batch) -> None:
+        self._answer(message, self.QUERIES[message["q"]](self, *message["a"]))
+
+    def _on_answer(self, message: dict, batch: Batch) -> None:
+        answers = self.answers.get(message["r"])
+        if answers is not None:
+            answers.add(message["v"])
+
+    def _on_presence(self, message: dict, batch: Batch) -> None:
+        self._tell_members(message["c"], message["change"])
+
+    def _on_event(self, message: dict, batch: Batch) -> None:
+        if message["o"] != self.node:
+            self.events.tell(message["e"], message["l"])
+
+    def _on_probe(self, message: dict, batch: Batch) -> None:
+        self.probe_seen = max(self.probe_seen, message["n"])
+
+    HANDLERS = {
+        "s": _on_send,
+        "sc": _on_send_to_connection,
+        "b": _on_broadcast,
+        "pub": _on_publish,
+        "j": _on_join,
+        "l": _on_leave,
+        "k": _on_kick,
+        "kc": _on_kick_connection,
+        "m": _on_meta,
+        "q": _on_query,
+        "a": _on_answer,
+        "p": _on_presence,
+        "ev": _on_event,
+        "probe": _on_probe,
+    }
+
+    # Opening frames from the shared inbox: later messages below the floor came with them.
+
+    def attach(self, conn: Connection, hs: Handshake) -> list:
+        frames = super().attach(conn, hs)
+        if self.inbox is not None and conn.client_id in self.inbox.opened:
+            # Read after its route was in force: what is heard now up to that number, it has.
+            self.floors[conn] = self.inbox.opened.pop(conn.client_id)
+            gevent.spawn_later(5 * self.cfg.redis_timeout, self.floors.pop, conn, None)
+        return frames
+
+    def detach(self, conn: Connection) -> None:
+        self.floors.pop(conn, None)
+        super().detach(conn)
+
+    # Presence across processes: this process's memberships are kept in Redis, in order,
+    # by one greenlet; a member joins or leaves when the first process gains it or the
+    # last one loses it, and that process alone tells the event sinks.
+
+    def _member_joined(self, channel: str, conn: Connection) -> None:
+        meta = self.meta.get(conn.client_id)
+        self.presence_queue.put(("join", channel, conn.client_id, meta))
+
+    def _member_left(self, channel: str, client_id: str) -> None:
+        self.presence_queue.put(("leave", channel, client_id, None))
+
+    def _members_frames(self, conn: Connection, channel: str) -> list:
+        """The member list needs every process: it follows soon, and until it is sent the
+        socket's presence changes wait behind it."""
+        self.awaiting[(conn, channel)] = []
+        gevent.spawn(self._send_members, conn, channel)
+        return []
+
+    def _send_members(self, conn: Connection, channel: str) -> None:
+        try:
+            members = self.presence(channel)
+        except BackplaneError:
+            members = LocalHub.presence(self, channel)
+        held = self.awaiting.pop((conn, channel), [])
+        frames = [compact_frame({"presence": {"channel": channel, "members": members}}), *held]
+        try:
+            if not conn.ws.closed:
+                conn.ws.write_frames(frames)
+        except WebSocketError:
+            pass
+
+    def _tell_members(self, channel: str, change: dict, but: Connection | None = None) -> None:
+        frame = compact_frame({"presence": {"channel": channel, **change}})
+        joined = change.get("join", {}).get("id")
+        for conn in self.registry.presence_listeners(channel):
+            if conn.client_id == joined:  # a socket is not told that its own id came
+                continue
+            held = self.awaiting.get((conn, channel))
+            if held is not None:
+                held.append(frame)
+                continue
+            try:
+                conn.ws.send_frame_bytes(frame)
+            except WebSocketError:
+                pass
+
+    def _presence_keys(self, channel: str, node: str | None = None) -> list:
+        return [self.key("pn", node or self.node), self.key("pc", channel), self.key("all")]
+
+    def _presence_change(
+        self, kind: str, channel: str, client_id: str, meta: object, quiet: bool = False
+    ) -> int:
+        change = (
+            {"join": {"id": client_id, "meta": meta}}
+            if kind == "join"
+            else {"leave": {"id": client_id}}
+        )
+        message = json.dumps({"k": "p", "c": channel, "change": change}, separators=(",", ":"))
+        args = [f"{channel} {client_id}", client_id, message, int(quiet)]
+        return self.call(self.scripts[kind], self._presence_keys(channel), args)
+
+    def sync(self) -> None:
+        """Wait (bounded) until the memberships queued so far are in Redis and everything
+        published before now has been heard here."""
+        done = gevent.event.Event()
+        self.presence_queue.put(("sync", done, "", None))
+        done.wait(self.cfg.redis_timeout)
+        try:
+            self._query("n:" + self.node, "channels")
+        except BackplaneError:
+            pass
+
+    def _presence_writer(self) -> None:
+        while True:
+            kind, channel, client_id, meta = self.presence_queue.get()
+            if kind == "sync":
+                channel.set()
+                continue
+            try:
+                if self._presence_change(kind, channel, client_id, meta):
+                    fields = {"meta": meta} if kind == "join" else {}
+                    self.events.emit(kind, channel=channel, id=client_id, **fields)
+            except BackplaneError:
+                pass  # put right by _rejoin when the link is back
+
+    def _local_memberships(self) -> set:
+        members = {
+            f"{channel} {client_id}"
+            for channel in self.registry.presence_channels()
+            for client_id in self.registry.presence_ids(channel)
+        }
+        return members | {f"{channel} {client_id}" for channel, client_id in self.leaving}
+
+    def _rejoin(self) -> None:
+        """The link is (back) up: make Redis's view of this process's memberships true. When
+        Redis lost everything (restarted empty) they are put back without telling anyone."""
+        try:
+            self.call("SET", self.key("boot"), secrets.token_hex(8), "NX")
+            boot = self.call("GET", self.key("boot"))
+            quiet = self.boot is not None and boot != self.boot  # Redis began anew
+            self.boot = boot
+            recorded = {m.decode() for m in self.call("SMEMBERS", self.key("pn", self.node))}
+            here = self._local_memberships()
+            for member in here - recorded:
+                channel, _, client_id = member.partition(" ")
+                if (
+                    self._presence_change(
+                        "join", channel, client_id, self.meta.get(client_id), quiet
+                    )
+                    and not quiet
+                ):
+                    self.events.emit(
+                        "join", channel=channel, id=client_id, meta=self.meta.get(client_id)
+                    )
+            for member in recorded - here:
+                channel, _, client_id = member.partition(" ")
+                if self._presence_change("leave", channel, client_id, None):
+                    self.events.emit("leave", channel=channel, id=client_id)
+            self._beat()
+        except BackplaneError:
+            pass
+
+    # Heartbeats: this process says it lives, checks that its link really hears, and
+    # ends the processes that stopped beating.
+
+    def _heartbeat(self) -> None:
+        while True:
+            gevent.sleep(self.cfg.node_timeout / 5)
+            if not self.link_up:
+                continue
+            try:
+                self._check_probe()
+                self._beat()
+            except BackplaneError:
+                pass
+            except Exception:
+                log.exception("redis heartbeat failed")
+
+    def _check_probe(self) -> None:
+        """A link can look open and hear nothing (a half-open TCP connection, a Redis that
+        dropped us): a message published to ourselves must come back in time."""
+        if (
+            self.probe_sent > self.probe_seen
+            and time.monotonic() - self.probe_at > self.cfg.redis_timeout
+        ):
+            log.warning("redis link hears nothing (probe %d lost); reconnecting", self.probe_sent)
+            link = self.link
+            if link is not None:
+                link.disconnect()
+            return
+        self.probe_sent += 1
+        self.probe_at = time.monotonic()
+        self.call(
+            "PUBLISH", self.key("n", self.node), json.dumps({"k": "probe", "n": self.probe_sent})
+        )
+
+    def _beat(self) -> None:
+        record = self.key("node", self.node)
+        self.call(
+            "HSET",
+            record,
+            "pubsub",
+            self.link_client_id,
+            "pid",
+            os.getpid(),
+            "host",
+            socket.gethostname(),
+        )
+        self.call("EXPIRE", record, int(self.cfg.node_timeout * 3) + 1)
+        stale = self.call(
+            self.scripts["beat"], [self.key("nodes")], [self.node, self.cfg.node_timeout]
+        )
+        self.nodes_seen = self.call("ZCARD", self.key("nodes"))
+        for node in stale:
+            node = node.decode()
+            if node != self.node and self.call(
+                "SET", self.key("reap", node), self.node, "NX", "PX", 10_000
+            ):
+                self._reap(node)
+
+    def _reap(self, node: str) -> None:
+        """node stopped beating: cut its link (so nothing is routed to it) and end its
+        memberships; their leaves are told once, from here."""
+        client_id = self.call("HGET", self.key("node", node), "pubsub")
+        if node != self.node and client_id:
+            log.warning("process %s missed its heartbeats: cutting it off", node)
+            try:
+                self.call("CLIENT", "KILL", "ID", int(client_id))
+            except BackplaneError:
+                pass
+        keys = [self.key("pn", node), self.key("nodes"), self.key("node", node)]
+        left = self.call(self.scripts["reap"], keys, [self.cfg.redis_prefix, node])
+        for channel, client_id in zip(left[::2], left[1::2], strict=True):
+            self.events.emit("leave", channel=channel.decode(), id=client_id.decode())
+
+    # The outbox: answers and events, many per round trip, in order.
+
+    def _publisher(self) -> None:
+        while True:
+            try:
+                self._publish_some()
+            except BackplaneError:
+                pass  # whoever waited for an answer says Timeout
+
+    def _publish_some(self) -> None:
+        items = [self.outbox.get()]
+        while not self.outbox.empty() and len(items) < 512:
+            items.append(self.outbox.get_nowait())
+        pipe = self.redis.pipeline(transaction=False)
+        for route, data in items:
+            pipe.publish(route, data)
+        self.call(pipe.execute)
+
+
+HUBS: dict = {"local": LocalHub, "redis": RedisHub}
 
 
 ###############################################################################
@@ -2291,6 +3415,13 @@ class Events:
         line = json.dumps(event, separators=(",", ":"))
         for sink in list(self.sinks):
             sink.push(line, lifecycle)
+
+    def tell(self, line: str, lifecycle: bool) -> None:
+        """An event from another process (scale-out): for the sinks that want every
+        process's events (watchers), not those told only where it happened (the webhook)."""
+        for sink in list(self.sinks):
+            if getattr(sink, "everywhere", False):
+                sink.push(line, lifecycle)
 
 
 class EventQueue:
@@ -2513,10 +3644,15 @@ def cmd_list(ctx: "ControlConnection") -> list:
     return ["=== START ===", *rows, "=== END ==="]
 
 
+def send_failure(result: SendResult) -> str:
+    """Why a send reached nobody: no such client, or (scale-out) it cannot be known."""
+    return result.trouble if result.unconfirmed else "Client Not Found"
+
+
 def cmd_send(ctx: "ControlConnection", client_id: str, text: str) -> list:
     board = ctx.board
     result = board.hub.send([client_id], text, board.cfg.offline_ok, batch=ctx.batch)
-    return ["OK"] if result.sockets or result.queued else ["ERROR Client Not Found"]
+    return ["OK"] if result.sockets or result.queued else ["ERROR " + send_failure(result)]
 
 
 def cmd_kick(ctx: "ControlConnection", client_id: str) -> list:
@@ -2582,6 +3718,8 @@ def run_command(command: Command, ctx: "ControlConnection") -> list:
     """The answer lines for one command; a bug costs one ERROR line, never the answer."""
     try:
         return COMMANDS[command.verb](ctx, *command.args)
+    except BackplaneError as exc:
+        return [f"ERROR {exc}"]
     except Exception:
         log.exception("control command %s failed", command.verb)
         return ["ERROR Internal error"]
@@ -2696,12 +3834,15 @@ def op_send(ctx: "ControlConnection", request: dict) -> dict:
     hub = ctx.board.hub
     result = hub.send(ids, text, keep_offline=True, key=key, batch=ctx.batch)
     if not result.sockets and not result.queued:
-        return {"ok": False, "error": "Client Not Found"}
+        return {"ok": False, "error": send_failure(result)}
     answer = {"ok": True, "sockets": result.sockets, "queued": result.queued}
     if ctx.board.cfg.inbox:
         answer["seq"] = result.seq
     if result.missing:
         answer["missing"] = result.missing
+    if result.unconfirmed:  # among missing: a process holding them did not say
+        answer["unconfirmed"] = list(result.unconfirmed)
+        answer["trouble"] = result.trouble
     if result.duplicate:
         answer["duplicate"] = True
     return answer
@@ -2866,7 +4007,7 @@ def run_json(ctx: "ControlConnection", line: bytes) -> dict:
     else:
         try:
             answer = op(ctx, request)
-        except BadRequest as exc:
+        except (BadRequest, BackplaneError) as exc:
             answer = {"ok": False, "error": str(exc)}
         except Exception:
             log.exception("JSON op %s failed", request.get("op"))
@@ -2895,6 +4036,8 @@ class ControlConnection:
     """One client of the control socket, with the batch its frames are held in. Answers
     and (when watching) events share the socket, so every write takes the lock; events
     wait in a bounded queue, and a watcher that falls behind on connects is cut."""
+
+    everywhere = True  # a watcher hears every process's events
 
     def __init__(self, board: "Board", sock: socket.socket | None = None) -> None:
         self.board = board
@@ -3159,15 +4302,16 @@ def admin_only(route: Callable) -> Callable:
 def admin_page() -> str:
     board = request_board()
     hub = board.hub
-    channels = [
-        (name, count, hub.presence(name) if name.startswith(PRESENCE_PREFIX) else None)
-        for name, count in sorted(hub.channels().items())
-    ]
+    try:
+        channels = [
+            (name, count, hub.presence(name) if name.startswith(PRESENCE_PREFIX) else None)
+            for name, count in sorted(hub.channels().items())
+        ]
+        clients = hub.clients()
+    except BackplaneError as exc:
+        bottle.abort(503, f"The admin page cannot list every process: {exc}")
     return render(
-        "admin",
-        clients=hub.clients(),
-        channels=channels,
-        refusals=sorted(board.refusals.items()),
+        "admin", clients=clients, channels=channels, refusals=sorted(board.refusals.items())
     )
 
 
@@ -3271,7 +4415,7 @@ def send_message() -> str:
     result = board.hub.send([client_id], payload, keep_offline=board.cfg.offline_ok)
     if result.sockets or result.queued:
         return json_answer(200, False, "")
-    return json_answer(200, True, "Client Not Found")
+    return json_answer(200, True, send_failure(result))
 
 
 @routes.post("/publish")
@@ -3288,7 +4432,10 @@ def publish() -> str:
         log.warning("publish refused: %s", exc)
         return json_answer(400, True, str(exc))
     payload = json.dumps({"message": message}, separators=(",", ":"))
-    return json_answer(200, False, str(board.hub.publish([channel], payload)))
+    try:
+        return json_answer(200, False, str(board.hub.publish([channel], payload)))
+    except BackplaneError as exc:
+        return json_answer(503, True, str(exc))
 
 
 @routes.get(WEBSOCKET_PATH)
@@ -3452,14 +4599,16 @@ def remove_control_socket(path: str, inode: int) -> None:
 class ControlServer:
     """The UNIX control socket: a StreamServer with one greenlet per control connection."""
 
-    def __init__(self, board: "Board", path: str) -> None:
+    def __init__(self, board: "Board", path: str, listener: socket.socket | None = None) -> None:
         cfg = board.cfg
         self.path = path
-        warning = directory_warning(path)
-        if warning:
-            log.warning(warning)
-        listener = bind_control_socket(path, cfg.control_mode, cfg.control_group)
-        self.inode = os.lstat(path).st_ino
+        self.inode = 0  # the file is ours to remove when we bound it; gunicorn's master did else
+        if listener is None:
+            warning = directory_warning(path)
+            if warning:
+                log.warning(warning)
+            listener = bind_control_socket(path, cfg.control_mode, cfg.control_group)
+            self.inode = os.lstat(path).st_ino
         self.server = ControlStreamServer(listener, board.serve_control, backlog=None)
 
     def start(self) -> None:
@@ -3471,7 +4620,8 @@ class ControlServer:
 
     def stop(self) -> None:
         self.server.stop(timeout=1)
-        remove_control_socket(self.path, self.inode)
+        if self.inode:
+            remove_control_socket(self.path, self.inode)
 
 
 def close_gracefully(sock: socket.socket, timeout: float) -> None:
@@ -3511,13 +4661,13 @@ class Board:
         """Put cfg in force: everything is made anew from it (before start() only)."""
         self.cfg = cfg
         self.events = Events()
-        self.hub = HUBS["local"](cfg, self.events)
+        self.conn_prefix = str(10**11 + secrets.randbelow(9 * 10**11))  # new every start
+        self.hub = HUBS["redis" if cfg.redis else "local"](cfg, self.events, self.conn_prefix)
         self.refusals: collections.Counter = collections.Counter()
         self.control_connections = 0
         self.heads: collections.Counter = collections.Counter()  # request heads in progress
         self.gc_watch = GCWatch()
         self.verified_passwords: set = set()  # digests of passwords PBKDF2 already accepted
-        self.conn_prefix = str(10**11 + secrets.randbelow(9 * 10**11))  # new every start
         self.conn_numbers = itertools.count(1)
         self.webhook: Webhook | None = None
         self.background: list = []
@@ -3756,9 +4906,14 @@ class Board:
             )
             cfg.max_connections, cfg.max_control_connections = max_connections, max_control
 
-    def open_control(self) -> None:
+    def open_control(self, inherited: int | None = None) -> None:
+        """Bind the control socket, or (in a gunicorn worker) accept on the one the master
+        bound and handed down as descriptor inherited: one path for every worker."""
         self.control_path = control_socket_path(self.cfg.control)
-        self.control = ControlServer(self, self.control_path)
+        listener = None
+        if inherited is not None:
+            listener = gevent.socket.socket(fileno=os.dup(inherited))
+        self.control = ControlServer(self, self.control_path, listener)
         self.control.start()
 
     def start_background(self) -> None:
@@ -3769,6 +4924,7 @@ class Board:
             self.events.add(self.webhook)
             self.background.append(self.webhook.greenlet)
         self.background += [gevent.spawn(self.heartbeat), gevent.spawn(self.settle_gc)]
+        self.hub.start()
 
     def shut_down(self, quick: bool = False) -> None:
         """Stop taking control connections, close every WebSocket with 1001 (spread over the
@@ -3782,6 +4938,7 @@ class Board:
         if self.control is not None:
             self.control.stop()
             self.control = None
+        self.hub.stop()
         if self.webhook is not None:
             self.events.remove(self.webhook)
             self.webhook = None
@@ -3841,7 +4998,8 @@ class Board:
         self.configure(load_config([]))
         configure_logging(self.cfg.log_level)
         self.fit_descriptors()
-        self.open_control()
+        inherited = os.environ.get(CONTROL_FD_VARIABLE, "")
+        self.open_control(int(inherited) if inherited.isdigit() else None)
         self.start_background()
         log.info(
             "wsboard %s in gunicorn worker %d, control socket %s",
@@ -3945,7 +5103,37 @@ def gunicorn_conf_command(argv: Sequence[str]) -> int:
     return 0
 
 
+CONTROL_FD_VARIABLE = "WSBOARD_CONTROL_LISTENER_FD"  # set by gunicorn.conf.py's master only
+
+
+def bind_control_command(argv: Sequence[str]) -> int:
+    """wsboard bind-control --send-to FD: bind the control socket as the settings say and
+    hand the listening descriptor over the UNIX socket FD (gunicorn.conf.py's master asks,
+    so that every worker accepts on one path without the master importing wsboard)."""
+    parser = argparse.ArgumentParser(
+        prog="wsboard bind-control",
+        description="Bind the control socket and pass its descriptor over the UNIX socket "
+        "--send-to (used by gunicorn.conf.py).",
+    )
+    parser.add_argument("--send-to", type=int, required=True, metavar="FD")
+    args, rest = parser.parse_known_args(argv)
+    cfg = load_config(rest)
+    path = control_socket_path(cfg.control)
+    warning = directory_warning(path)
+    if warning:
+        log.warning(warning)
+    try:
+        listener = bind_control_socket(path, cfg.control_mode, cfg.control_group)
+    except (ControlSocketInUse, OSError) as exc:
+        raise ConfigError(f"cannot open control socket {path}: {exc}") from None
+    inode = os.lstat(path).st_ino
+    with socket.socket(fileno=args.send_to) as channel:
+        socket.send_fds(channel, [f"{path}\n{inode}".encode()], [listener.fileno()])
+    return 0
+
+
 SUBCOMMANDS = {
+    "bind-control": bind_control_command,
     "token": token_command,
     "hash-password": hash_password_command,
     "check-config": check_config_command,

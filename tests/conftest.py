@@ -315,9 +315,13 @@ class Gunicorn:
     def ready(self):
         if self.proc.poll() is not None:
             raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+        # The master binds the control socket before any worker runs: ready is a worker's PONG.
         try:
-            Control(self.control_path, timeout=1).close()
-            return True
+            control = Control(self.control_path, timeout=1)
+            try:
+                return control.ask("PING") == "PONG"
+            finally:
+                control.close()
         except OSError:
             return False
 
@@ -378,3 +382,74 @@ def pytest_terminal_summary(terminalreporter):
     for note in _terminal_notes:
         terminalreporter.write_sep("-", note.splitlines()[0])
         terminalreporter.write_line("\n".join(note.splitlines()[1:]))
+
+
+class RedisServer:
+    """A real redis-server on loopback with its own port and directory, no persistence
+    (so a restart comes back empty, as an unconfigured Redis does)."""
+
+    def __init__(self, directory) -> None:
+        self.port = free_port()
+        self.directory = str(directory)
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        os.makedirs(self.directory, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.directory, "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_until(self.ping, timeout=10, what="redis-server to answer")
+        return self
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port, socket_timeout=5, protocol=2)
+
+    def ping(self) -> bool:
+        try:
+            return self.client().ping()
+        except OSError:
+            return False
+        except Exception:  # redis.ConnectionError and friends
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def keys(self, prefix: str) -> list:
+        return sorted(k.decode() for k in self.client().keys(prefix + ":*"))
+
+    def pubsub_channels(self, prefix: str) -> list:
+        return sorted(c.decode() for c in self.client().pubsub_channels(prefix + ":*"))
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+prefixes = iter(range(1, 1_000_000))
+
+
+def new_prefix() -> str:
+    """A Redis prefix of its own for each test: tests never see each other's keys."""
+    return f"t{os.getpid()}-{next(prefixes)}"
+
+
+def start_hub(hub):
+    """Start a hub; a RedisHub must also have its link up."""
+    hub.start()
+    if isinstance(hub, wsboard.RedisHub):
+        wait_until(lambda: hub.link_up, timeout=10, what="the redis link")
+    return hub
