@@ -2223,6 +2223,12 @@ class LocalHub:
             self.keys.put(key, result, now)
         return result
 
+    groups_sends = False  # answer_lines gives each SEND on its own: here that is fastest
+
+    def send_many(self, sends: Sequence[tuple], batch: Batch | None = None) -> list:
+        """Several sends, (ids, text, keep_offline) each, in order."""
+        return [self.send(ids, text, keep, batch=batch) for ids, text, keep in sends]
+
     def broadcast(self, text: str, batch: Batch | None = None) -> int:
         """Send text to every open socket (not kept in any inbox); return how many took it."""
         return deliver(self.registry.open_connections(), text, None, batch, hold=False)
@@ -2554,6 +2560,7 @@ class RedisHub(LocalHub):
     """LocalHub's sockets, reached from every process through Redis (see the banner)."""
 
     FIXED = ("all", "ev")  # routes every process hears, beside its own n:<node>
+    groups_sends = True  # a run of SEND lines costs one round trip to Redis, not one each
 
     def __init__(self, cfg: Config, events: "Events | None" = None, node: str = "") -> None:
         super().__init__(cfg, events)
@@ -2630,6 +2637,9 @@ class RedisHub(LocalHub):
             if callable(command):
                 return command(*args)
             return self.redis.execute_command(command, *args)
+        except redis.TimeoutError as exc:  # sent, not answered: it may still be carried out
+            self._trouble(exc)
+            raise BackplaneError(TIMEOUT) from None
         except (redis.RedisError, OSError) as exc:
             self._trouble(exc)
             raise BackplaneError(UNAVAILABLE) from None
@@ -2748,11 +2758,13 @@ class RedisHub(LocalHub):
     def _link_once(self) -> None:
         kwargs = dict(self.pool.connection_kwargs, socket_timeout=None)  # the probe watches it
         link = self.pool.connection_class(**kwargs)
-        link.connect()
-        link.send_command("CLIENT", "SETNAME", f"wsboard-{self.node}")
-        link.read_response()
-        link.send_command("CLIENT", "ID")
-        self.link_client_id = int(link.read_response())
+        late = redis.TimeoutError("Redis did not answer the link's set-up in time")
+        with gevent.Timeout(self.cfg.redis_timeout, late):  # a frozen Redis still accepts
+            link.connect()
+            link.send_command("CLIENT", "SETNAME", f"wsboard-{self.node}")
+            link.read_response()
+            link.send_command("CLIENT", "ID")
+            self.link_client_id = int(link.read_response())
         self.changes.clear()
         routes = self._wanted_routes()
         self.subscribed = set(routes)
@@ -2760,7 +2772,14 @@ class RedisHub(LocalHub):
         self._send_batch(link, routes, [], done)
         self.link = link
         self.changed.set()  # anything that changed meanwhile
+        # Up once Redis confirms every route; a link that cannot get there starts again.
+        gevent.spawn_later(self.cfg.redis_timeout + len(routes) / 20_000, self._up_or_cut, link)
         self._read(link, done)
+
+    def _up_or_cut(self, link: object) -> None:
+        if self.link is link and not self.link_up:
+            log.warning("redis link not confirmed in time; starting it again")
+            link.disconnect()
 
     def _link_down(self) -> None:
         was_up, self.link_up, link, self.link = self.link_up, False, self.link, None
@@ -2854,33 +2873,43 @@ class RedisHub(LocalHub):
         key: str | None = None,
         batch: Batch | None = None,
     ) -> SendResult:
-        ids = list(dict.fromkeys(ids))
         if key is not None:
             earlier = self._claim(key)
             if earlier is not None:
                 return earlier._replace(duplicate=True)
-        try:
-            result = self._send_everywhere(ids, text, keep_offline)
-        except BackplaneError:
-            result = self._send_here(ids, text, batch)
+        (result,) = self.send_many([(ids, text, keep_offline)], batch)
         if key is not None:
             self._settle_key(key, result)
         return result
 
-    def _send_everywhere(self, ids: list, text: str, keep_offline: bool) -> SendResult:
+    def send_many(self, sends: Sequence[tuple], batch: Batch | None = None) -> list:
+        """Several sends, (ids, text, keep_offline) each, in one round trip to Redis and in
+        order: what a control connection's run of SEND lines becomes."""
+        sends = [(list(dict.fromkeys(ids)), text, keep) for ids, text, keep in sends]
+        try:
+            return self._send_everywhere(sends)
+        except BackplaneError as exc:
+            if str(exc) == TIMEOUT:  # Redis may still carry them out: no second copy here
+                return [
+                    SendResult(0, 0, {}, ids, False, tuple(ids), TIMEOUT) for ids, _, _ in sends
+                ]
+            return [self._send_here(ids, text, batch) for ids, text, _ in sends]
+
+    def _send_everywhere(self, sends: list) -> list:
         if not self.link_up:
             raise BackplaneError(UNAVAILABLE)
-        waits, requests = {}, []
+        waits = []  # (send's index, id, request, Answers)
         pipe = self.redis.pipeline(transaction=False)
-        for client_id in ids:
-            request = str(next(self.requests))
-            requests.append(request)
-            waits[client_id] = self.answers[request] = Answers()
-            head = {"k": "s", "o": self.node, "r": request, "i": client_id, "t": text}
-            route = self.key(ID_ROUTE + client_id)
-            if self.inbox is None:
-                pipe.publish(route, json.dumps(head))
-            else:
+        for index, (ids, text, keep_offline) in enumerate(sends):
+            for client_id in ids:
+                request = str(next(self.requests))
+                answers = self.answers[request] = Answers()
+                waits.append((index, client_id, request, answers))
+                head = {"k": "s", "o": self.node, "r": request, "i": client_id, "t": text}
+                route = self.key(ID_ROUTE + client_id)
+                if self.inbox is None:
+                    pipe.publish(route, json.dumps(head))
+                    continue
                 keys = [self.key("im", client_id), self.key("ib", client_id), route]
                 args = [
                     text,
@@ -2891,33 +2920,31 @@ class RedisHub(LocalHub):
                     json.dumps(head)[:-1],  # the script adds "s", the number it gives
                 ]
                 self.scripts["inbox_send"](keys, args, client=pipe)
+        tallies = [[0, 0, {}, [], []] for _ in sends]  # sockets, queued, seqs, missing, unconfirmed
         try:
             heard = self.call(pipe.execute)
-            sockets, queued, seqs, missing, unconfirmed = 0, 0, {}, [], []
             deadline = time.monotonic() + self.cfg.redis_timeout
-            for client_id, reply in zip(ids, heard, strict=True):
-                answers = waits[client_id]
+            for (index, client_id, _, answers), reply in zip(waits, heard, strict=True):
                 count, seq = (reply, None) if self.inbox is None else (reply[0], reply[1])
                 answers.expect(count)
+                tally = tallies[index]
                 if seq:
-                    seqs[client_id] = seq
+                    tally[2][client_id] = seq
                 answers.done.wait(max(0.0, deadline - time.monotonic()))
-                if answers.lost:
-                    raise BackplaneError(UNAVAILABLE)
                 took = sum(answers.values)
-                sockets += took
+                tally[0] += took
                 if took:
                     continue
                 if not count and seq:
-                    queued += 1
+                    tally[1] += 1
                 else:
-                    missing.append(client_id)
-                    if not answers.complete:
-                        unconfirmed.append(client_id)
+                    tally[3].append(client_id)
+                    if not answers.complete:  # a holder did not say (or our link broke)
+                        tally[4].append(client_id)
         finally:
-            for request in requests:
+            for _, _, request, _ in waits:
                 del self.answers[request]
-        return SendResult(sockets, queued, seqs, missing, False, tuple(unconfirmed), TIMEOUT)
+        return [SendResult(a, b, c, d, False, tuple(e), TIMEOUT) for a, b, c, d, e in tallies]
 
     def _send_here(self, ids: list, text: str, batch: Batch | None) -> SendResult:
         """Redis cannot be reached: this process's sockets still get it (unnumbered)."""
@@ -2933,11 +2960,12 @@ class RedisHub(LocalHub):
     def _claim(self, key: str) -> SendResult | None:
         """Take key for this send, or the result of the send that took it first (waiting,
         bounded, while that one is still going on); None: go ahead."""
-        name, window = self.key("key", key), int(self.cfg.idempotency_window * 1000)
+        name, pending = self.key("key", key), int(self.cfg.redis_timeout * 5000)
         deadline = time.monotonic() + 2 * self.cfg.redis_timeout
         try:
             while True:
-                if self.call("SET", name, "", "NX", "PX", window):
+                # Pending, for as long as a send may take: a sender that died frees the key.
+                if self.call("SET", name, "", "NX", "PX", pending):
                     return None
                 stored = self.call("GET", name)
                 if stored:
@@ -3339,10 +3367,10 @@ class RedisHub(LocalHub):
         self.nodes_seen = self.call("ZCARD", self.key("nodes"))
         for node in stale:
             node = node.decode()
-            if node != self.node and self.call(
-                "SET", self.key("reap", node), self.node, "NX", "PX", 10_000
-            ):
+            lock = self.key("reap", node)  # one process reaps it, so its leaves are told once
+            if node != self.node and self.call("SET", lock, self.node, "NX", "PX", 10_000):
                 self._reap(node)
+                self.call("DEL", lock)
 
     def _reap(self, node: str) -> None:
         """node stopped beating: cut its link (so nothing is routed to it) and end its
@@ -4029,6 +4057,7 @@ def split_lines(buffer: bytearray) -> tuple:
 
 
 CONTROL_FLUSH_BYTES = 64 * 1024
+SEND_GROUP = 256  # SEND lines carried out together, at most, when the hub groups them
 CONTROL_SLICE = 0.005  # seconds one connection's lines may run before everyone else's turn
 
 
@@ -4119,19 +4148,30 @@ class ControlConnection:
         time; then everyone else gets a turn, so no batch can hold the server.
         """
         max_line = self.board.cfg.max_line
+        grouping = self.board.hub.groups_sends
         pending: list = []
+        sends: list = []  # SEND lines not yet carried out (when the hub groups them)
         size = 0
         started = time.monotonic()
         try:
             for line in lines:
                 if len(line) > max_line:
-                    self.flush(pending)
+                    self.flush(pending + self.send_group(sends))
                     self.refuse_long_line()
                     return False
                 command = parse_control_line(line)
-                if command.verb == "error":
-                    log.warning("control error: %s: %r", command.args[0], line[:80])
-                for answer in run_command(command, self):
+                if command.verb == "send" and grouping:
+                    sends.append(command.args)
+                    if len(sends) < SEND_GROUP:
+                        continue
+                    answers = self.send_group(sends)
+                else:
+                    if command.verb == "error":
+                        log.warning("control error: %s: %r", command.args[0], line[:80])
+                    answers = self.send_group(sends) if sends else []
+                    answers += run_command(command, self)
+                sends = []
+                for answer in answers:
                     pending.append(answer)
                     size += len(answer) + 1
                 if size >= CONTROL_FLUSH_BYTES or time.monotonic() - started >= CONTROL_SLICE:
@@ -4139,10 +4179,27 @@ class ControlConnection:
                     pending, size = [], 0
                     gevent.sleep(0)
                     started = time.monotonic()
-            self.flush(pending)
+            self.flush(pending + self.send_group(sends))
             return True
         finally:
             self.batch.release()
+
+    def send_group(self, sends: list) -> list:
+        """The answers to a run of SEND lines, carried out together."""
+        if not sends:
+            return []
+        board = self.board
+        try:
+            results = board.hub.send_many(
+                [([client_id], text, board.cfg.offline_ok) for client_id, text in sends], self.batch
+            )
+        except Exception:
+            log.exception("control command send failed")
+            return ["ERROR Internal error"] * len(sends)
+        return [
+            "OK" if result.sockets or result.queued else "ERROR " + send_failure(result)
+            for result in results
+        ]
 
     def flush(self, answers: list) -> None:
         """Let held frames out first, then send the answers."""

@@ -6,6 +6,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import base64  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -290,7 +291,7 @@ class Gunicorn:
 
     def __init__(self, tmp_path, *args, env=None):
         self.port = free_port()
-        self.control_path = str(tmp_path / "control.sock")
+        self.control_path = (env or {}).get("WSBOARD_CONTROL") or str(tmp_path / "control.sock")
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
         env = {
             **os.environ,
@@ -400,8 +401,21 @@ class RedisServer:
     def start(self) -> "RedisServer":
         os.makedirs(self.directory, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.directory, "--loglevel", "warning"],
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.directory,
+                "--loglevel",
+                "warning",
+            ],
             stdout=subprocess.DEVNULL,
         )
         wait_until(self.ping, timeout=10, what="redis-server to answer")
@@ -453,3 +467,39 @@ def start_hub(hub):
     if isinstance(hub, wsboard.RedisHub):
         wait_until(lambda: hub.link_up, timeout=10, what="the redis link")
     return hub
+
+
+SEED_PHP = os.path.join(ROOT, "tests", "seed_php")
+# The seed's class predates PHP 8.2 (dynamic properties) and polls a non-blocking socket
+# (a warning per empty read): quiet both, as a deployment would; the code stays as it is.
+PHP = [
+    "php",
+    "-d",
+    "error_reporting=E_ALL & ~E_DEPRECATED & ~E_WARNING",
+    "-d",
+    "display_errors=stderr",
+]
+
+
+def seed_php_app(tmp_path, control_path: str, port: int):
+    """A copy of the seed's PHP files, with the seed's config.php pointing at our server."""
+    import shutil
+
+    app = tmp_path / "php"
+    shutil.copytree(SEED_PHP, app)
+    (app / "config.php").write_text(
+        "<?php\n\t$config=array();\n\t//Path to the UNIX socket\n"
+        f'\t$config["service_socket"]="{control_path}";\n'
+        "\t$config['ws_host']=\"127.0.0.1\";\n"
+        f"\t$config['ws_port']=\"{port}\";\n?>\n"
+    )
+    return app
+
+
+def run_seed_php(app, code: str):
+    """Run PHP code after the seed's setup.php and return what it printed as JSON."""
+    script = app / "case.php"
+    script.write_text('<?php\nrequire_once dirname(__FILE__)."/setup.php";\n' + code + "\n")
+    result = subprocess.run([*PHP, str(script)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)

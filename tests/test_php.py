@@ -1,46 +1,18 @@
 """The seed's own PHP client, unchanged, against the real server with the real `php`."""
 
 import json
-import shutil
 import subprocess
 import urllib.request
 
 import pytest
-from conftest import free_port, wait_until
-
-SEED_PHP = __file__.rsplit("/", 1)[0] + "/seed_php"
-# The seed's class predates PHP 8.2 (dynamic properties) and polls a non-blocking socket
-# (a warning per empty read): quiet both, as a deployment would; the code stays as it is.
-PHP = [
-    "php",
-    "-d",
-    "error_reporting=E_ALL & ~E_DEPRECATED & ~E_WARNING",
-    "-d",
-    "display_errors=stderr",
-]
+from conftest import PHP, free_port, seed_php_app, wait_until
+from conftest import run_seed_php as run_php
 
 
 @pytest.fixture
 def seed_app(tmp_path, server):
     """A copy of the seed's PHP files, with the seed's config.php pointing at our server."""
-    app = tmp_path / "php"
-    shutil.copytree(SEED_PHP, app)
-    (app / "config.php").write_text(
-        "<?php\n\t$config=array();\n\t//Path to the UNIX socket\n"
-        f'\t$config["service_socket"]="{server.control_path}";\n'
-        "\t$config['ws_host']=\"127.0.0.1\";\n"
-        f"\t$config['ws_port']=\"{server.port}\";\n?>\n"
-    )
-    return app
-
-
-def run_php(app, code: str):
-    """Run PHP code after the seed's setup.php and return what it printed as JSON."""
-    script = app / "case.php"
-    script.write_text('<?php\nrequire_once dirname(__FILE__)."/setup.php";\n' + code + "\n")
-    result = subprocess.run([*PHP, str(script)], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return seed_php_app(tmp_path, server.control_path, server.port)
 
 
 def test_the_seed_class_lists_every_connected_socket(seed_app, server):

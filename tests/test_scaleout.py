@@ -1,0 +1,544 @@
+"""Scale-out on Redis with real processes: `python wsboard.py` and gunicorn workers sharing
+one id space through a real redis-server, including the failures (kill -9, SIGSTOP, Redis
+stopped, frozen, restarted empty, its pub/sub clients killed)."""
+
+import json
+import os
+import resource
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import websocket
+from conftest import (
+    Control,
+    RedisServer,
+    new_prefix,
+    run_seed_php,
+    seed_php_app,
+    upgrade_request,
+    wait_until,
+)
+
+
+def ask_json(control, request) -> dict:
+    return json.loads(control.ask(json.dumps(request)))
+
+
+def ask(server, line: str) -> str:
+    """One line to a fresh control connection (a gunicorn master hands it to any worker)."""
+    control = Control(server.control_path)
+    try:
+        return control.ask(line)
+    finally:
+        control.close()
+
+
+def backplane(server) -> dict:
+    control = Control(server.control_path)
+    try:
+        return ask_json(control, {"op": "stats"})["backplane"]
+    finally:
+        control.close()
+
+
+@pytest.fixture
+def cluster(server_factory, redis_server, tmp_path):
+    """make(n, *flags): n wsboard processes on one Redis, each with its control socket."""
+    prefix = new_prefix()
+
+    def make(n=2, *flags, redis=redis_server, url=None):
+        servers = [
+            server_factory(
+                "--control",
+                str(tmp_path / f"control-{prefix}-{i}.sock"),
+                "--redis",
+                url or redis.url,
+                "--redis-prefix",
+                prefix,
+                "--node-timeout",
+                "3",
+                "--presence-grace",
+                "0",
+                *flags,
+            )
+            for i in range(n)
+        ]
+        for server in servers:
+            wait_until(lambda s=server: backplane(s)["state"] == "up", what="the redis link")
+            server.node = backplane(server)["node"]
+            server.prefix = prefix
+        return servers
+
+    return make
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own, to stop, freeze and restart."""
+    server = RedisServer(tmp_path / "own-redis").start()
+    yield server
+    server.stop()
+
+
+def received_exactly(ws, expected: list, sentinel: str, send_sentinel) -> None:
+    """ws gets expected (in any order), then sentinel: nothing twice, nothing in between."""
+    got = [ws.recv() for _ in expected]
+    assert sorted(got) == sorted(expected)
+    send_sentinel()
+    assert ws.recv() == sentinel
+
+
+# Routing #####################################################################
+
+
+def test_a_send_on_any_process_reaches_every_tab_of_the_id_exactly_once(cluster):
+    p0, p1, p2 = cluster(3)
+    tabs = [p0.websocket("a"), p1.websocket("a"), p1.websocket("a")]
+    other = p2.websocket("b")
+    for n, server in enumerate((p0, p1, p2)):
+        assert ask(server, f"SEND MESSAGE a to a {n}") == "OK"
+        assert ask(server, f"SEND MESSAGE b to b {n}") == "OK"
+    for tab in tabs:
+        received_exactly(
+            tab, [f"to a {n}" for n in range(3)], "end", lambda: ask(p2, "SEND MESSAGE a end")
+        )
+    received_exactly(
+        other, [f"to b {n}" for n in range(3)], "end", lambda: ask(p0, "SEND MESSAGE b end")
+    )
+
+
+def test_an_unknown_id_is_not_found_at_once_and_a_closed_socket_is_never_ok(cluster):
+    p0, p1 = cluster(2)
+    started = time.monotonic()
+    assert ask(p0, "SEND MESSAGE nobody x") == "ERROR Client Not Found"
+    assert time.monotonic() - started < 0.5
+    for n in range(20):
+        ws = p1.websocket(f"brief{n}")
+        assert ask(p0, f"SEND MESSAGE brief{n} hello") == "OK"
+        assert ws.recv() == "hello"
+        ws.close()  # returns once the server's close frame came back
+        assert ask(p0, f"SEND MESSAGE brief{n} late") == "ERROR Client Not Found"
+
+
+def test_listings_counts_and_channels_show_every_process(cluster):
+    p0, p1 = cluster(2)
+    sockets = [p0.websocket("a"), p1.websocket("b"), p1.websocket("a")]
+    control = Control(p0.control_path)
+    assert sorted(row.split()[0] for row in control.list()) == ["a", "a", "b"]
+    rows = ask_json(Control(p1.control_path), {"op": "list"})["clients"]
+    assert sorted((r["id"], r["conn"].split(".")[0]) for r in rows) == sorted(
+        [("a", p0.node), ("b", p1.node), ("a", p1.node)]
+    )
+    assert control.ask("COUNT") == "OK 3 2"
+    assert control.ask("ONLINE b nobody a") == "OK b a"
+    assert control.ask("JOIN room a") == "OK 2"
+    assert control.ask("COUNT room") == "OK 2 1"
+    assert control.ask("PUBLISH room to the room") == "OK 2"
+    assert [sockets[0].recv(), sockets[2].recv()] == ["to the room"] * 2
+    assert control.ask("BROADCAST everyone") == "OK 3"
+    assert [ws.recv() for ws in sockets] == ["everyone"] * 3
+    assert ask_json(control, {"op": "channels"})["channels"] == {"room": 2}
+    assert control.ask("KICK a") == "OK 2"
+    wait_until(lambda: control.ask("COUNT") == "OK 1 1", what="the kicked sockets to go")
+
+
+def test_connection_ids_reach_one_socket_on_whichever_process_holds_it(cluster):
+    p0, p1 = cluster(2)
+    one = websocket.create_connection(p1.ws_url("u"), subprotocols=["wsboard.v1"])
+    other = p0.websocket("u")
+    conn = json.loads(one.recv())["hello"]["conn"]
+    assert conn.startswith(p1.node + ".")
+    control = Control(p0.control_path)
+    assert ask_json(control, {"op": "send", "conn": conn, "data": "just you"})["ok"]
+    assert json.loads(one.recv())["data"] == "just you"
+    assert ask_json(control, {"op": "send", "conn": p0.node + ".999999", "data": "x"}) == {
+        "ok": False,
+        "error": "Client Not Found",
+    }
+    received_exactly(other, [], "end", lambda: ask(p1, "SEND MESSAGE u end"))
+
+
+def test_a_keyed_retry_on_another_process_is_not_delivered_again(cluster):
+    p0, p1 = cluster(2)
+    ws = p0.websocket("k")
+    first = ask_json(
+        Control(p1.control_path), {"op": "send", "to": "k", "data": "once", "key": "K1"}
+    )
+    again = ask_json(
+        Control(p0.control_path), {"op": "send", "to": "k", "data": "once", "key": "K1"}
+    )
+    assert first["ok"] and first["sockets"] == 1 and "duplicate" not in first
+    assert again["ok"] and again.get("duplicate") is True
+    received_exactly(ws, ["once"], "end", lambda: ask(p1, "SEND MESSAGE k end"))
+
+
+def test_the_inbox_numbers_without_gaps_under_sends_from_every_process_and_resumes_anywhere(
+    cluster,
+):
+    servers = cluster(3, "--inbox", "500")
+    ws = websocket.create_connection(servers[0].ws_url("v"), subprotocols=["wsboard.v1"])
+    epoch = json.loads(ws.recv())["hello"]["epoch"]
+
+    def sender(server, n):
+        control = Control(server.control_path)
+        for i in range(50):
+            assert ask_json(control, {"op": "send", "to": "v", "data": f"{n}-{i}"})["ok"]
+
+    threads = [threading.Thread(target=sender, args=(s, n)) for n, s in enumerate(servers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    frames = [json.loads(ws.recv()) for _ in range(150)]
+    assert [f["seq"] for f in frames] == list(range(1, 151))  # in order, no gap, no repeat
+    assert sorted(f["data"] for f in frames) == sorted(
+        f"{n}-{i}" for n in range(3) for i in range(50)
+    )
+    ws.close()
+    url = servers[1].ws_url("v") + f"&epoch={epoch}&last=100"
+    resumed = websocket.create_connection(url, subprotocols=["wsboard.v1"])
+    hello = json.loads(resumed.recv())["hello"]
+    assert (hello["epoch"], hello["seq"]) == (epoch, 150)
+    assert [json.loads(resumed.recv())["seq"] for _ in range(50)] == list(range(101, 151))
+
+
+def test_presence_members_are_counted_once_over_every_process(cluster):
+    p0, p1, p2 = cluster(3)
+    watcher = websocket.create_connection(
+        p2.ws_url("w") + "&channel=presence-room", subprotocols=["wsboard.v1"]
+    )
+    assert "hello" in json.loads(watcher.recv())
+    assert json.loads(watcher.recv())["presence"]["members"] == [{"id": "w", "meta": None}]
+    here = websocket.create_connection(p0.ws_url("u") + "&channel=presence-room")
+    there = websocket.create_connection(p1.ws_url("u") + "&channel=presence-room")
+    assert json.loads(watcher.recv())["presence"]["join"] == {"id": "u", "meta": None}
+    members = ask_json(Control(p0.control_path), {"op": "presence", "channel": "presence-room"})
+    assert sorted(m["id"] for m in members["members"]) == ["u", "w"]
+    here.close()
+    time.sleep(0.3)
+    there.close()
+    assert json.loads(watcher.recv())["presence"] == {
+        "channel": "presence-room",
+        "leave": {"id": "u"},
+    }
+    received_exactly(
+        watcher,
+        [],
+        json.dumps({"seq": None, "data": "end"}, separators=(",", ":")),
+        lambda: ask(p0, "SEND MESSAGE w end"),
+    )
+
+
+def test_watchers_and_the_webhook_get_each_event_once(cluster, tmp_path):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    posted = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            posted.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{hook.server_port}/hook"
+    p0, p1 = cluster(2, "--webhook", url)
+    watcher = Control(p0.control_path)
+    assert ask_json(watcher, {"op": "watch"})["ok"]
+    ws = p1.websocket("evented")
+    event = json.loads(watcher.line())
+    assert (event["event"], event["id"]) == ("connect", "evented")
+    wait_until(lambda: [e for e in posted if e.get("id") == "evented"], what="the webhook")
+    time.sleep(0.5)
+    assert [e["event"] for e in posted if e.get("id") == "evented"] == ["connect"]
+    ws.close()
+    event = json.loads(watcher.line())
+    assert (event["event"], event["id"]) == ("disconnect", "evented")
+    hook.shutdown()
+
+
+# Process death ###############################################################
+
+
+def node_keys(redis_server, server) -> list:
+    return [k for k in redis_server.keys(server.prefix) if server.node in k]
+
+
+def test_a_killed_process_leaves_routing_at_once_and_presence_and_redis_within_the_timeout(
+    cluster, redis_server
+):
+    p0, p1 = cluster(2)
+    watcher = websocket.create_connection(
+        p0.ws_url("w") + "&channel=presence-room", subprotocols=["wsboard.v1"]
+    )
+    watcher.recv(), watcher.recv()  # hello, members
+    victim = websocket.create_connection(p1.ws_url("victim") + "&channel=presence-room")
+    assert json.loads(watcher.recv())["presence"]["join"]["id"] == "victim"
+    assert node_keys(redis_server, p1)
+    p1.proc.kill()
+    p1.proc.wait()
+    started = time.monotonic()
+    control = Control(p0.control_path)
+    wait_until(lambda: control.ask("SEND MESSAGE victim x") == "ERROR Client Not Found", timeout=2)
+    assert control.ask("COUNT") == "OK 1 1"
+    assert [row.split()[0] for row in control.list()] == ["w"]
+    watcher.settimeout(15)
+    assert json.loads(watcher.recv())["presence"] == {
+        "channel": "presence-room",
+        "leave": {"id": "victim"},
+    }
+    assert time.monotonic() - started < 15
+    wait_until(lambda: not node_keys(redis_server, p1), timeout=5, what="the dead node's keys")
+    assert not [c for c in redis_server.pubsub_channels(p1.prefix) if p1.node in c or "victim" in c]
+    victim.close()
+
+
+def test_a_hung_process_gets_timeout_never_ok_then_is_cut_off_and_comes_back(cluster):
+    p0, p1 = cluster(2)
+    sleeper = p1.websocket("sleeper")
+    awake = p0.websocket("awake")
+    os.kill(p1.proc.pid, signal.SIGSTOP)
+    try:
+        control = Control(p0.control_path)
+        assert control.ask("SEND MESSAGE sleeper x") == "ERROR Timeout"
+        control.send(b"LIST WEBSOCKETS\n")
+        assert control.line() == b"ERROR Timeout"  # never a silently partial list
+        assert control.ask("SEND MESSAGE awake still here") == "OK"
+        assert awake.recv() == "still here"
+        # After --node-timeout (3 s here) the others cut it off: answers are whole again.
+        wait_until(lambda: control.ask("COUNT") == "OK 1 1", timeout=10, what="the cut-off")
+        assert control.ask("SEND MESSAGE sleeper x") == "ERROR Client Not Found"
+    finally:
+        os.kill(p1.proc.pid, signal.SIGCONT)
+    wait_until(
+        lambda: control.ask("SEND MESSAGE sleeper back") == "OK", timeout=10, what="its return"
+    )
+    assert sleeper.recv() == "back"
+
+
+# Redis trouble ###############################################################
+
+
+def test_redis_stopped_then_restarted_empty(cluster, own_redis):
+    p0, p1 = cluster(2, "--inbox", "10", redis=own_redis)
+    here = p0.websocket("here")
+    there = websocket.create_connection(
+        p1.ws_url("there") + "&channel=presence-room", subprotocols=["wsboard.v1"]
+    )
+    epoch = json.loads(there.recv())["hello"]["epoch"]
+    assert "members" in json.loads(there.recv())["presence"]
+    assert ask(p0, "SEND MESSAGE there before") == "OK"
+    assert json.loads(there.recv())["seq"] == 1
+    own_redis.stop()
+    control = Control(p0.control_path)
+    assert control.ask("SEND MESSAGE here local still works") == "OK"
+    assert here.recv() == "local still works"
+    assert control.ask("SEND MESSAGE there x") == "ERROR Backplane Unavailable"
+    control.send(b"LIST WEBSOCKETS\n")
+    assert control.line() == b"ERROR Backplane Unavailable"
+    wait_until(lambda: backplane(p0)["state"] == "down", timeout=5, what="state down")
+    own_redis.start()  # empty: it kept nothing
+    wait_until(lambda: control.ask("SEND MESSAGE there after") == "OK", timeout=10, what="resume")
+    assert json.loads(there.recv())["data"] == "after"
+    client = own_redis.client()
+    wait_until(
+        lambda: client.hkeys(f"{p1.prefix}:pc:presence-room") == [b"there"],
+        timeout=5,
+        what="presence rebuilt",
+    )
+    there.close()
+    resumed = websocket.create_connection(
+        p0.ws_url("there") + f"&epoch={epoch}&last=1", subprotocols=["wsboard.v1"]
+    )
+    hello = json.loads(resumed.recv())["hello"]
+    assert hello["epoch"] != epoch  # numbered anew: the client is told of the gap
+    assert json.loads(resumed.recv()) == {"gap": {"after": 0}}
+
+
+def test_a_frozen_redis_gives_unavailable_not_a_hang_and_recovers(cluster, own_redis):
+    p0, p1 = cluster(2, redis=own_redis)
+    here, there = p0.websocket("here"), p1.websocket("there")
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    try:
+        control = Control(p0.control_path)
+        started = time.monotonic()
+        # Sent to Redis and not answered: its fate is unknown (Redis may carry it out later).
+        assert control.ask("SEND MESSAGE there early") == "ERROR Timeout"
+        assert time.monotonic() - started < 2
+        wait_until(lambda: backplane(p0)["state"] == "down", timeout=5, what="the probe")
+        assert control.ask("SEND MESSAGE there x") == "ERROR Backplane Unavailable"
+        assert control.ask("SEND MESSAGE here local") == "OK"
+        assert here.recv() == "local"
+        assert control.ask("PING") == "PONG"
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+    wait_until(lambda: control.ask("SEND MESSAGE there back") == "OK", timeout=10, what="resume")
+    assert there.recv() in ("early", "back")  # "early" was in Redis's buffer all along
+    received_exactly(here, [], "end", lambda: ask(p1, "SEND MESSAGE here end"))
+
+
+def test_killed_pubsub_links_reconnect_by_themselves(cluster, redis_server):
+    p0, p1 = cluster(2)
+    there = p1.websocket("there")
+    killed = redis_server.client().execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    assert killed >= 2
+    control = Control(p0.control_path)
+    wait_until(lambda: control.ask("SEND MESSAGE there back") == "OK", timeout=10, what="resume")
+    assert there.recv() == "back"
+
+
+def test_churn_of_10000_sockets_leaves_redis_as_it_was(cluster, redis_server):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 11_000:
+        pytest.skip(f"needs 11000 descriptors; the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 11_000), hard))
+    (p0,) = cluster(
+        1,
+        "--max-connections", "10500",
+        "--max-connections-per-ip", "10500",
+        "--ping-interval", "0",
+        "--log-level", "warning",
+    )  # fmt: skip
+    client = redis_server.client()
+    control = Control(p0.control_path, timeout=30)
+    channels_before = redis_server.pubsub_channels(p0.prefix)
+    keys_before = redis_server.keys(p0.prefix)
+
+    def churn():
+        sockets = []
+        for n in range(10_000):
+            sock = socket.create_connection(("127.0.0.1", p0.port))
+            sock.sendall(upgrade_request(f"?id=churn{n}&channel=room{n % 100}"))
+            sockets.append(sock)
+        for sock in sockets:
+            assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+        assert control.ask("COUNT") == "OK 10000 10000"
+        assert len(redis_server.pubsub_channels(p0.prefix)) == len(channels_before) + 10_100
+        for sock in sockets:
+            sock.close()
+        wait_until(lambda: control.ask("COUNT") == "OK 0 0", timeout=60, what="every socket to go")
+        wait_until(
+            lambda: redis_server.pubsub_channels(p0.prefix) == channels_before,
+            timeout=10,
+            what="the routes to go",
+        )
+        assert redis_server.keys(p0.prefix) == keys_before
+        return client.info("memory")["used_memory"]
+
+    # Redis keeps the tables it grew (and its clients' buffers) for the next burst: the first
+    # churn sets that level, and a second one must end where the first did.
+    after_first = churn()
+    after_second = churn()
+    assert after_second - after_first < 64 * 1024
+
+
+# gunicorn ####################################################################
+
+
+def test_two_gunicorn_instances_of_three_workers_share_every_id(gunicorn, redis_server, tmp_path):
+    prefix = new_prefix()
+    env = {"WSBOARD_REDIS": redis_server.url, "WSBOARD_REDIS_PREFIX": prefix}
+    first = gunicorn("--workers", "3", env={**env, "WSBOARD_CONTROL": str(tmp_path / "a.sock")})
+    second = gunicorn("--workers", "3", env={**env, "WSBOARD_CONTROL": str(tmp_path / "b.sock")})
+    for instance in (first, second):
+        wait_until(instance.ready, timeout=30, what="gunicorn")
+    wait_until(
+        lambda: redis_server.client().zcard(f"{prefix}:nodes") == 6, timeout=20, what="6 workers"
+    )
+    clients = {}
+    for n in range(12):
+        instance = (first, second)[n % 2]
+        clients[f"g{n}"] = websocket.create_connection(
+            f"ws://127.0.0.1:{instance.port}/websocket?id=g{n}", timeout=10
+        )
+    for n, (client_id, ws) in enumerate(clients.items()):
+        instance = (second, first)[n % 2]  # the other instance, any of its workers
+        assert ask(instance, f"SEND MESSAGE {client_id} hello {client_id}") == "OK"
+        assert ws.recv() == f"hello {client_id}"
+    for instance in (first, second):
+        control = Control(instance.control_path)
+        assert sorted(row.split()[0] for row in control.list()) == sorted(clients)
+    app = seed_php_app(tmp_path, first.control_path, first.port)
+    listed = run_seed_php(app, "print json_encode($serviceSocket->listConnections());")
+    assert len(listed) == 12
+    sent = run_seed_php(app, 'print json_encode($serviceSocket->sendMessage("g1", "from php"));')
+    assert sent is True
+    assert clients["g1"].recv() == "from php"
+
+
+class Proxy:
+    """A TCP proxy in front of Redis that can go silent towards its clients while every
+    connection stays open: a half-open link, as a dead NAT entry or a stuck peer makes."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.silent = threading.Event()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self.pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self.pump, args=(upstream, client, True), daemon=True).start()
+
+    def pump(self, source, sink, to_client: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if not (to_client and self.silent.is_set()):
+                    sink.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_half_open_link_is_found_by_the_probe_and_comes_back(cluster, redis_server):
+    proxy = Proxy(redis_server.port)
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    p0, p1 = cluster(2, url=url)
+    there = p1.websocket("there")
+    proxy.silent.set()  # every connection open, nothing coming back
+    try:
+        wait_until(lambda: backplane(p0)["state"] == "down", timeout=10, what="the probe")
+        assert ask(p0, "SEND MESSAGE there x") == "ERROR Backplane Unavailable"
+    finally:
+        proxy.silent.clear()
+    wait_until(lambda: ask(p0, "SEND MESSAGE there back") == "OK", timeout=15, what="resume")
+    assert there.recv() in ("x", "back")
+    proxy.close()
+
+
+def test_gunicorn_keeps_its_workers_while_redis_is_frozen(gunicorn, own_redis, tmp_path):
+    env = {"WSBOARD_REDIS": own_redis.url, "WSBOARD_REDIS_PREFIX": new_prefix()}
+    server = gunicorn("--workers", "2", "--timeout", "3", env=env)
+    wait_until(server.ready, timeout=30, what="gunicorn")
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    try:
+        ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/websocket?id=f", timeout=10)
+        for _ in range(4):  # well past gunicorn's 3 s worker timeout
+            assert ask(server, "SEND MESSAGE nobody x") in (
+                "ERROR Timeout",
+                "ERROR Backplane Unavailable",
+            )
+            time.sleep(1.5)
+        assert ask(server, "PING") == "PONG"
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+    wait_until(lambda: ask(server, "SEND MESSAGE f back") == "OK", timeout=15, what="resume")
+    assert ws.recv() == "back"
+    assert "WORKER TIMEOUT" not in server.log() and "Booting worker" in server.log()
+    assert server.log().count("Booting worker") == 2
