@@ -2071,13 +2071,13 @@ class LocalHub:
         self._keep_meta(conn.client_id)
         limit = self.cfg.max_channels_per_socket  # hs.channels is bounded by it too
         joined = [channel for channel in hs.channels if self.registry.join(conn, channel, limit)]
-        self._settle()
+        self._settle(conn)
         frames = conn.framing.opening(self.inbox, conn, hs, time.time())
         for channel in joined:
             frames += self._joined(conn, channel)
         return frames
 
-    def _settle(self) -> None:
+    def _settle(self, conn: Connection | None = None) -> None:
         """Wait until a socket just registered can be reached from everywhere (here: it is)."""
 
     def start(self) -> None:
@@ -2199,9 +2199,11 @@ class LocalHub:
         keep_offline: bool,
         key: str | None = None,
         batch: Batch | None = None,
+        count_all: bool = True,
     ) -> SendResult:
         """Send text to every socket of each id, keeping it in the inbox when that is on.
-        With a key, a retry within the window is answered from the first send, in one step."""
+        With a key, a retry within the window is answered from the first send, in one step.
+        count_all=False: the answer may stop counting once a socket took it (scale-out)."""
         now = time.time()
         if key is not None and (earlier := self.keys.get(key, now)) is not None:
             return earlier._replace(duplicate=True)
@@ -2225,7 +2227,9 @@ class LocalHub:
 
     groups_sends = False  # answer_lines gives each SEND on its own: here that is fastest
 
-    def send_many(self, sends: Sequence[tuple], batch: Batch | None = None) -> list:
+    def send_many(
+        self, sends: Sequence[tuple], batch: Batch | None = None, count_all: bool = True
+    ) -> list:
         """Several sends, (ids, text, keep_offline) each, in order."""
         return [self.send(ids, text, keep, batch=batch) for ids, text, keep in sends]
 
@@ -2522,13 +2526,22 @@ class RedisInbox:
 class Answers:
     """The answers to one request: as many as PUBLISH said processes heard it."""
 
-    __slots__ = ("expected", "values", "done", "lost")
+    __slots__ = ("expected", "values", "done", "error", "reply")
 
     def __init__(self) -> None:
         self.expected = -1
         self.values: list = []
         self.done = gevent.event.Event()
-        self.lost = False  # the link broke while they were awaited
+        self.error = ""  # TIMEOUT or UNAVAILABLE when the request's fate is not known
+        self.reply: object = None  # what Redis answered (PUBLISH's count, a script's list)
+
+    def heard(self, reply: object) -> None:
+        self.reply = reply
+        self.expect(reply[0] if isinstance(reply, list) else reply)
+
+    def fail(self, error: str) -> None:
+        self.error = self.error or error
+        self.done.set()
 
     def expect(self, heard: int) -> None:
         self.expected = heard
@@ -2597,6 +2610,11 @@ class RedisHub(LocalHub):
         self.events.add(EventRelay(self))
         self.requests = itertools.count(1)
         self.answers: dict[str, Answers] = {}
+        self.others: dict = {}  # id held here -> how many other processes hold it (None: unknown)
+        self.counted_at: dict = {}  # id -> when others[id] was last counted
+        self.heard_here: dict = {}  # id -> when another process last said it gained it
+        self.announcing: dict = {}  # id -> Event set once its "here" is answered
+        self.fresh: list = []  # ids that got their first socket here, not yet announced
         self.replies: list = []  # (origin, request, value) to send after the reader's batch
         self.floors: dict = {}  # Connection -> last seq its opening gave it, while it resumes
         self.awaiting: dict = {}  # (Connection, channel) -> presence frames held for it
@@ -2650,8 +2668,9 @@ class RedisHub(LocalHub):
             log.warning("redis: %s", self.link_error)
 
     def post(self, route: str, message: dict) -> None:
-        """Publish without waiting for the count (answers, events): the outbox pipelines them."""
-        self.outbox.put((self.key(route), json.dumps(message, separators=(",", ":"))))
+        """Publish without waiting for anything (answers, events, notices)."""
+        data = json.dumps(message, separators=(",", ":"))
+        self.outbox.put(("PUBLISH", (self.key(route), data), None))
 
     # Start and stop.
 
@@ -2688,6 +2707,16 @@ class RedisHub(LocalHub):
     def _route_changed(self, route: str, wanted: bool) -> None:
         self.changes[route] = wanted
         self.changed.set()
+        if route.startswith(ID_ROUTE):
+            client_id = route[len(ID_ROUTE) :]
+            if wanted:
+                self.others[client_id] = None  # not known until announced
+                self.fresh.append(client_id)
+            else:
+                self.others.pop(client_id, None)
+                self.counted_at.pop(client_id, None)
+                if self.link_up:
+                    self.post(route, {"k": "gone", "o": self.node, "i": client_id})
 
     def _wanted_routes(self) -> list:
         return [
@@ -2729,13 +2758,18 @@ class RedisHub(LocalHub):
         self.last_batch = done
         link.send_command("PING", token)
 
-    def _settle(self) -> None:
+    def _settle(self, conn: Connection | None = None) -> None:
         """A socket was just registered: wait (bounded) until Redis routes its id and
         channels here, so a SEND from any process the moment it has its 101 finds it."""
+        fresh, self.fresh = self.fresh, []
         if not self.link_up:
             return
         event = self.next_batch if self.changes else self.last_batch
         event.wait(self.cfg.redis_timeout)
+        for client_id in fresh:
+            self._announce(client_id)
+        if conn is not None and conn.client_id in self.announcing:  # another socket's doing
+            self.announcing[conn.client_id].wait(self.cfg.redis_timeout)
 
     # The link: connect, subscribe, read until it breaks, start again.
 
@@ -2789,8 +2823,9 @@ class RedisHub(LocalHub):
             event.set()
         self.inflight.clear()
         for answers in self.answers.values():
-            answers.lost = True
-            answers.done.set()
+            answers.fail(TIMEOUT)  # asked, perhaps carried out: not known
+        for client_id in self.others:
+            self.others[client_id] = None  # who else holds it is learnt anew when the link is back
         if was_up and not self.stopping:
             log.warning("redis link down: %s; local sockets are still served", self.link_error)
 
@@ -2823,6 +2858,7 @@ class RedisHub(LocalHub):
         self.link_since = time.time()
         self.reconnects += 1
         log.info("redis link up (node %s, client %d)", self.node, self.link_client_id)
+        self.counted_at.clear()  # every id is recounted, its route now in force
         gevent.spawn(self._rejoin)
 
     # Sending and asking.
@@ -2836,13 +2872,12 @@ class RedisHub(LocalHub):
         message["o"], message["r"] = self.node, request
         answers = self.answers[request] = Answers()
         try:
-            heard = self.call("PUBLISH", self.key(route), json.dumps(message))
-            answers.expect(heard)
+            self.outbox.put(("PUBLISH", (self.key(route), json.dumps(message)), answers))
             answers.done.wait(self.cfg.redis_timeout)
         finally:
             del self.answers[request]
-        if answers.lost:
-            raise BackplaneError(UNAVAILABLE)
+        if answers.error:
+            raise BackplaneError(answers.error)
         return answers.values, answers.complete
 
     def _ask_all(self, route: str, message: dict) -> list:
@@ -2872,45 +2907,90 @@ class RedisHub(LocalHub):
         keep_offline: bool,
         key: str | None = None,
         batch: Batch | None = None,
+        count_all: bool = True,
     ) -> SendResult:
         if key is not None:
             earlier = self._claim(key)
             if earlier is not None:
                 return earlier._replace(duplicate=True)
-        (result,) = self.send_many([(ids, text, keep_offline)], batch)
+        (result,) = self.send_many([(ids, text, keep_offline)], batch, count_all)
         if key is not None:
             self._settle_key(key, result)
         return result
 
-    def send_many(self, sends: Sequence[tuple], batch: Batch | None = None) -> list:
-        """Several sends, (ids, text, keep_offline) each, in one round trip to Redis and in
-        order: what a control connection's run of SEND lines becomes."""
+    def send_many(
+        self, sends: Sequence[tuple], batch: Batch | None = None, count_all: bool = True
+    ) -> list:
+        """Several sends, (ids, text, keep_offline) each, in order, their Redis part in one
+        pipeline: what a control connection's run of SEND lines becomes. count_all=False:
+        once a socket here took it, the answer need not wait to count the others."""
         sends = [(list(dict.fromkeys(ids)), text, keep) for ids, text, keep in sends]
-        try:
-            return self._send_everywhere(sends)
-        except BackplaneError as exc:
-            if str(exc) == TIMEOUT:  # Redis may still carry them out: no second copy here
-                return [
-                    SendResult(0, 0, {}, ids, False, tuple(ids), TIMEOUT) for ids, _, _ in sends
-                ]
-            return [self._send_here(ids, text, batch) for ids, text, _ in sends]
+        if self.inbox is not None:
+            return self._send_numbered(sends)
+        return self._send_here_first(sends, batch, count_all)
 
-    def _send_everywhere(self, sends: list) -> list:
+    def _send_here_first(self, sends: list, batch: Batch | None, count_all: bool) -> list:
+        """This process's sockets get it at once. Redis is told only when some other process
+        may hold the id (self.others says), or none here does; those copies are marked so
+        that this process, hearing its own, does not deliver twice."""
+        tallies, waits = [], []
+        for ids, text, _ in sends:
+            tally = [0, 0, {}, [], [], TIMEOUT]  # sockets, queued, seqs, missing, unconfirmed, why
+            tallies.append(tally)
+            for client_id in ids:
+                conns = self.registry.sockets_of(client_id)
+                took = deliver(conns, text, None, batch) if conns else 0
+                tally[0] += took
+                if conns and self.others.get(client_id) == 0:  # nobody else has it
+                    if not took:
+                        tally[3].append(client_id)
+                    continue
+                if not self.link_up:
+                    if not took:
+                        tally[3].append(client_id)
+                        tally[4].append(client_id)
+                        tally[5] = UNAVAILABLE
+                    continue
+                message = {"k": "s", "o": self.node, "i": client_id, "t": text, "h": 1}
+                answers = None
+                if took and not count_all:
+                    message["q"] = 1  # no answer wanted
+                else:
+                    request = message["r"] = str(next(self.requests))
+                    answers = self.answers[request] = Answers()
+                    waits.append((tally, client_id, took, request, answers))
+                route = self.key(ID_ROUTE + client_id)
+                self.outbox.put(("PUBLISH", (route, json.dumps(message)), answers))
+        deadline = time.monotonic() + self.cfg.redis_timeout
+        try:
+            for tally, client_id, took, _, answers in waits:
+                answers.done.wait(max(0.0, deadline - time.monotonic()))
+                tally[0] += sum(answers.values)
+                if took or answers.values and sum(answers.values):
+                    continue
+                tally[3].append(client_id)
+                if answers.error or not answers.complete:
+                    tally[4].append(client_id)
+                    tally[5] = answers.error or TIMEOUT
+        finally:
+            for _, _, _, request, _ in waits:
+                del self.answers[request]
+        return [SendResult(a, b, c, d, False, tuple(e), f) for a, b, c, d, e, f in tallies]
+
+    def _send_numbered(self, sends: list) -> list:
+        """With the inbox: a script numbers, keeps and publishes each message in one step,
+        and this process delivers its own copies when it hears them, in number order."""
         if not self.link_up:
-            raise BackplaneError(UNAVAILABLE)
+            return [self._send_here(ids, text, None) for ids, text, _ in sends]
         waits = []  # (send's index, id, request, Answers)
-        pipe = self.redis.pipeline(transaction=False)
         for index, (ids, text, keep_offline) in enumerate(sends):
             for client_id in ids:
                 request = str(next(self.requests))
                 answers = self.answers[request] = Answers()
                 waits.append((index, client_id, request, answers))
                 head = {"k": "s", "o": self.node, "r": request, "i": client_id, "t": text}
-                route = self.key(ID_ROUTE + client_id)
-                if self.inbox is None:
-                    pipe.publish(route, json.dumps(head))
-                    continue
-                keys = [self.key("im", client_id), self.key("ib", client_id), route]
+                keys = [self.key("im", client_id), self.key("ib", client_id)]
+                keys.append(self.key(ID_ROUTE + client_id))
                 args = [
                     text,
                     int(keep_offline),
@@ -2919,32 +2999,31 @@ class RedisHub(LocalHub):
                     secrets.token_hex(4),
                     json.dumps(head)[:-1],  # the script adds "s", the number it gives
                 ]
-                self.scripts["inbox_send"](keys, args, client=pipe)
-        tallies = [[0, 0, {}, [], []] for _ in sends]  # sockets, queued, seqs, missing, unconfirmed
+                self.outbox.put(("inbox_send", (keys, args), answers))
+        tallies = [[0, 0, {}, [], [], TIMEOUT] for _ in sends]
+        deadline = time.monotonic() + self.cfg.redis_timeout
         try:
-            heard = self.call(pipe.execute)
-            deadline = time.monotonic() + self.cfg.redis_timeout
-            for (index, client_id, _, answers), reply in zip(waits, heard, strict=True):
-                count, seq = (reply, None) if self.inbox is None else (reply[0], reply[1])
-                answers.expect(count)
+            for index, client_id, _, answers in waits:
+                answers.done.wait(max(0.0, deadline - time.monotonic()))
                 tally = tallies[index]
+                heard, seq = answers.reply[:2] if isinstance(answers.reply, list) else (0, 0)
                 if seq:
                     tally[2][client_id] = seq
-                answers.done.wait(max(0.0, deadline - time.monotonic()))
                 took = sum(answers.values)
                 tally[0] += took
                 if took:
                     continue
-                if not count and seq:
-                    tally[1] += 1
-                else:
-                    tally[3].append(client_id)
-                    if not answers.complete:  # a holder did not say (or our link broke)
-                        tally[4].append(client_id)
+                if answers.reply is not None and not heard and seq:
+                    tally[1] += 1  # kept for when it comes
+                    continue
+                tally[3].append(client_id)
+                if answers.error or not answers.complete:
+                    tally[4].append(client_id)
+                    tally[5] = answers.error or TIMEOUT
         finally:
             for _, _, request, _ in waits:
                 del self.answers[request]
-        return [SendResult(a, b, c, d, False, tuple(e), TIMEOUT) for a, b, c, d, e in tallies]
+        return [SendResult(a, b, c, d, False, tuple(e), f) for a, b, c, d, e, f in tallies]
 
     def _send_here(self, ids: list, text: str, batch: Batch | None) -> SendResult:
         """Redis cannot be reached: this process's sockets still get it (unnumbered)."""
@@ -2996,7 +3075,10 @@ class RedisHub(LocalHub):
         return sum(self._ask_all("n:" + conn_id.partition(".")[0], message))
 
     def broadcast(self, text: str, batch: Batch | None = None) -> int:
-        return sum(self._ask_all("all", {"k": "b", "t": text}))
+        if not self.link_up:  # refused whole, so that a retry doubles nothing
+            raise BackplaneError(UNAVAILABLE)
+        here = LocalHub.broadcast(self, text, batch)
+        return here + sum(self._ask_all("all", {"k": "b", "t": text, "h": 1}))
 
     def publish(
         self,
@@ -3007,9 +3089,12 @@ class RedisHub(LocalHub):
     ) -> int:
         # One channel: only the processes with members hear it. Several: every process, so
         # a socket in two of them still gets it once.
+        if not self.link_up:
+            raise BackplaneError(UNAVAILABLE)
+        here = LocalHub.publish(self, channels, text, except_conn, batch)
         route = CHANNEL_ROUTE + channels[0] if len(channels) == 1 else "all"
-        message = {"k": "pub", "c": list(channels), "t": text, "x": except_conn}
-        return sum(self._ask_all(route, message))
+        message = {"k": "pub", "c": list(channels), "t": text, "x": except_conn, "h": 1}
+        return here + sum(self._ask_all(route, message))
 
     def _target_route(self, client_id: str | None, conn_id: str | None) -> str:
         return "n:" + conn_id.partition(".")[0] if conn_id else ID_ROUTE + client_id
@@ -3086,6 +3171,8 @@ class RedisHub(LocalHub):
                 "reconnects": max(0, self.reconnects - 1),
                 "error": "" if self.link_up else self.link_error,
                 "routes": len(self.subscribed),
+                "ids_elsewhere_too": sum(1 for n in self.others.values() if n),
+                "ids_not_counted": sum(1 for n in self.others.values() if n is None),
             },
         }
 
@@ -3094,21 +3181,94 @@ class RedisHub(LocalHub):
 
     # What other processes ask of this one (run on the link's reader, in order).
 
+    def _ours(self, message: dict) -> bool:
+        """A copy of what this process already delivered here itself."""
+        return "h" in message and message["o"] == self.node
+
     def _on_send(self, message: dict, batch: Batch) -> None:
-        conns, seq = self.registry.sockets_of(message["i"]), message.get("s")
-        if conns and seq is not None and self.floors:
-            conns = [c for c in conns if seq > self.floors.get(c, 0)]
-        self._answer(message, deliver(conns, message["t"], seq, batch) if conns else 0)
+        if self._ours(message):
+            took = 0
+        else:
+            conns, seq = self.registry.sockets_of(message["i"]), message.get("s")
+            if conns and seq is not None and self.floors:
+                conns = [c for c in conns if seq > self.floors.get(c, 0)]
+            took = deliver(conns, message["t"], seq, batch) if conns else 0
+        if "q" not in message:
+            self._answer(message, took)
 
     def _on_send_to_connection(self, message: dict, batch: Batch) -> None:
         self._answer(message, LocalHub.send_to_connection(self, message["cn"], message["t"], batch))
 
     def _on_broadcast(self, message: dict, batch: Batch) -> None:
-        self._answer(message, LocalHub.broadcast(self, message["t"], batch))
+        took = 0 if self._ours(message) else LocalHub.broadcast(self, message["t"], batch)
+        self._answer(message, took)
 
     def _on_publish(self, message: dict, batch: Batch) -> None:
+        if self._ours(message):
+            self._answer(message, 0)
+            return
         sockets = LocalHub.publish(self, message["c"], message["t"], message["x"], batch)
         self._answer(message, sockets)
+
+    # Who else holds an id: a process that gains one says so ("here", answered by every
+    # holder, before its socket's 101) and one that loses it says "gone"; the heartbeat
+    # recounts from Redis. Sends to an id nobody else holds never touch Redis.
+
+    def _on_here(self, message: dict, batch: Batch) -> None:
+        client_id = message["i"]
+        held = client_id in self.others
+        if held and message["o"] != self.node:
+            if self.others[client_id] is not None:
+                self.others[client_id] += 1
+            self.heard_here[client_id] = time.monotonic()
+        self._answer(message, int(held and message["o"] != self.node))
+
+    def _on_gone(self, message: dict, batch: Batch) -> None:
+        client_id = message["i"]
+        if message["o"] != self.node and self.others.get(client_id):
+            self.others[client_id] -= 1
+
+    def _announce(self, client_id: str) -> None:
+        """Tell the other holders of client_id that this process has it too, and learn how
+        many they are; until then (or if that fails) every send to it asks Redis."""
+        done = self.announcing[client_id] = gevent.event.Event()
+        try:
+            values, complete = self._ask(ID_ROUTE + client_id, {"k": "here", "i": client_id})
+            if client_id in self.others and complete:
+                self.others[client_id] = sum(values)
+                self.counted_at[client_id] = time.monotonic()
+        except BackplaneError:
+            pass
+        finally:
+            done.set()
+            if self.announcing.get(client_id) is done:
+                del self.announcing[client_id]
+
+    def _recount(self) -> None:
+        """Who else holds each id, from Redis's own count of subscribers (less this process):
+        puts right what a lost notice made wrong. A "here" heard meanwhile is kept."""
+        settled = time.monotonic() - 1.0  # an id counted just now may not be subscribed yet
+        busy = set(self.announcing) | set(self.fresh)  # their routes may not be in force yet
+        ids = [i for i, at in self.counted_at.items() if at < settled and i not in busy]
+        if not self.inflight and not self.changes:
+            ids += [
+                i
+                for i, n in self.others.items()
+                if n is None and i not in self.counted_at and i not in busy
+            ]
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            asked = time.monotonic()
+            counts = self.call("PUBSUB", "NUMSUB", *(self.key(ID_ROUTE + i) for i in chunk))
+            for client_id, subscribers in zip(chunk, counts[1::2], strict=True):
+                if client_id not in self.others:
+                    continue
+                others = max(0, int(subscribers) - 1)
+                if self.heard_here.get(client_id, 0) > asked:
+                    others = max(others, self.others[client_id] or 0)
+                self.others[client_id] = others
+                self.counted_at[client_id] = asked
+        self.heard_here.clear()
 
     def _on_join(self, message: dict, batch: Batch) -> None:
         found = LocalHub.join(self, message["c"], message["i"], message["cn"])
@@ -3176,6 +3336,8 @@ class RedisHub(LocalHub):
         "p": _on_presence,
         "ev": _on_event,
         "probe": _on_probe,
+        "here": _on_here,
+        "gone": _on_gone,
     }
 
     # Opening frames from the shared inbox: later messages below the floor came with them.
@@ -3311,6 +3473,7 @@ class RedisHub(LocalHub):
                 if self._presence_change("leave", channel, client_id, None):
                     self.events.emit("leave", channel=channel, id=client_id)
             self._beat()
+            self._recount()
         except BackplaneError:
             pass
 
@@ -3325,6 +3488,7 @@ class RedisHub(LocalHub):
             try:
                 self._check_probe()
                 self._beat()
+                self._recount()
             except BackplaneError:
                 pass
             except Exception:
@@ -3397,13 +3561,31 @@ class RedisHub(LocalHub):
                 pass  # whoever waited for an answer says Timeout
 
     def _publish_some(self) -> None:
+        """One pipeline of what waits in the outbox, in order: every publish of this
+        process takes this one lane, so every process hears them in the order they were made."""
         items = [self.outbox.get()]
         while not self.outbox.empty() and len(items) < 512:
             items.append(self.outbox.get_nowait())
         pipe = self.redis.pipeline(transaction=False)
-        for route, data in items:
-            pipe.publish(route, data)
-        self.call(pipe.execute)
+        for command, args, _ in items:
+            if command == "PUBLISH":
+                pipe.publish(*args)
+            else:
+                self.scripts[command](*args, client=pipe)
+        try:
+            replies = self.call(pipe.execute, False)  # one failed script fails only itself
+        except BackplaneError as exc:
+            for _, _, answers in items:
+                if answers is not None:
+                    answers.fail(str(exc))
+            raise
+        for (_, _, answers), reply in zip(items, replies, strict=True):
+            if isinstance(reply, Exception):
+                log.error("redis refused a command: %s", reply)
+                if answers is not None:
+                    answers.fail(UNAVAILABLE)
+            elif answers is not None:
+                answers.heard(reply)
 
 
 HUBS: dict = {"local": LocalHub, "redis": RedisHub}
@@ -3679,7 +3861,8 @@ def send_failure(result: SendResult) -> str:
 
 def cmd_send(ctx: "ControlConnection", client_id: str, text: str) -> list:
     board = ctx.board
-    result = board.hub.send([client_id], text, board.cfg.offline_ok, batch=ctx.batch)
+    hub, keep = board.hub, board.cfg.offline_ok
+    result = hub.send([client_id], text, keep, batch=ctx.batch, count_all=False)
     return ["OK"] if result.sockets or result.queued else ["ERROR " + send_failure(result)]
 
 
@@ -4190,8 +4373,11 @@ class ControlConnection:
             return []
         board = self.board
         try:
+            keep = board.cfg.offline_ok
             results = board.hub.send_many(
-                [([client_id], text, board.cfg.offline_ok) for client_id, text in sends], self.batch
+                [([client_id], text, keep) for client_id, text in sends],
+                self.batch,
+                count_all=False,
             )
         except Exception:
             log.exception("control command send failed")
@@ -4469,7 +4655,7 @@ def send_message() -> str:
         log.warning("sendMessage refused: %s", exc)
         return json_answer(400, True, str(exc))
     payload = json.dumps({"message": message}, separators=(",", ":"))
-    result = board.hub.send([client_id], payload, keep_offline=board.cfg.offline_ok)
+    result = board.hub.send([client_id], payload, board.cfg.offline_ok, count_all=False)
     if result.sockets or result.queued:
         return json_answer(200, False, "")
     return json_answer(200, True, send_failure(result))

@@ -110,6 +110,40 @@ def test_a_send_on_any_process_reaches_every_tab_of_the_id_exactly_once(cluster)
     )
 
 
+def test_a_send_to_an_id_held_only_here_costs_redis_nothing(cluster, redis_server):
+    p0, p1 = cluster(2)
+    mine = p0.websocket("mine")
+    client = redis_server.client()
+
+    def publishes() -> int:
+        return client.info("commandstats").get("cmdstat_publish", {}).get("calls", 0)
+
+    before = publishes()
+    control = Control(p0.control_path)
+    control.send(b"SEND MESSAGE mine x\n" * 500)
+    assert [control.line() for _ in range(500)] == [b"OK"] * 500
+    assert publishes() - before < 20  # heartbeat probes only: none of the 500 went to Redis
+    assert [mine.recv() for _ in range(500)] == ["x"] * 500
+
+
+def test_a_tab_that_opens_on_another_process_gets_the_next_send_at_once(cluster):
+    p0, p1 = cluster(2)
+    first = p0.websocket("u")
+    control = Control(p0.control_path)
+    for n in range(15):
+        second = p1.websocket("u")  # its 101 comes after p0 knows p1 holds "u" too
+        assert control.ask(f"SEND MESSAGE u m{n}") == "OK"
+        assert first.recv() == f"m{n}"
+        got = second.recv()
+        if got == f"only{n - 1}":  # sent just before it opened, on its way to p1 meanwhile
+            got = second.recv()
+        assert got == f"m{n}"
+        second.close()
+        assert control.ask(f"SEND MESSAGE u only{n}") == "OK"
+        assert first.recv() == f"only{n}"
+    received_exactly(first, [], "end", lambda: ask(p1, "SEND MESSAGE u end"))
+
+
 def test_an_unknown_id_is_not_found_at_once_and_a_closed_socket_is_never_ok(cluster):
     p0, p1 = cluster(2)
     started = time.monotonic()
