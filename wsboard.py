@@ -2569,6 +2569,9 @@ class EventRelay:
         self.hub.post("ev", {"k": "ev", "o": self.hub.node, "l": lifecycle, "e": line})
 
 
+OUTBOX_SIZE = 100_000  # publishes (or membership changes) that may wait for Redis
+
+
 class RedisHub(LocalHub):
     """LocalHub's sockets, reached from every process through Redis (see the banner)."""
 
@@ -2591,9 +2594,7 @@ class RedisHub(LocalHub):
             socket_keepalive=True,
             health_check_interval=0,
             protocol=2,  # pub/sub as plain replies, read by our own loop
-            retry=redis.retry.Retry(
-                NoBackoff(), 0
-            ),  # a retry would hide an outage, or repeat a PUBLISH
+            retry=redis.retry.Retry(NoBackoff(), 0),  # a retry hides an outage, or doubles
         )
         self.redis = redis.Redis(connection_pool=self.pool)
         self.scripts = {
@@ -2634,8 +2635,11 @@ class RedisHub(LocalHub):
         self.last_batch = gevent.event.Event()
         self.last_batch.set()
         self.batches = itertools.count(1)
-        self.outbox: gevent.queue.Queue = gevent.queue.Queue()
-        self.presence_queue: gevent.queue.Queue = gevent.queue.Queue()
+        # Bounded: while Redis is away nothing may pile up without end (what does not fit is
+        # dropped and counted; memberships are put right by _rejoin).
+        self.outbox: gevent.queue.Queue = gevent.queue.Queue(OUTBOX_SIZE)
+        self.presence_queue: gevent.queue.Queue = gevent.queue.Queue(OUTBOX_SIZE)
+        self.dropped = 0
         self.probe_sent = self.probe_seen = 0
         self.probe_at = 0.0
         self.nodes_seen = 0
@@ -2667,10 +2671,22 @@ class RedisHub(LocalHub):
         if self.warned():
             log.warning("redis: %s", self.link_error)
 
+    def _enqueue(self, item: tuple, queue: gevent.queue.Queue | None = None) -> None:
+        """Queue for the outbox (or the presence writer); past its bound, drop and count."""
+        try:
+            (self.outbox if queue is None else queue).put_nowait(item)
+        except gevent.queue.Full:
+            self.dropped += 1
+            answers = item[2] if queue is None else None
+            if answers is not None:
+                answers.fail(UNAVAILABLE)
+            if self.warned():
+                log.warning("redis is not keeping up: %d publishes dropped so far", self.dropped)
+
     def post(self, route: str, message: dict) -> None:
         """Publish without waiting for anything (answers, events, notices)."""
         data = json.dumps(message, separators=(",", ":"))
-        self.outbox.put(("PUBLISH", (self.key(route), data), None))
+        self._enqueue(("PUBLISH", (self.key(route), data), None))
 
     # Start and stop.
 
@@ -2872,7 +2888,7 @@ class RedisHub(LocalHub):
         message["o"], message["r"] = self.node, request
         answers = self.answers[request] = Answers()
         try:
-            self.outbox.put(("PUBLISH", (self.key(route), json.dumps(message)), answers))
+            self._enqueue(("PUBLISH", (self.key(route), json.dumps(message)), answers))
             answers.done.wait(self.cfg.redis_timeout)
         finally:
             del self.answers[request]
@@ -2960,7 +2976,7 @@ class RedisHub(LocalHub):
                     answers = self.answers[request] = Answers()
                     waits.append((tally, client_id, took, request, answers))
                 route = self.key(ID_ROUTE + client_id)
-                self.outbox.put(("PUBLISH", (route, json.dumps(message)), answers))
+                self._enqueue(("PUBLISH", (route, json.dumps(message)), answers))
         deadline = time.monotonic() + self.cfg.redis_timeout
         try:
             for tally, client_id, took, _, answers in waits:
@@ -2999,7 +3015,7 @@ class RedisHub(LocalHub):
                     secrets.token_hex(4),
                     json.dumps(head)[:-1],  # the script adds "s", the number it gives
                 ]
-                self.outbox.put(("inbox_send", (keys, args), answers))
+                self._enqueue(("inbox_send", (keys, args), answers))
         tallies = [[0, 0, {}, [], [], TIMEOUT] for _ in sends]
         deadline = time.monotonic() + self.cfg.redis_timeout
         try:
@@ -3173,6 +3189,8 @@ class RedisHub(LocalHub):
                 "routes": len(self.subscribed),
                 "ids_elsewhere_too": sum(1 for n in self.others.values() if n),
                 "ids_not_counted": sum(1 for n in self.others.values() if n is None),
+                "waiting": self.outbox.qsize(),
+                "dropped": self.dropped,
             },
         }
 
@@ -3360,10 +3378,10 @@ class RedisHub(LocalHub):
 
     def _member_joined(self, channel: str, conn: Connection) -> None:
         meta = self.meta.get(conn.client_id)
-        self.presence_queue.put(("join", channel, conn.client_id, meta))
+        self._enqueue(("join", channel, conn.client_id, meta), self.presence_queue)
 
     def _member_left(self, channel: str, client_id: str) -> None:
-        self.presence_queue.put(("leave", channel, client_id, None))
+        self._enqueue(("leave", channel, client_id, None), self.presence_queue)
 
     def _members_frames(self, conn: Connection, channel: str) -> list:
         """The member list needs every process: it follows soon, and until it is sent the
