@@ -2457,6 +2457,7 @@ for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 redis.call('DEL', KEYS[1], KEYS[3])
 redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('SREM', ARGV[1] .. ':watching', ARGV[2])
 return left
 """
 
@@ -2608,7 +2609,11 @@ class RedisHub(LocalHub):
                 ("beat", BEAT),
             )
         }
-        self.events.add(EventRelay(self))
+        # Events go to the other processes only while one of them has a watcher.
+        self.relay = EventRelay(self)
+        self.events.changed = self._watchers_changed
+        self.watched_here = False
+        self.watch_notice_at = 0.0
         self.requests = itertools.count(1)
         self.answers: dict[str, Answers] = {}
         self.others: dict = {}  # id held here -> how many other processes hold it (None: unknown)
@@ -3336,6 +3341,37 @@ class RedisHub(LocalHub):
         if message["o"] != self.node:
             self.events.tell(message["e"], message["l"])
 
+    def _watchers_changed(self) -> None:
+        watched = self.events.watched
+        if watched == self.watched_here:
+            return
+        self.watched_here = watched
+        try:
+            self.call("SADD" if watched else "SREM", self.key("watching"), self.node)
+        except BackplaneError:
+            pass  # the heartbeat says it again
+        if watched and self.link_up:  # once answered, every process sends its events here
+            try:
+                self._ask("all", {"k": "watching"})
+            except BackplaneError:
+                pass
+
+    def _on_watching(self, message: dict, batch: Batch) -> None:
+        if message["o"] != self.node:
+            self.watch_notice_at = time.monotonic()
+            self.events.add(self.relay)
+        self._answer(message, 1)
+
+    def _recount_watchers(self) -> None:
+        asked = time.monotonic()
+        if self.watched_here:
+            self.call("SADD", self.key("watching"), self.node)
+        watchers = {n.decode() for n in self.call("SMEMBERS", self.key("watching"))}
+        if watchers - {self.node}:
+            self.events.add(self.relay)
+        elif self.watch_notice_at < asked:  # no watcher came meanwhile
+            self.events.remove(self.relay)
+
     def _on_probe(self, message: dict, batch: Batch) -> None:
         self.probe_seen = max(self.probe_seen, message["n"])
 
@@ -3356,6 +3392,7 @@ class RedisHub(LocalHub):
         "probe": _on_probe,
         "here": _on_here,
         "gone": _on_gone,
+        "watching": _on_watching,
     }
 
     # Opening frames from the shared inbox: later messages below the floor came with them.
@@ -3492,6 +3529,7 @@ class RedisHub(LocalHub):
                     self.events.emit("leave", channel=channel, id=client_id)
             self._beat()
             self._recount()
+            self._recount_watchers()
         except BackplaneError:
             pass
 
@@ -3507,6 +3545,7 @@ class RedisHub(LocalHub):
                 self._check_probe()
                 self._beat()
                 self._recount()
+                self._recount_watchers()
             except BackplaneError:
                 pass
             except Exception:
@@ -3622,14 +3661,24 @@ class Events:
 
     def __init__(self) -> None:
         self.sinks: list = []
+        self.changed: Callable[[], None] | None = None  # told when a sink comes or goes
 
     def add(self, sink: object) -> None:
         if sink not in self.sinks:
             self.sinks.append(sink)
+            if self.changed is not None:
+                self.changed()
 
     def remove(self, sink: object) -> None:
         if sink in self.sinks:
             self.sinks.remove(sink)
+            if self.changed is not None:
+                self.changed()
+
+    @property
+    def watched(self) -> bool:
+        """A sink here wants every process's events (a watcher)."""
+        return any(getattr(sink, "everywhere", False) for sink in self.sinks)
 
     @property
     def wanted(self) -> bool:
