@@ -3256,9 +3256,21 @@ class RedisHub(LocalHub):
         many they are; until then (or if that fails) every send to it asks Redis."""
         done = self.announcing[client_id] = gevent.event.Event()
         try:
-            values, complete = self._ask(ID_ROUTE + client_id, {"k": "here", "i": client_id})
-            if client_id in self.others and complete:
-                self.others[client_id] = sum(values)
+            # Our route is in force: if Redis counts no other subscriber, nobody is to be told
+            # (one that subscribes later counts us, and says "here" itself).
+            counted = Answers()
+            self._enqueue(("NUMSUB", (self.key(ID_ROUTE + client_id),), counted))
+            counted.done.wait(self.cfg.redis_timeout)
+            if counted.error or counted.reply is None:
+                return
+            others = 0
+            if int(counted.reply[1]) > 1:
+                values, complete = self._ask(ID_ROUTE + client_id, {"k": "here", "i": client_id})
+                if not complete:
+                    return
+                others = sum(values)
+            if client_id in self.others:
+                self.others[client_id] = others
                 self.counted_at[client_id] = time.monotonic()
         except BackplaneError:
             pass
@@ -3627,6 +3639,8 @@ class RedisHub(LocalHub):
         for command, args, _ in items:
             if command == "PUBLISH":
                 pipe.publish(*args)
+            elif command == "NUMSUB":
+                pipe.execute_command("PUBSUB", "NUMSUB", *args)
             else:
                 self.scripts[command](*args, client=pipe)
         try:
@@ -3636,13 +3650,14 @@ class RedisHub(LocalHub):
                 if answers is not None:
                     answers.fail(str(exc))
             raise
-        for (_, _, answers), reply in zip(items, replies, strict=True):
+        for (command, _, answers), reply in zip(items, replies, strict=True):
             if isinstance(reply, Exception):
                 log.error("redis refused a command: %s", reply)
                 if answers is not None:
                     answers.fail(UNAVAILABLE)
             elif answers is not None:
-                answers.heard(reply)
+                answers.heard(reply if command != "NUMSUB" else 0)
+                answers.reply = reply
 
 
 HUBS: dict = {"local": LocalHub, "redis": RedisHub}
