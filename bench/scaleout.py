@@ -111,10 +111,12 @@ def ms(values: list) -> str:
     return f"{statistics.median(values) * 1000:.2f} / {p99(values) * 1000:.2f}"
 
 
-def single_process_cost(redis: Redis, count: int, rounds: int, sends: int, piped: int) -> None:
+def single_process_cost(
+    redis: Redis, count: int, rounds: int, sends: int, piped: int, blocks: int
+) -> None:
     figures: dict = {}
-    for block in range(2):
-        for name in ("none", "redis") if block == 0 else ("redis", "none"):
+    for block in range(blocks):
+        for name in ("none", "redis") if block % 2 == 0 else ("redis", "none"):
             flags = (
                 ("--redis", redis.url, "--redis-prefix", f"cost{block}") if name == "redis" else ()
             )
@@ -137,7 +139,7 @@ def single_process_cost(redis: Redis, count: int, rounds: int, sends: int, piped
             finally:
                 swarm.close()
                 server.stop()
-    print(f"\n## 1. One process, --redis against none ({count:,} sockets, 2 blocks each)\n")
+    print(f"\n## 1. One process, --redis against none ({count:,} sockets, {blocks} blocks each)\n")
     print("| figure | none | --redis | ratio |")
     print("|---|---|---|---|")
     none, red = figures["none"], figures["redis"]
@@ -213,6 +215,7 @@ def main() -> None:
     parser.add_argument("--sends", type=int, default=2000)
     parser.add_argument("--pipelined", type=int, default=20000)
     parser.add_argument("--parts", default="1,2,3")
+    parser.add_argument("--blocks", type=int, default=4, help="blocks of part 1, taking turns")
     parser.add_argument(
         "--spread", type=int, default=4500,
         help="sockets per process in part 3 (4 of them, all in this process's load generator)",
@@ -229,7 +232,9 @@ def main() -> None:
     try:
         parts = args.parts.split(",")
         if "1" in parts:
-            single_process_cost(redis, args.count, args.rounds, args.sends, args.pipelined)
+            single_process_cost(
+                redis, args.count, args.rounds, args.sends, args.pipelined, args.blocks
+            )
         if "2" in parts:
             cross_process(redis, args.count, args.sends, args.pipelined)
         if "3" in parts:
