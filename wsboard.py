@@ -15,6 +15,9 @@ The module reads top to bottom, in the order data flows; each section has a bann
 - Inbox and idempotency keys.
 - Hubs: the one way to the sockets. ``LocalHub`` is this process's; a new hub implements the
   same methods and is added to ``HUBS``.
+- Scale-out on Redis: ``RedisHub``, a ``LocalHub`` whose commands reach every process
+  through Redis (routes per id and channel, Lua scripts for presence and the inbox); see
+  docs/scaleout.md.
 - Events: ``Events`` tells its registered sinks (watchers, the webhook); a new sink is any
   object with ``push(line, lifecycle)``, added with ``Events.add``.
 - Control protocol: ``parse_control_line`` (pure) and the ``VERBS`` table (a new verb is one
@@ -440,14 +443,15 @@ SUBCOMMAND_HELP = (
     "commands: wsboard [OPTIONS] runs the server; wsboard token ID [--ttl S] prints a signed "
     "query string for ID; wsboard hash-password hashes an admin password read from stdin; "
     "wsboard check-config checks the settings and exits; wsboard gunicorn-conf prints the "
-    "path of the gunicorn.conf.py installed with it. `wsboard COMMAND --help` for more."
+    "path of the gunicorn.conf.py installed with it; wsboard bind-control binds the control "
+    "socket for gunicorn's master. `wsboard COMMAND --help` for more."
 )
 
 
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsboard",
-        usage="wsboard [OPTIONS] | wsboard {token,hash-password,check-config,gunicorn-conf} ...",
+        usage=f"wsboard [OPTIONS] | wsboard {{{','.join(SUBCOMMANDS)}}} ...",
         description="WebSocket push server: browsers connect to /websocket?id=ID, "
         "the backend app pushes to them over a UNIX control socket. " + SUBCOMMAND_HELP,
         epilog="Each option can also be set by the environment variable named in brackets; "
@@ -2913,13 +2917,16 @@ class RedisHub(LocalHub):
 
     def _send_replies(self) -> None:
         replies, self.replies = self.replies, []
+        elsewhere: dict = {}  # origin -> [[request, value]]: one message each per burst
         for origin, request, value in replies:
             if origin == self.node:
                 answers = self.answers.get(request)
                 if answers is not None:
                     answers.add(value)
             else:
-                self.post("n:" + origin, {"k": "a", "r": request, "v": value})
+                elsewhere.setdefault(origin, []).append([request, value])
+        for origin, answered in elsewhere.items():
+            self.post("n:" + origin, {"k": "a", "rs": answered})
 
     def send(
         self,
@@ -3342,9 +3349,10 @@ class RedisHub(LocalHub):
         self._answer(message, self.QUERIES[message["q"]](self, *message["a"]))
 
     def _on_answer(self, message: dict, batch: Batch) -> None:
-        answers = self.answers.get(message["r"])
-        if answers is not None:
-            answers.add(message["v"])
+        for request, value in message["rs"]:
+            answers = self.answers.get(request)
+            if answers is not None:
+                answers.add(value)
 
     def _on_presence(self, message: dict, batch: Batch) -> None:
         self._tell_members(message["c"], message["change"])
