@@ -81,6 +81,11 @@ def handshake(client_id, ip="10.0.0.1", subprotocol="", epoch="", last=0, channe
     )
 
 
+def ask_json(control, request) -> dict:
+    """One JSON command on a control connection, and its answer."""
+    return json.loads(control.ask(json.dumps(request)))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,15 +7,11 @@ import time
 
 import pytest
 import websocket
-from conftest import drain_answers, upgrade_request, wait_until
+from conftest import ask_json, drain_answers, upgrade_request, wait_until
 
 import wsboard
 
 SECRET = "a-long-enough-secret-for-tests"
-
-
-def ask_json(control, request) -> dict:
-    return json.loads(control.ask(json.dumps(request)))
 
 
 def in_channels(server, client_id, *channels, **kwargs):

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import websocket
-from conftest import close_frame, free_port, upgrade_request, wait_until
+from conftest import ask_json, close_frame, free_port, upgrade_request, wait_until
 
 import wsboard
 
@@ -30,10 +30,6 @@ def v1(server, client_id, query=""):
 
 def frames(ws, count):
     return [json.loads(ws.recv()) for _ in range(count)]
-
-
-def ask_json(control, request):
-    return json.loads(control.ask(json.dumps(request)))
 
 
 def stuck_client(server, client_id):

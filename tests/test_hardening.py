@@ -15,6 +15,7 @@ import websocket
 from conftest import (
     ROOT,
     Control,
+    ask_json,
     close_frame,
     drain_answers,
     http_request,
@@ -22,11 +23,6 @@ from conftest import (
     upgrade_request,
     wait_until,
 )
-
-
-def ask_json(control, request) -> dict:
-    return json.loads(control.ask(json.dumps(request)))
-
 
 # One control client cannot hold the server ###################################
 

@@ -15,16 +15,13 @@ import websocket
 from conftest import (
     Control,
     RedisServer,
+    ask_json,
     new_prefix,
     run_seed_php,
     seed_php_app,
     upgrade_request,
     wait_until,
 )
-
-
-def ask_json(control, request) -> dict:
-    return json.loads(control.ask(json.dumps(request)))
 
 
 def ask(server, line: str) -> str:
