@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    py_modules=["wsboard"],
+    py_modules=["wsboard", "wsboard_client"],
     # The views travel as package data, so every install mode (venv, --user, --target,
     # wheel) finds them next to the code.
     packages=["wsboard_views"],

@@ -444,7 +444,9 @@ SUBCOMMAND_HELP = (
     "query string for ID; wsboard hash-password hashes an admin password read from stdin; "
     "wsboard check-config checks the settings and exits; wsboard gunicorn-conf prints the "
     "path of the gunicorn.conf.py installed with it; wsboard bind-control binds the control "
-    "socket for gunicorn's master. `wsboard COMMAND --help` for more."
+    "socket for gunicorn's master. On a running server: wsboard send ID TEXT, publish CHANNEL "
+    "TEXT, broadcast TEXT, list [--json], online ID..., count [CHANNEL], kick ID, stats, "
+    "watch. `wsboard COMMAND --help` for more."
 )
 
 
@@ -5465,7 +5467,147 @@ def bind_control_command(argv: Sequence[str]) -> int:
     return 0
 
 
+# The control client's commands: wsboard send ID TEXT and the rest, on wsboard_client (the
+# stdlib-only client). Exit codes a script can test: 0 done, 1 not found (nobody connected,
+# nothing reached), 2 usage or refused, 3 no server (or not allowed), 4 not known (Timeout or
+# Backplane Unavailable, with --redis).
+
+
+def _print_json(value: object) -> None:
+    sys.stdout.write(json.dumps(value, separators=(",", ":")) + "\n")
+
+
+def _client_send(client: object, args: argparse.Namespace) -> int:
+    if "\n" in args.text or "\r" in args.text or args.key:
+        answer = client.send_many([args.id], args.text, key=args.key)
+        return 0 if answer["ok"] else 1
+    return 0 if client.send(args.id, args.text) else 1
+
+
+def _client_list(client: object, args: argparse.Namespace) -> int:
+    rows = client.channel(args.channel) if args.channel else client.clients()
+    for row in rows:
+        if args.json:
+            _print_json(row)
+        else:
+            sys.stdout.write(f"{row['id']} {row['peer']}\n")
+    return 0
+
+
+def _client_watch(client: object, args: argparse.Namespace) -> int:
+    try:
+        for event in client.watch():
+            _print_json(event)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _reached(count: int) -> int:
+    sys.stdout.write(f"{count}\n")
+    return 0 if count else 1
+
+
+# name -> (help, [(argument, help)], what it does)
+CLIENT_COMMANDS: dict = {
+    "send": (
+        "send TEXT to every socket of ID (exit 1: ID has no open socket)",
+        [("id", "the client id"), ("text", "the message, as one text frame")],
+        _client_send,
+    ),
+    "publish": (
+        "send TEXT to every socket in CHANNEL; prints how many took it",
+        [("channel", "the channel"), ("text", "the message")],
+        lambda client, args: _reached(client.publish(args.channel, args.text)),
+    ),
+    "broadcast": (
+        "send TEXT to every open socket; prints how many took it",
+        [("text", "the message")],
+        lambda client, args: _reached(client.broadcast(args.text)),
+    ),
+    "list": (
+        "list the open sockets (or a channel's): ID PEER per line, or JSON lines",
+        [],
+        _client_list,
+    ),
+    "online": (
+        "print which of the IDs have an open socket (exit 1: none)",
+        [("ids", "client ids")],
+        lambda client, args: _reached_ids(client.online(args.ids)),
+    ),
+    "count": (
+        "print SOCKETS IDS: open sockets and distinct ids, everywhere or in CHANNEL",
+        [("channel", "a channel (optional)")],
+        lambda client, args: _print_count(client.count(args.channel)),
+    ),
+    "kick": (
+        "close every socket of ID (4000 kicked); prints how many (exit 1: none)",
+        [("id", "the client id")],
+        lambda client, args: _reached(client.kick(args.id)),
+    ),
+    "stats": ("print the server's figures as JSON", [], lambda c, a: _print_json(c.stats())),
+    "watch": ("print events as JSON lines until Ctrl-C", [], _client_watch),
+}
+
+
+def _reached_ids(ids: list) -> int:
+    for client_id in ids:
+        sys.stdout.write(client_id + "\n")
+    return 0 if ids else 1
+
+
+def _print_count(counts: tuple) -> int:
+    sys.stdout.write(f"{counts[0]} {counts[1]}\n")
+    return 0
+
+
+def client_command(name: str, argv: Sequence[str]) -> int:
+    """wsboard send|publish|broadcast|list|online|count|kick|stats|watch ..."""
+    import wsboard_client
+
+    description, arguments, action = CLIENT_COMMANDS[name]
+    parser = argparse.ArgumentParser(
+        prog=f"wsboard {name}",
+        description=description + ". Exit codes: 0 done, 1 not found, 2 usage or refused, "
+        "3 no server, 4 not known (with --redis: Timeout, Backplane Unavailable).",
+    )
+    parser.add_argument(
+        "--control",
+        metavar="PATH",
+        help="the control socket (default: $WSBOARD_CONTROL, else where a server on its "
+        "defaults puts it)",
+    )
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (5)")
+    for argument, text in arguments:
+        if argument == "ids":
+            parser.add_argument(argument, nargs="+", help=text)
+        elif argument == "channel" and name == "count":
+            parser.add_argument(argument, nargs="?", help=text)
+        else:
+            parser.add_argument(argument, help=text)
+    if name == "list":
+        parser.add_argument("--json", action="store_true", help="one JSON object per socket")
+        parser.add_argument("--channel", help="only the sockets in this channel")
+    if name == "send":
+        parser.add_argument("--key", help="an idempotency key: a retry is not delivered twice")
+    args = parser.parse_args(argv)
+    try:
+        with wsboard_client.Client(args.control, args.timeout) as client:
+            return action(client, args) or 0
+    except (wsboard_client.Unreachable, wsboard_client.PermissionDenied) as exc:
+        sys.stderr.write(f"wsboard: {exc}\n")
+        return 3
+    except (wsboard_client.Timeout, wsboard_client.BackplaneUnavailable) as exc:
+        sys.stderr.write(f"wsboard: {type(exc).__name__}: {exc}\n")
+        return 4
+    except (wsboard_client.CommandError, ValueError) as exc:
+        sys.stderr.write(f"wsboard: {exc}\n")
+        return 2
+
+
 SUBCOMMANDS = {
+    **{name: functools.partial(client_command, name) for name in CLIENT_COMMANDS},
     "bind-control": bind_control_command,
     "token": token_command,
     "hash-password": hash_password_command,
