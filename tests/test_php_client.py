@@ -1,0 +1,72 @@
+"""The PHP library (clients/php) under Debian's phpunit, against the real server; and the
+measure that it never busy-waits: a PHP process waiting 2 s for a late answer uses ~no CPU."""
+
+import os
+import resource
+import socket
+import subprocess
+import threading
+import time
+
+from conftest import PHP, ROOT
+
+import wsboard_client
+
+LIBRARY = os.path.join(ROOT, "clients", "php")
+
+
+def test_the_php_library_passes_its_phpunit_suite(server):
+    query = wsboard_client.signed_query(b"s" * 32, "u", 60, ["news", "private-a"], now=1000)
+    result = subprocess.run(
+        ["phpunit", "--configuration", os.path.join(LIBRARY, "phpunit.xml.dist")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "WSBOARD_CONTROL": server.control_path,
+            "WSBOARD_TEST_PORT": str(server.port),
+            "WSBOARD_TEST_SIGNED_QUERY": query,
+        },
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK (" in result.stdout  # every test ran and passed: no skips, no risky ones
+
+
+def cpu_of_php_waiting(tmp_path, code: str) -> tuple:
+    """(wall, CPU seconds) of a PHP process whose control socket answers PONG after 2 s."""
+    path = str(tmp_path / "late.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+
+    def late_server():
+        conn, _ = listener.accept()
+        conn.recv(100)
+        time.sleep(2)
+        conn.sendall(b"PONG\n")
+        time.sleep(0.5)
+        conn.close()
+
+    threading.Thread(target=late_server, daemon=True).start()
+    script = tmp_path / "wait.php"
+    script.write_text(code.replace("PATH", path))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    subprocess.run([*PHP, str(script)], check=True, timeout=30, capture_output=True)
+    wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    listener.close()
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def test_waiting_for_a_late_answer_costs_no_cpu(tmp_path, terminal_notes):
+    library = (
+        f"<?php require '{LIBRARY}/autoload.php';\n"
+        "$c = new Wsboard\\Client('PATH', 5.0);\n"
+        "if (!$c->ping()) exit(1);\n"
+    )
+    wall, cpu = cpu_of_php_waiting(tmp_path, library)
+    assert wall >= 2.0
+    assert cpu < 0.25  # PHP's own start-up included; a spinning read would burn ~2 s
+    terminal_notes.append(f"PHP library waiting {wall:.1f} s for a late answer: {cpu:.3f} s CPU")
