@@ -284,3 +284,29 @@ def test_the_admin_page_shows_channels_with_their_members_and_publishes_to_one(b
     )
     browser.switch_to.window(board)
     wait(browser, lambda d: messages(d) == ["to the news channel"])
+
+
+def test_the_example_page_shows_its_room_members_and_messages(browser, server):
+    ada = open_example(browser, server, "ada")
+    open_example(browser, server, "bob")
+    conn = browser.find_element(By.ID, "conn").text
+    assert conn in [c["conn"] for c in control_json(server, {"op": "list"})["clients"]]
+    assert control_json(server, {"op": "publish", "channel": "r1", "data": "hello room"})["ok"]
+    assert control_json(server, {"op": "send", "conn": conn, "data": "just bob"})["ok"]
+    wait(browser, lambda d: items(d, "messages") == ["hello room", "just bob"])
+    assert items(browser, "members") == ["ada", "bob"]
+    browser.switch_to.window(ada)
+    wait(browser, lambda d: items(d, "members") == ["ada", "bob"])
+    assert items(browser, "messages") == ["hello room"]
+
+
+def open_example(browser, server, client_id) -> str:
+    browser.switch_to.new_window("tab")
+    browser.get(f"{server.url}/static/example.html?id={client_id}&room=r1")
+    wait(browser, lambda d: d.find_element(By.ID, "status").text == "connected")
+    wait(browser, lambda d: d.find_element(By.ID, "conn").text)
+    return browser.current_window_handle
+
+
+def items(browser, list_id) -> list:
+    return [e.text for e in browser.find_elements(By.CSS_SELECTOR, f"#{list_id} li")]
