@@ -192,7 +192,10 @@ class Client:
         except (BrokenPipeError, ConnectionResetError):  # the server restarted: once more
             self.close()
             self.sock = self._connect()
-            self.sock.sendall(data)
+            try:
+                self.sock.sendall(data)
+            except (BrokenPipeError, ConnectionResetError):  # refused: it said why, then closed
+                return [self._line()]
         except TimeoutError:
             self.close()
             raise Timeout(f"{self.path} did not take the command within {self.timeout} s") from None

@@ -75,3 +75,38 @@ def test_waiting_for_a_late_answer_costs_no_cpu(tmp_path, terminal_notes):
     assert wall >= 2.0
     assert cpu < 0.25  # PHP's own start-up included; a spinning read would burn ~2 s
     terminal_notes.append(f"PHP library waiting {wall:.1f} s for a late answer: {cpu:.3f} s CPU")
+
+
+def test_the_php_client_reconnects_once_after_a_restart_and_tells_permission_apart(
+    server_factory, tmp_path
+):
+    path = str(tmp_path / "restart.sock")
+    first = server_factory("--control", path)
+    flag = tmp_path / "restarted"
+    script = tmp_path / "restart.php"
+    script.write_text(
+        f"<?php require '{LIBRARY}/autoload.php';\n"
+        f"$c = new Wsboard\\Client('{path}', 5.0);\n"
+        'echo $c->ping() ? "first\\n" : "no\\n";\n'
+        f"while (!file_exists('{flag}')) usleep(50000);\n"
+        'echo $c->ping() ? "second\\n" : "no\\n";\n'
+    )
+    proc = subprocess.Popen([*PHP, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "first\n"
+    first.stop()
+    server_factory("--control", path)
+    flag.write_text("")
+    assert proc.stdout.readline() == "second\n"
+    assert proc.wait(timeout=10) == 0
+    guarded = server_factory(
+        "--control", str(tmp_path / "guarded.sock"), "--control-uids", str(os.getuid() + 1)
+    )
+    script.write_text(
+        f"<?php require '{LIBRARY}/autoload.php';\n"
+        "try { (new Wsboard\\Client($argv[1]))->stats(); }\n"
+        "catch (Wsboard\\Exception\\PermissionDeniedException $e) { echo 'denied'; }\n"
+    )
+    denied = subprocess.run(
+        [*PHP, str(script), guarded.control_path], capture_output=True, text=True
+    )
+    assert denied.stdout == "denied", denied.stderr

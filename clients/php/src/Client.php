@@ -127,7 +127,11 @@ final class Client
             $this->close();
             $this->connect();
             if (!$this->write($data)) {
+                $said = fgets($this->stream);  // a server that refuses says why, then closes
                 $this->close();
+                if (is_string($said) && str_starts_with($said, 'ERROR ')) {
+                    throw self::refusal(rtrim(substr($said, 6), "\n"));
+                }
                 throw new UnreachableException("cannot write to {$this->path}");
             }
         }
