@@ -27,7 +27,7 @@ import time
 
 from loadgen import Swarm
 
-from bench import ROOT, Control, fanout, free_port, p99, pipelined, send_latency
+from bench import ROOT, Control, Server, fanout, free_port, p99, pipelined, send_latency
 
 
 class Redis:
@@ -94,17 +94,8 @@ class Wsboard:
                 raise RuntimeError(f"wsboard did not start: {self.log()}")
             time.sleep(0.05)
 
-    def log(self) -> str:
-        with open(os.path.join(self.dir, "log"), errors="replace") as f:
-            return f.read()[-2000:]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+    log = Server.log  # the same files and the same stop as bench.py's servers
+    stop = Server.stop
 
 
 def ms(values: list) -> str:
