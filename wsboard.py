@@ -2564,6 +2564,36 @@ class Answers:
     def complete(self) -> bool:
         return 0 <= self.expected <= len(self.values)
 
+    def unknown(self) -> str:
+        """Why what was asked is not known (TIMEOUT, UNAVAILABLE), or "" when it is."""
+        return self.error or ("" if self.complete else TIMEOUT)
+
+
+class Tally:
+    """What one send reached, counted as its answers come in: a SendResult at the end."""
+
+    __slots__ = ("sockets", "queued", "seq", "missing", "unconfirmed", "trouble")
+
+    def __init__(self) -> None:
+        self.sockets = self.queued = 0
+        self.seq: dict = {}
+        self.missing: list = []
+        self.unconfirmed: list = []
+        self.trouble = TIMEOUT
+
+    def miss(self, client_id: str, trouble: str = "") -> None:
+        """client_id got nothing; trouble: its fate is not known, and why."""
+        self.missing.append(client_id)
+        if trouble:
+            self.unconfirmed.append(client_id)
+            self.trouble = trouble
+
+    def result(self) -> SendResult:
+        return SendResult(
+            self.sockets, self.queued, self.seq, self.missing, False, tuple(self.unconfirmed),
+            self.trouble,
+        )  # fmt: skip
+
 
 class EventRelay:
     """The sink that hands this process's events to the others' watchers. The webhook is
@@ -2965,21 +2995,19 @@ class RedisHub(LocalHub):
         that this process, hearing its own, does not deliver twice."""
         tallies, waits = [], []
         for ids, text, _ in sends:
-            tally = [0, 0, {}, [], [], TIMEOUT]  # sockets, queued, seqs, missing, unconfirmed, why
+            tally = Tally()
             tallies.append(tally)
             for client_id in ids:
                 conns = self.registry.sockets_of(client_id)
                 took = deliver(conns, text, None, batch) if conns else 0
-                tally[0] += took
+                tally.sockets += took
                 if conns and self.others.get(client_id) == 0:  # nobody else has it
                     if not took:
-                        tally[3].append(client_id)
+                        tally.miss(client_id)
                     continue
                 if not self.link_up:
                     if not took:
-                        tally[3].append(client_id)
-                        tally[4].append(client_id)
-                        tally[5] = UNAVAILABLE
+                        tally.miss(client_id, UNAVAILABLE)
                     continue
                 message = {"k": "s", "o": self.node, "i": client_id, "t": text, "h": 1}
                 answers = None
@@ -2991,33 +3019,26 @@ class RedisHub(LocalHub):
                     waits.append((tally, client_id, took, request, answers))
                 route = self.key(ID_ROUTE + client_id)
                 self._enqueue(("PUBLISH", (route, json.dumps(message)), answers))
-        deadline = time.monotonic() + self.cfg.redis_timeout
-        try:
-            for tally, client_id, took, _, answers in waits:
-                answers.done.wait(max(0.0, deadline - time.monotonic()))
-                tally[0] += sum(answers.values)
-                if took or answers.values and sum(answers.values):
-                    continue
-                tally[3].append(client_id)
-                if answers.error or not answers.complete:
-                    tally[4].append(client_id)
-                    tally[5] = answers.error or TIMEOUT
-        finally:
-            for _, _, _, request, _ in waits:
-                del self.answers[request]
-        return [SendResult(a, b, c, d, False, tuple(e), f) for a, b, c, d, e, f in tallies]
+        for tally, client_id, took, _, answers in self._awaited(waits):
+            elsewhere = sum(answers.values)
+            tally.sockets += elsewhere
+            if not took and not elsewhere:
+                tally.miss(client_id, answers.unknown())
+        return [tally.result() for tally in tallies]
 
     def _send_numbered(self, sends: list) -> list:
         """With the inbox: a script numbers, keeps and publishes each message in one step,
         and this process delivers its own copies when it hears them, in number order."""
         if not self.link_up:
             return [self._send_here(ids, text, None) for ids, text, _ in sends]
-        waits = []  # (send's index, id, request, Answers)
-        for index, (ids, text, keep_offline) in enumerate(sends):
+        tallies, waits = [], []
+        for ids, text, keep_offline in sends:
+            tally = Tally()
+            tallies.append(tally)
             for client_id in ids:
                 request = str(next(self.requests))
                 answers = self.answers[request] = Answers()
-                waits.append((index, client_id, request, answers))
+                waits.append((tally, client_id, 0, request, answers))
                 head = {"k": "s", "o": self.node, "r": request, "i": client_id, "t": text}
                 keys = [self.key("im", client_id), self.key("ib", client_id)]
                 keys.append(self.key(ID_ROUTE + client_id))
@@ -3030,41 +3051,42 @@ class RedisHub(LocalHub):
                     json.dumps(head)[:-1],  # the script adds "s", the number it gives
                 ]
                 self._enqueue(("inbox_send", (keys, args), answers))
-        tallies = [[0, 0, {}, [], [], TIMEOUT] for _ in sends]
+        for tally, client_id, _, _, answers in self._awaited(waits):
+            heard, seq = answers.reply[:2] if isinstance(answers.reply, list) else (0, 0)
+            if seq:
+                tally.seq[client_id] = seq
+            took = sum(answers.values)
+            tally.sockets += took
+            if took:
+                continue
+            if answers.reply is not None and not heard and seq:
+                tally.queued += 1  # kept for when it comes
+            else:
+                tally.miss(client_id, answers.unknown())
+        return [tally.result() for tally in tallies]
+
+    def _awaited(self, waits: list) -> Iterator[tuple]:
+        """Each (tally, id, took, request, answers) once its answers are in, or the one
+        deadline for all of them is past; the requests are forgotten after."""
         deadline = time.monotonic() + self.cfg.redis_timeout
         try:
-            for index, client_id, _, answers in waits:
-                answers.done.wait(max(0.0, deadline - time.monotonic()))
-                tally = tallies[index]
-                heard, seq = answers.reply[:2] if isinstance(answers.reply, list) else (0, 0)
-                if seq:
-                    tally[2][client_id] = seq
-                took = sum(answers.values)
-                tally[0] += took
-                if took:
-                    continue
-                if answers.reply is not None and not heard and seq:
-                    tally[1] += 1  # kept for when it comes
-                    continue
-                tally[3].append(client_id)
-                if answers.error or not answers.complete:
-                    tally[4].append(client_id)
-                    tally[5] = answers.error or TIMEOUT
+            for wait in waits:
+                wait[4].done.wait(max(0.0, deadline - time.monotonic()))
+                yield wait
         finally:
-            for _, _, request, _ in waits:
-                del self.answers[request]
-        return [SendResult(a, b, c, d, False, tuple(e), f) for a, b, c, d, e, f in tallies]
+            for wait in waits:
+                del self.answers[wait[3]]
 
     def _send_here(self, ids: list, text: str, batch: Batch | None) -> SendResult:
         """Redis cannot be reached: this process's sockets still get it (unnumbered)."""
-        sockets, missing = 0, []
+        tally = Tally()
         for client_id in ids:
             conns = self.registry.sockets_of(client_id)
             took = deliver(conns, text, None, batch) if conns else 0
-            sockets += took
+            tally.sockets += took
             if not took:
-                missing.append(client_id)
-        return SendResult(sockets, 0, {}, missing, False, tuple(missing), UNAVAILABLE)
+                tally.miss(client_id, UNAVAILABLE)
+        return tally.result()
 
     def _claim(self, key: str) -> SendResult | None:
         """Take key for this send, or the result of the send that took it first (waiting,
