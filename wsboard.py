@@ -1576,6 +1576,7 @@ class Connection:
         "connected_at",
         "channels",
         "meta",
+        "users",
     )
 
     def __init__(
@@ -1598,6 +1599,12 @@ class Connection:
         self.connected_at = time.time()
         self.channels: set | None = None  # the channels it is in, once it joins any
         self.meta: dict | None = None  # what the backend attached to it
+        self.users: dict | None = None  # channel -> the user it is there as (Pusher presence)
+
+    def member(self, channel: str) -> str:
+        """Who this socket is in a presence channel: its id, or the user a Pusher auth named."""
+        users = self.users
+        return users[channel] if users is not None and channel in users else self.client_id
 
 
 ID_ROUTE, CHANNEL_ROUTE = "i:", "c:"  # what Registry.watch names: an id's or a channel's
@@ -1612,7 +1619,8 @@ class Registry:
         self._by_id: dict[str, dict[Connection, None]] = {}
         self._by_conn: dict[str, Connection] = {}
         self._channels: dict[str, dict[Connection, None]] = {}
-        self._presence: dict[str, collections.Counter] = {}  # channel -> id -> its sockets
+        self._presence: dict[str, collections.Counter] = {}  # channel -> member -> its sockets
+        self._info: dict[str, dict] = {}  # channel -> member -> what it joined with (Pusher)
         self._listeners: dict[str, dict[Connection, None]] = {}  # who gets presence frames
         self._per_ip: collections.Counter = collections.Counter()
         self._count = 0  # kept, not summed: every handshake asks
@@ -1645,8 +1653,9 @@ class Registry:
         if not self._per_ip[conn.ip]:
             del self._per_ip[conn.ip]
 
-    def join(self, conn: Connection, channel: str, limit: int) -> bool:
-        """Put conn in channel; False when it is in limit channels already."""
+    def join(self, conn: Connection, channel: str, limit: int, info: object = None) -> bool:
+        """Put conn in channel (a presence member with info, if any); False when it is in
+        limit channels already."""
         if conn.channels is None:
             conn.channels = set()
         elif channel in conn.channels:
@@ -1661,8 +1670,11 @@ class Registry:
                 self.watch(CHANNEL_ROUTE + channel, True)
         members[conn] = None
         if channel.startswith(PRESENCE_PREFIX):
-            self._presence.setdefault(channel, collections.Counter())[conn.client_id] += 1
-            if conn.framing.name == SUBPROTOCOL:
+            member = conn.member(channel)
+            self._presence.setdefault(channel, collections.Counter())[member] += 1
+            if info is not None:
+                self._info.setdefault(channel, {}).setdefault(member, info)
+            if conn.framing.tells_presence:
                 self._listeners.setdefault(channel, {})[conn] = None
         return True
 
@@ -1683,9 +1695,13 @@ class Registry:
                 del self._listeners[channel]
         ids = self._presence.get(channel)
         if ids is not None:
-            ids[conn.client_id] -= 1
-            if ids[conn.client_id] <= 0:
-                del ids[conn.client_id]
+            member = conn.member(channel)
+            ids[member] -= 1
+            if ids[member] <= 0:
+                del ids[member]
+                info = self._info.get(channel)
+                if info is not None and info.pop(member, None) is not None and not info:
+                    del self._info[channel]
             if not ids:
                 del self._presence[channel]
         return True
@@ -1694,8 +1710,13 @@ class Registry:
         """The sockets client_id has in a presence channel (closing ones until they go)."""
         return self._presence.get(channel, {}).get(client_id, 0)
 
+    def member_info(self, channel: str, member: str) -> object:
+        """What member joined channel with (a Pusher user_info), or None."""
+        info = self._info.get(channel)
+        return info.get(member) if info is not None else None
+
     def presence_listeners(self, channel: str) -> list:
-        """The wsboard.v1 sockets in a presence channel: the ones told who comes and goes."""
+        """The sockets in a presence channel told who comes and goes (their framing says)."""
         return [c for c in self._listeners.get(channel, ()) if not c.ws.closed]
 
     def presence_ids(self, channel: str) -> list:
@@ -1751,13 +1772,31 @@ class Registry:
 # before its first message. A subprotocol is one Framing, found by its name.
 
 
+class Topic(NamedTuple):
+    """What a message was sent to, for framings that say it (Pusher's channel and event)."""
+
+    channel: str | None = None
+    event: str | None = None
+    user_id: str | None = None  # who sent a client event on a presence channel
+
+
 class Framing:
     """The seed's form: each message is one text frame holding exactly its text."""
 
     name = ""
+    tells_presence = False  # its sockets are told presence members and changes
+    per_channel = False  # a message to several channels reaches its sockets once per channel
 
-    def message(self, text: str, seq: int | None) -> bytes:
+    def message(self, text: str, seq: int | None, topic: Topic | None = None) -> bytes:
         return text_frame(text)
+
+    def presence_change(self, conn: "Connection", channel: str, change: dict) -> bytes:
+        """A member came ({"join": member}) or went ({"leave": {"id"}})."""
+        return compact_frame({"presence": {"channel": channel, **change}})
+
+    def presence_members(self, conn: "Connection", channel: str, members: list) -> bytes:
+        """Who is in a presence channel conn just joined: [{"id", "meta"}, ...]."""
+        return compact_frame({"presence": {"channel": channel, "members": members}})
 
     def opening(self, inbox: "Inbox | None", conn: "Connection", hs: Handshake, now: float) -> list:
         """Frames the socket gets right after its 101: what was queued while the id had no
@@ -1771,8 +1810,9 @@ class V1Framing(Framing):
     """wsboard.v1: {"seq", "data"} frames, a hello first, and resume from the inbox."""
 
     name = SUBPROTOCOL
+    tells_presence = True
 
-    def message(self, text: str, seq: int | None) -> bytes:
+    def message(self, text: str, seq: int | None, topic: Topic | None = None) -> bytes:
         return text_frame(json.dumps({"seq": seq, "data": text}, separators=(",", ":")))
 
     def opening(self, inbox: "Inbox | None", conn: "Connection", hs: Handshake, now: float) -> list:
@@ -1794,7 +1834,7 @@ def compact_frame(value: object) -> bytes:
     return text_frame(json.dumps(value, separators=(",", ":")))
 
 
-FRAMINGS = {"": Framing(), SUBPROTOCOL: V1Framing()}
+FRAMINGS = {"": Framing(), SUBPROTOCOL: V1Framing()}  # and PUSHER_FRAMING, further down
 
 
 class Batch:
@@ -1834,6 +1874,7 @@ def deliver(
     seq: int | None,
     batch: Batch | None = None,
     hold: bool = True,
+    topic: Topic | None = None,
 ) -> int:
     """Write one message to conns, encoded once per framing; return how many took it.
 
@@ -1848,7 +1889,7 @@ def deliver(
             continue
         frame = encoded.get(conn.framing)
         if frame is None:
-            frame = encoded[conn.framing] = conn.framing.message(text, seq)
+            frame = encoded[conn.framing] = conn.framing.message(text, seq, topic)
         try:
             if batch is not None and (hold or ws in batch.held):
                 batch.hold(ws, frame)
@@ -2099,9 +2140,10 @@ class LocalHub:
         if not self.registry.has(conn):
             return
         channels = [c for c in conn.channels or () if c.startswith(PRESENCE_PREFIX)]
+        members = [(channel, conn.member(channel)) for channel in channels]
         self.registry.remove(conn)
-        for channel in channels:
-            self._left(conn.client_id, channel)
+        for channel, member in members:
+            self._left(member, channel)
         if not self.registry.count_for_id(conn.client_id) and conn.client_id in self.meta:
             self._later(self.forgetting, conn.client_id, self._forget_meta, conn.client_id)
 
@@ -2130,13 +2172,23 @@ class LocalHub:
         if not self.registry.count_for_id(client_id):
             self.meta.pop(client_id, None)
 
-    def _member(self, client_id: str) -> dict:
-        return {"id": client_id, "meta": self.meta.get(client_id)}
+    def _member(self, member: str, channel: str) -> dict:
+        """A presence member as listings show it: its id, and the metadata the backend
+        attached to that id or (for a Pusher user) the user_info it joined with."""
+        meta = self.meta.get(member)
+        if meta is None:
+            meta = self.registry.member_info(channel, member)
+        return {"id": member, "meta": meta}
 
     def _tell_members(self, channel: str, change: dict, but: Connection | None = None) -> None:
-        frame = compact_frame({"presence": {"channel": channel, **change}})
+        frames: dict = {}  # encoded once per framing
         for conn in self.registry.presence_listeners(channel):
             if conn is not but:
+                frame = frames.get(conn.framing)
+                if frame is None:
+                    frame = frames[conn.framing] = conn.framing.presence_change(
+                        conn, channel, change
+                    )
                 try:
                     conn.ws.send_frame_bytes(frame)
                 except WebSocketError:
@@ -2147,30 +2199,30 @@ class LocalHub:
         member list for conn (a wsboard.v1 socket)."""
         if not channel.startswith(PRESENCE_PREFIX):
             return []
-        timer = self.leaving.pop((channel, conn.client_id), None)
+        member = conn.member(channel)
+        timer = self.leaving.pop((channel, member), None)
         if timer is not None:  # back within the grace: it never left
             timer.kill(block=False)
-        elif self.registry.presence_sockets(channel, conn.client_id) == 1:  # its first
+        elif self.registry.presence_sockets(channel, member) == 1:  # its first
             self._member_joined(channel, conn)
-        if conn.framing is not FRAMINGS[SUBPROTOCOL]:
+        if not conn.framing.tells_presence:
             return []
         return self._members_frames(conn, channel)
 
     def _member_joined(self, channel: str, conn: Connection) -> None:
-        """conn's id became a member of channel here: tell the others and the sinks."""
-        self._tell_members(channel, {"join": self._member(conn.client_id)}, but=conn)
-        self.events.emit(
-            "join", channel=channel, id=conn.client_id, meta=self.meta.get(conn.client_id)
-        )
+        """conn's member became one of channel's here: tell the others and the sinks."""
+        joined = self._member(conn.member(channel), channel)
+        self._tell_members(channel, {"join": joined}, but=conn)
+        self.events.emit("join", channel=channel, id=joined["id"], meta=joined["meta"])
 
     def _member_left(self, channel: str, client_id: str) -> None:
         self._tell_members(channel, {"leave": {"id": client_id}})
         self.events.emit("leave", channel=channel, id=client_id)
 
     def _members_frames(self, conn: Connection, channel: str) -> list:
-        """What a wsboard.v1 socket that joined a presence channel is told first."""
-        members = [self._member(i) for i in self.registry.presence_ids(channel)]
-        return [compact_frame({"presence": {"channel": channel, "members": members}})]
+        """What a socket that is told presence gets first on joining a presence channel."""
+        members = [self._member(i, channel) for i in self.registry.presence_ids(channel)]
+        return [conn.framing.presence_members(conn, channel, members)]
 
     def _left(self, client_id: str, channel: str) -> None:
         if self.registry.presence_sockets(channel, client_id):
@@ -2194,7 +2246,7 @@ class LocalHub:
 
     def presence(self, channel: str) -> list:
         """The members of a presence channel: its ids, with their metadata."""
-        return [self._member(i) for i in self.registry.presence_ids(channel)]
+        return [self._member(i, channel) for i in self.registry.presence_ids(channel)]
 
     # Delivery.
 
@@ -2254,16 +2306,26 @@ class LocalHub:
         text: str,
         except_conn: str | None = None,
         batch: Batch | None = None,
+        event: str | None = None,
+        user_id: str | None = None,
     ) -> int:
-        """Send text to every socket in any of channels, once each, but the one except_conn
-        names; return how many took it. Not kept in any inbox."""
-        if len(channels) == 1:
-            members = self.registry.members(channels[0])
-        else:
-            members = list({c: None for ch in channels for c in self.registry.members(ch)})
-        if except_conn is not None:
-            members = [c for c in members if c.conn_id != except_conn]
-        return deliver(members, text, None, batch, hold=False)
+        """Send text to every socket in any of channels but the one except_conn names: once
+        to each wsboard socket, once per channel to a Pusher one (its events name their
+        channel); event names it for Pusher sockets. Return how many took it. Not kept in
+        any inbox."""
+        seen: set = set()
+        delivered = 0
+        for channel in channels:
+            members = [
+                c
+                for c in self.registry.members(channel)
+                if c.conn_id != except_conn and (c.framing.per_channel or c not in seen)
+            ]
+            if len(channels) > 1:
+                seen.update(members)
+            topic = Topic(channel, event, user_id)
+            delivered += deliver(members, text, None, batch, hold=False, topic=topic)
+        return delivered
 
     def _targets(self, client_id: str | None, conn_id: str | None) -> list:
         if conn_id is not None:
@@ -2292,9 +2354,10 @@ class LocalHub:
     ) -> tuple:
         """Take the id's open sockets (or one connection) out of channel: (found, taken out)."""
         conns = self._targets(client_id, conn_id)
+        members = dict.fromkeys(c.member(channel) for c in conns)
         left = sum(self.registry.leave(c, channel) for c in conns)
         if left and channel.startswith(PRESENCE_PREFIX):
-            for member in dict.fromkeys(c.client_id for c in conns):
+            for member in members:
                 self._left(member, channel)
         return len(conns), left
 
@@ -3138,14 +3201,20 @@ class RedisHub(LocalHub):
         text: str,
         except_conn: str | None = None,
         batch: Batch | None = None,
+        event: str | None = None,
+        user_id: str | None = None,
     ) -> int:
         # One channel: only the processes with members hear it. Several: every process, so
         # a socket in two of them still gets it once.
         if not self.link_up:
             raise BackplaneError(UNAVAILABLE)
-        here = LocalHub.publish(self, channels, text, except_conn, batch)
+        here = LocalHub.publish(self, channels, text, except_conn, batch, event, user_id)
         route = CHANNEL_ROUTE + channels[0] if len(channels) == 1 else "all"
         message = {"k": "pub", "c": list(channels), "t": text, "x": except_conn, "h": 1}
+        if event is not None:
+            message["e"] = event
+        if user_id is not None:
+            message["u"] = user_id
         return here + sum(self._ask_all(route, message))
 
     def _target_route(self, client_id: str | None, conn_id: str | None) -> str:
@@ -3261,7 +3330,10 @@ class RedisHub(LocalHub):
         if self._ours(message):
             self._answer(message, 0)
             return
-        sockets = LocalHub.publish(self, message["c"], message["t"], message["x"], batch)
+        event, user_id = message.get("e"), message.get("u")
+        sockets = LocalHub.publish(
+            self, message["c"], message["t"], message["x"], batch, event, user_id
+        )
         self._answer(message, sockets)
 
     # Who else holds an id: a process that gains one says so ("here", answered by every
@@ -3458,8 +3530,8 @@ class RedisHub(LocalHub):
     # last one loses it, and that process alone tells the event sinks.
 
     def _member_joined(self, channel: str, conn: Connection) -> None:
-        meta = self.meta.get(conn.client_id)
-        self._enqueue(("join", channel, conn.client_id, meta), self.presence_queue)
+        joined = self._member(conn.member(channel), channel)
+        self._enqueue(("join", channel, joined["id"], joined["meta"]), self.presence_queue)
 
     def _member_left(self, channel: str, client_id: str) -> None:
         self._enqueue(("leave", channel, client_id, None), self.presence_queue)
@@ -3477,7 +3549,7 @@ class RedisHub(LocalHub):
         except BackplaneError:
             members = LocalHub.presence(self, channel)
         held = self.awaiting.pop((conn, channel), [])
-        frames = [compact_frame({"presence": {"channel": channel, "members": members}}), *held]
+        frames = [conn.framing.presence_members(conn, channel, members), *held]
         try:
             if not conn.ws.closed:
                 conn.ws.write_frames(frames)
@@ -3485,11 +3557,14 @@ class RedisHub(LocalHub):
             pass
 
     def _tell_members(self, channel: str, change: dict, but: Connection | None = None) -> None:
-        frame = compact_frame({"presence": {"channel": channel, **change}})
+        frames: dict = {}  # encoded once per framing
         joined = change.get("join", {}).get("id")
         for conn in self.registry.presence_listeners(channel):
-            if conn.client_id == joined:  # a socket is not told that its own id came
+            if conn.member(channel) == joined:  # a socket is not told that its own member came
                 continue
+            frame = frames.get(conn.framing)
+            if frame is None:
+                frame = frames[conn.framing] = conn.framing.presence_change(conn, channel, change)
             held = self.awaiting.get((conn, channel))
             if held is not None:
                 held.append(frame)
@@ -3558,15 +3633,9 @@ class RedisHub(LocalHub):
             here = self._local_memberships()
             for member in here - recorded:
                 channel, _, client_id = member.partition(" ")
-                if (
-                    self._presence_change(
-                        "join", channel, client_id, self.meta.get(client_id), quiet
-                    )
-                    and not quiet
-                ):
-                    self.events.emit(
-                        "join", channel=channel, id=client_id, meta=self.meta.get(client_id)
-                    )
+                meta = self._member(client_id, channel)["meta"]
+                if self._presence_change("join", channel, client_id, meta, quiet) and not quiet:
+                    self.events.emit("join", channel=channel, id=client_id, meta=meta)
             for member in recorded - here:
                 channel, _, client_id = member.partition(" ")
                 if self._presence_change("leave", channel, client_id, None):
