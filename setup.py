@@ -28,6 +28,7 @@ setup(
         "test": [
             "redis>=5,<9",
             "hiredis>=2",
+            "pusher>=3.3",  # the Pusher server SDK, a real client of the Pusher HTTP API
             "pytest>=8",
             "hypothesis>=6",
             "websocket-client>=1.7",

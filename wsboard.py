@@ -25,6 +25,9 @@ The module reads top to bottom, in the order data flows; each section has a bann
 - Control connections: one greenlet per connection, batches, watchers.
 - Web routes: the Bottle routes (a new route goes here); each finds its ``Board`` in the
   request.
+- The Pusher protocol: ``PusherFraming`` (Pusher's frames on wsboard's channels), the
+  signature checks (pure), ``PusherApp`` (a Pusher socket's frames, the HTTP API) and its
+  routes; see docs/pusher.md.
 - The board: ``Board`` owns everything one process holds (config, hub, events, counters,
   servers, background greenlets) and starts and stops it; ``app`` is the default one.
 - Command line and gunicorn: ``main``, the subcommands, the worker's hooks.
@@ -66,7 +69,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 import bottle
 import gevent
@@ -235,6 +238,12 @@ def _networks(text: str) -> tuple:
     return tuple(ipaddress.ip_network(part, strict=False) for part in _words(text))
 
 
+def _pusher_name(text: str) -> str:
+    if text and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text):
+        raise ConfigError("must be 1-64 characters from A-Z a-z 0-9 _ -")
+    return text
+
+
 def _log_level(text: str) -> str:
     if text.lower() not in ("debug", "info", "warning", "error"):
         raise ValueError("must be one of debug, info, warning, error")
@@ -378,6 +387,22 @@ OPTIONS = (
     Option("node_timeout", "10", _seconds,
            "seconds a process may miss its heartbeats (every fifth of this) before the others "
            "take it for dead: its subscriptions are cut and its presence memberships end"),
+    # The Pusher protocol
+    Option("pusher_app_id", "", _pusher_name,
+           "turns on the Pusher protocol (pusher-js, Laravel Echo, the Pusher server SDKs) "
+           "for this app id, with --pusher-key and --pusher-secret; empty: off"),
+    Option("pusher_key", "", _pusher_name,
+           "the app key: pusher-js connects to /app/KEY; it signs nothing"),
+    Option("pusher_secret", "", str,
+           "the app secret that signs channel auth and HTTP API requests (8 characters at "
+           "least)"),
+    Option("pusher_client_events", "no", _yes_no,
+           "let members of private- and presence- channels send client-* events to the "
+           "other members (off, as in Pusher)"),
+    Option("pusher_activity_timeout", "120", _positive_int,
+           "seconds of silence after which pusher-js pings (told in connection_established)"),
+    Option("pusher_max_event", "10240", _positive_int,
+           "largest event data in bytes that the HTTP API or a client event may carry"),
     Option("log_level", "info", _log_level, "debug, info, warning or error"),
 )
 # fmt: on
@@ -397,11 +422,19 @@ class Config:
             raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
         self.secret_key = load_secret(self.secret, self.secret_file)
         self.admin_hash = admin_hash(self.admin_password)
+        pusher = (self.pusher_app_id, self.pusher_key, self.pusher_secret)
+        if any(pusher) and not all(pusher):
+            raise ConfigError(
+                "the Pusher protocol needs all of --pusher-app-id, --pusher-key, --pusher-secret"
+            )
+        if self.pusher_secret and len(self.pusher_secret) < PASSWORD_MIN:
+            raise ConfigError(f"--pusher-secret: at least {PASSWORD_MIN} characters")
 
     def __repr__(self) -> str:
         def shown(name: str) -> str:
             value = getattr(self, name)
-            return "'***'" if name in ("secret", "admin_password") and value else repr(value)
+            hidden = ("secret", "admin_password", "pusher_secret")
+            return "'***'" if name in hidden and value else repr(value)
 
         fields = ", ".join(f"{o.name}={shown(o.name)}" for o in OPTIONS)
         return f"Config({fields})"
@@ -1008,8 +1041,10 @@ def parse_handshake(
     address: object,
     trusted: Sequence,
     max_channels: int = 100,
+    client_id: str | None = None,
 ) -> "Handshake | Refusal":
-    """The upgrade request as a Handshake, or the Refusal of a malformed one."""
+    """The upgrade request as a Handshake, or the Refusal of a malformed one. client_id:
+    the socket's id is given (a Pusher socket's is its socket id), not read from the URL."""
     if environ.get("REQUEST_METHOD") != "GET" or http_version != "HTTP/1.1":
         return Refusal(400, "WebSocket upgrades need GET over HTTP/1.1", "handshake")
     if "upgrade" not in environ.get("HTTP_CONNECTION", "").lower():
@@ -1026,10 +1061,10 @@ def parse_handshake(
     if len(raw_key) != 16:
         return Refusal(400, "Sec-WebSocket-Key must be 16 bytes in base64", "handshake")
     query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-    ids = query.get("id", [])
+    ids = query.get("id", []) if client_id is None else [client_id]
     if len(ids) != 1 or not is_valid_client_id(ids[0]):
         return Refusal(400, f"Invalid client id: give exactly one id of {CLIENT_ID_RULE}", "bad_id")
-    channels = parse_channels(query.get("channel", []), max_channels)
+    channels = parse_channels(query.get("channel", []) if client_id is None else [], max_channels)
     if isinstance(channels, Refusal):
         return channels
     ip = client_ip(environ, trusted)
@@ -1052,11 +1087,12 @@ def parse_handshake(
     )
 
 
-def access_refusal(hs: Handshake, cfg: Config, now: float) -> Refusal | None:
-    """Why a well-formed upgrade may not connect (origin, signature), or None."""
+def access_refusal(hs: Handshake, cfg: Config, now: float, signed: bool = True) -> Refusal | None:
+    """Why a well-formed upgrade may not connect (origin, signature unless not signed: a
+    Pusher socket's channels are signed one by one), or None."""
     if not origin_allowed(hs.origin, hs.host, cfg.allowed_origins, cfg.allowed_hosts):
         return Refusal(403, "Origin not allowed", "origin")
-    if cfg.secret_key:
+    if cfg.secret_key and signed:
         private = private_channels(hs.channels)
         reason = token_refusal(cfg.secret_key, hs.client_id, hs.exp, hs.token, now, private)
         if reason:
@@ -1133,6 +1169,7 @@ class BoardSocket(_GeventWebSocket):
         "end_detail",
         "rate_start",
         "rate_count",
+        "close_codes",
     )
 
     def __init__(self, sock: socket.socket, reader: SocketReader, cfg: Config) -> None:
@@ -1155,6 +1192,7 @@ class BoardSocket(_GeventWebSocket):
         self.end_detail = ""
         self.rate_start = 0.0
         self.rate_count = 0
+        self.close_codes: Callable[[int], int] | None = None  # a protocol's own codes (Pusher)
 
     @property
     def end_text(self) -> str:
@@ -1264,7 +1302,10 @@ class BoardSocket(_GeventWebSocket):
         self.backlog.clear()
         if head is not None:
             self.backlog.append(head)
-        self.backlog.append(close_frame(CloseCode.TRY_AGAIN_LATER, "too slow: send queue full"))
+        code = CloseCode.TRY_AGAIN_LATER
+        if self.close_codes is not None:
+            code = self.close_codes(code)
+        self.backlog.append(close_frame(code, "too slow: send queue full"))
         self.backlog_bytes = sum(len(b) for b in self.backlog)
         self.ended(EndReason.QUEUE_FULL)
         self.closed = True
@@ -1384,6 +1425,8 @@ class BoardSocket(_GeventWebSocket):
         """Send a close frame with its code and reason (stock 0.10.1 drops the code)."""
         if self.closed:
             return
+        if self.close_codes is not None and code is not None:
+            code = self.close_codes(code)
         try:
             self.send_frame(close_payload(code, message), self.OPCODE_CLOSE)
         except (OSError, WebSocketError):
@@ -1480,27 +1523,40 @@ class WebSocketHandler(_GeventWebSocketHandler):
 
     def run_application(self) -> None:
         environ = self.environ
-        if (
-            environ.get("PATH_INFO") != WEBSOCKET_PATH
-            or environ.get("HTTP_UPGRADE", "").lower() != "websocket"
-        ):
-            return WSGIHandler.run_application(self)
+        path = environ.get("PATH_INFO", "")
         board = self.board
+        pusher = board.pusher if path.startswith(PUSHER_PATH) else None
+        if (path != WEBSOCKET_PATH and pusher is None) or environ.get(
+            "HTTP_UPGRADE", ""
+        ).lower() != "websocket":
+            return WSGIHandler.run_application(self)
         hs = parse_handshake(
             environ,
             self.request_version,
             self.client_address,
             board.cfg.trusted_proxies,
             board.cfg.max_channels_per_socket,
+            client_id=board.new_conn_id() if pusher is not None else None,
         )
         if isinstance(hs, Refusal):
             return self.refuse(hs)
-        refusal = access_refusal(hs, board.cfg, time.time()) or board.hub.admit(hs)
+        refusal = access_refusal(hs, board.cfg, time.time(), signed=pusher is None)
+        if refusal is None and pusher is not None:
+            refusal = pusher.handshake_refusal(path, environ.get("QUERY_STRING", ""))
+            if refusal is not None and refusal.status >= 4000:  # Pusher says it in the socket
+                return self.upgrade(board, hs, pusher.framing, refusal)
+        refusal = refusal or board.hub.admit(hs)
         if refusal:
             return self.refuse(refusal)
-        self.upgrade(board, hs)
+        self.upgrade(board, hs, pusher.framing if pusher is not None else None)
 
-    def upgrade(self, board: "Board", hs: Handshake) -> None:
+    def upgrade(
+        self,
+        board: "Board",
+        hs: Handshake,
+        framing: "Framing | None" = None,
+        refusal: Refusal | None = None,
+    ) -> None:
         """Register the socket, then write its 101: a SEND the moment the client has its 101
         must find it. The session goes on in a fresh, shallow greenlet."""
         leftover = buffered_leftover(self.rfile, self.socket)
@@ -1511,13 +1567,24 @@ class WebSocketHandler(_GeventWebSocketHandler):
         ws = BoardSocket(sock, SocketReader(sock, leftover), board.cfg)
         conn = Connection(
             hs.client_id,
-            board.new_conn_id(),
+            board.new_conn_id() if framing is None else hs.client_id,
             hs.peer,
             hs.ip,
             ws,
-            FRAMINGS[hs.subprotocol],
+            framing or FRAMINGS[hs.subprotocol],
             hs.origin or "",
         )
+        if framing is not None:
+            ws.close_codes = pusher_close_code
+        if refusal is not None:  # a protocol that refuses after the 101 (Pusher's 4xxx)
+            board.refused(refusal.kind, "websocket from %s: %s", hs.peer, refusal.reason)
+            ws.open([upgrade_response(hs.key, ""), *conn.framing.refusal(refusal)])
+            ws.close(refusal.status, refusal.reason)
+            self.status = "101 Switching Protocols"
+            self.close_connection = True
+            self.socket = None
+            gevent.spawn_raw(close_after_close, ws, sock, board.cfg.close_timeout)
+            return
         replay = board.hub.attach(conn, hs)  # admitted above, with nothing yielding since
         try:
             ws.open([upgrade_response(hs.key, hs.subprotocol), *replay])
@@ -1552,9 +1619,19 @@ class WebSocketHandler(_GeventWebSocketHandler):
         self.process_result()
 
 
+def close_after_close(ws: "BoardSocket", sock: socket.socket, timeout: float) -> None:
+    """Read a refused socket until the peer answers our close frame (bounded), then close."""
+    try:
+        while ws.receive() is not None:
+            pass
+    finally:
+        close_gracefully(sock, timeout)
+
+
 def redact(line: str) -> str:
-    """A request line fit for the log: token values hidden."""
-    return re.sub(r"(token=)[^&\s]*", r"\1***", line)
+    """A request line fit for the log: tokens and API signatures (replayable for ten
+    minutes) hidden."""
+    return re.sub(r"((?:token|auth_signature)=)[^&\s]*", r"\1***", line)
 
 
 ###############################################################################
@@ -1797,6 +1874,10 @@ class Framing:
     def presence_members(self, conn: "Connection", channel: str, members: list) -> bytes:
         """Who is in a presence channel conn just joined: [{"id", "meta"}, ...]."""
         return compact_frame({"presence": {"channel": channel, "members": members}})
+
+    def refusal(self, refusal: Refusal) -> list:
+        """Frames before the close, for a protocol that refuses after its 101."""
+        return []
 
     def opening(self, inbox: "Inbox | None", conn: "Connection", hs: Handshake, now: float) -> list:
         """Frames the socket gets right after its 101: what was queued while the id had no
@@ -2326,6 +2407,48 @@ class LocalHub:
             topic = Topic(channel, event, user_id)
             delivered += deliver(members, text, None, batch, hold=False, topic=topic)
         return delivered
+
+    def subscribe(self, conn: Connection, channel: str, user: tuple | None = None) -> list | None:
+        """conn (a socket of this process) asks to be in channel, as user (id, info) in a
+        presence channel: the frames it gets, or None when it is in its limit of channels."""
+        already = conn.channels is not None and channel in conn.channels
+        if user is not None and not already:
+            if conn.users is None:
+                conn.users = {}
+            conn.users[channel] = user[0]
+        limit = self.cfg.max_channels_per_socket
+        if not self.registry.join(conn, channel, limit, user[1] if user else None):
+            if user is not None and conn.users:
+                conn.users.pop(channel, None)
+            return None
+        self._settle(conn)  # its route is in force before it is told it is in
+        if already:
+            return (
+                self._members_frames(conn, channel) if channel.startswith(PRESENCE_PREFIX) else []
+            )
+        return self._joined(conn, channel)
+
+    def unsubscribe(self, conn: Connection, channel: str) -> bool:
+        """conn (a socket of this process) leaves channel; False when it was not in it."""
+        member = conn.member(channel)
+        if not self.registry.leave(conn, channel):
+            return False
+        if channel.startswith(PRESENCE_PREFIX):
+            self._left(member, channel)
+        if conn.users:
+            conn.users.pop(channel, None)
+        return True
+
+    def terminate_user(self, user_id: str, code: int, reason: str) -> int:
+        """Close every socket of id user_id, and every socket in a presence channel as that
+        user (Pusher's terminate_connections); return how many."""
+        conns = dict.fromkeys(self.registry.sockets_of(user_id))
+        for conn in self.registry.open_connections():
+            if conn.users and user_id in conn.users.values():
+                conns[conn] = None
+        for conn in conns:
+            conn.ws.end(EndReason.KICKED, code, reason, f"kicked ({code} {reason})")
+        return len(conns)
 
     def _targets(self, client_id: str | None, conn_id: str | None) -> list:
         if conn_id is not None:
@@ -3243,6 +3366,13 @@ class RedisHub(LocalHub):
     def set_meta(self, client_id: str, meta: dict | None) -> int:
         return sum(self._ask_all(ID_ROUTE + client_id, {"k": "m", "i": client_id, "meta": meta}))
 
+    def terminate_user(self, user_id: str, code: int, reason: str) -> int:
+        if not self.link_up:
+            raise BackplaneError(UNAVAILABLE)
+        here = LocalHub.terminate_user(self, user_id, code, reason)
+        message = {"k": "tu", "i": user_id, "code": code, "why": reason, "h": 1}
+        return here + sum(self._ask_all("all", message))
+
     # What there is: asked of every process that can have it.
 
     def _query(self, route: str, name: str, *args: object) -> list:
@@ -3419,6 +3549,13 @@ class RedisHub(LocalHub):
     def _on_kick(self, message: dict, batch: Batch) -> None:
         self._answer(message, LocalHub.kick(self, message["i"], message["code"], message["why"]))
 
+    def _on_terminate_user(self, message: dict, batch: Batch) -> None:
+        if self._ours(message):
+            self._answer(message, 0)
+            return
+        took = LocalHub.terminate_user(self, message["i"], message["code"], message["why"])
+        self._answer(message, took)
+
     def _on_kick_connection(self, message: dict, batch: Batch) -> None:
         code, why = message["code"], message["why"]
         self._answer(message, LocalHub.kick_connection(self, message["cn"], code, why))
@@ -3500,6 +3637,7 @@ class RedisHub(LocalHub):
         "l": _on_leave,
         "k": _on_kick,
         "kc": _on_kick_connection,
+        "tu": _on_terminate_user,
         "m": _on_meta,
         "q": _on_query,
         "a": _on_answer,
@@ -4282,7 +4420,15 @@ def op_kick(ctx: "ControlConnection", request: dict) -> dict:
 
 def op_publish(ctx: "ControlConnection", request: dict) -> dict:
     channels, text = json_channels(request), json_text(request)
-    sockets = ctx.board.hub.publish(channels, text, json_conn(request, "except"), ctx.batch)
+    event = request.get("event")  # the event name Pusher sockets get it as
+    if event is not None and not (
+        isinstance(event, str)
+        and 1 <= len(event) <= PUSHER_MAX_EVENT_NAME
+        and not event.startswith(PUSHER_RESERVED)
+    ):
+        raise BadRequest(f'"event" must be an event name of 1-{PUSHER_MAX_EVENT_NAME} characters')
+    except_conn = json_conn(request, "except")
+    sockets = ctx.board.hub.publish(channels, text, except_conn, ctx.batch, event=event)
     return {"ok": True, "sockets": sockets}
 
 
@@ -4886,6 +5032,475 @@ def plain_error(error: bottle.HTTPError) -> str:
 
 
 ###############################################################################
+# The Pusher protocol #########################################################
+###############################################################################
+# pusher-js (and Laravel Echo on it) connect to /app/<key>; the Pusher server SDKs call the
+# HTTP API under /apps/<app id>/. Nothing of it is a second system: Pusher channels are
+# wsboard channels, a Pusher socket id is a connection id, and a Pusher socket's client id
+# is its socket id, so the control socket, the admin page, watchers and the Redis hub see
+# both kinds of socket alike. Only the framing and the signatures are Pusher's. See
+# docs/pusher.md.
+
+PUSHER_PATH = "/app/"
+PUSHER_PROTOCOLS = range(5, 8)  # the protocol versions pusher-js speaks (7 today)
+PUSHER_DEFAULT_EVENT = "message"  # what a wsboard SEND or PUBLISH is called on a Pusher socket
+PUSHER_MAX_CHANNELS = 100  # channels one HTTP API event may name (Pusher's limit)
+PUSHER_MAX_BATCH = 10  # events one batch_events may hold (Pusher's limit)
+PUSHER_MAX_EVENT_NAME = 200
+PUSHER_TIMESTAMP_SKEW = 600  # seconds an API request's auth_timestamp may be off
+PUSHER_RESERVED = ("pusher:", "pusher_internal:")  # event names only the server may send
+
+
+class PusherCode(enum.IntEnum):
+    """Pusher's close codes. pusher-js reads the range: 4000-4099 do not reconnect,
+    4100-4199 reconnect after a back-off, 4200-4299 reconnect at once."""
+
+    APP_NOT_FOUND = 4001
+    UNSUPPORTED_PROTOCOL = 4007
+    NO_PROTOCOL = 4008
+    UNAUTHORIZED = 4009  # terminate_connections: this user is not to come back
+    OVER_CAPACITY = 4100
+    RECONNECT = 4200
+    INACTIVE = 4202
+
+
+def pusher_close_code(code: int) -> int:
+    """A wsboard close code as Pusher's: a server going away or an idle socket reconnects
+    now; any other trouble backs off; 4000 and up (kicks) mean what they say."""
+    if code >= 4000:
+        return code
+    if code in (CloseCode.GOING_AWAY, CloseCode.SERVICE_RESTART):
+        return PusherCode.RECONNECT
+    if code == CloseCode.NORMAL:
+        return PusherCode.INACTIVE
+    return PusherCode.OVER_CAPACITY
+
+
+def pusher_sign(secret: str, message: str) -> str:
+    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def pusher_channel_auth(
+    key: str, secret: str, socket_id: str, channel: str, channel_data: str | None = None
+) -> str:
+    """The auth a backend gives pusher-js for a private or presence channel:
+    key:hex(HMAC-SHA256(secret, "socket_id:channel[:channel_data]"))."""
+    message = f"{socket_id}:{channel}" + (f":{channel_data}" if channel_data is not None else "")
+    return f"{key}:{pusher_sign(secret, message)}"
+
+
+def pusher_auth_refusal(
+    key: str, secret: str, socket_id: str, channel: str, auth: object, channel_data: object
+) -> str | None:
+    """Why a subscription's auth does not open channel to this socket, or None."""
+    if not isinstance(auth, str) or not auth:
+        return f"Auth required to subscribe to {channel}"
+    signed = channel_data if channel.startswith(PRESENCE_PREFIX) else None
+    if signed is not None and not isinstance(signed, str):
+        return "channel_data must be a JSON string"
+    expected = pusher_channel_auth(key, secret, socket_id, channel, signed)
+    if not hmac.compare_digest(auth.encode("utf-8", "replace"), expected.encode()):
+        return f"Invalid signature: expected HMAC SHA256 hex digest of {socket_id}:{channel}" + (
+            ":channel_data" if signed is not None else ""
+        )
+    return None
+
+
+def pusher_user(channel_data: str) -> "tuple | str":
+    """(user_id, user_info) from a presence subscription's channel_data, or why not."""
+    try:
+        data = strict_json(channel_data)
+    except BadRequest:
+        return "channel_data must be JSON"
+    if not isinstance(data, dict):
+        return "channel_data must be a JSON object"
+    user_id = data.get("user_id")
+    if isinstance(user_id, int) and not isinstance(user_id, bool):
+        user_id = str(user_id)
+    if not is_valid_client_id(user_id):
+        return f"channel_data's user_id must be {CLIENT_ID_RULE}"
+    info = data.get("user_info")
+    if info is not None and len(json.dumps(info)) > MAX_META_BYTES:
+        return f"user_info is larger than {MAX_META_BYTES} bytes"
+    return user_id, info
+
+
+def pusher_api_refusal(
+    key: str, secret: str, method: str, path: str, query: str, body: bytes, now: float
+) -> Refusal | None:
+    """Why an HTTP API request is not signed by this app (Pusher's auth_* parameters, the
+    body's MD5, a timestamp within ten minutes), or None."""
+    params: dict = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in params:
+            return Refusal(400, f"Parameter {name[:40]!r} given twice", "pusher_api")
+        params[name] = value
+    signature = params.pop("auth_signature", "")
+    if params.get("auth_key") != key:
+        return Refusal(401, "Unknown auth_key", "pusher_api")
+    if params.get("auth_version") != "1.0":
+        return Refusal(401, "auth_version must be 1.0", "pusher_api")
+    stamp = params.get("auth_timestamp", "")
+    if not (stamp.isascii() and stamp.isdigit()):
+        return Refusal(401, "auth_timestamp must be a Unix time", "pusher_api")
+    if abs(now - int(stamp)) > PUSHER_TIMESTAMP_SKEW:
+        return Refusal(
+            401, f"Timestamp expired: {int(now - int(stamp))} s off, allowed is 600 s", "pusher_api"
+        )
+    md5 = hashlib.md5(body).hexdigest()
+    if (body or "body_md5" in params) and params.get("body_md5") != md5:
+        return Refusal(401, "body_md5 does not match the body", "pusher_api")
+    signed = "&".join(f"{k}={v}" for k, v in sorted((k.lower(), v) for k, v in params.items()))
+    expected = pusher_sign(secret, f"{method}\n{path}\n{signed}")
+    if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected.encode()):
+        return Refusal(401, "Invalid signature: you should have sent HmacSHA256(...)", "pusher_api")
+    return None
+
+
+def pusher_event(event: str, data: object, channel: str | None = None, **fields: str) -> bytes:
+    """One Pusher frame: data a string (pusher-js decodes JSON in it), or an object for
+    pusher:error as Pusher sends it."""
+    message = {"event": event, **({"channel": channel} if channel is not None else {})}
+    return compact_frame({**message, "data": data, **fields})
+
+
+class PusherFraming(Framing):
+    """Pusher's frames: {"event", "channel", "data"}; connection_established first; member
+    lists and changes as pusher_internal events. Its sockets get a channel message once per
+    channel, as Pusher's do, since each event names its channel."""
+
+    name = "pusher"
+    tells_presence = True
+    per_channel = True
+
+    def __init__(self, activity_timeout: int) -> None:
+        self.activity_timeout = activity_timeout
+
+    def message(self, text: str, seq: int | None, topic: Topic | None = None) -> bytes:
+        if topic is None:
+            return pusher_event(PUSHER_DEFAULT_EVENT, text)
+        fields = {"user_id": topic.user_id} if topic.user_id is not None else {}
+        return pusher_event(topic.event or PUSHER_DEFAULT_EVENT, text, topic.channel, **fields)
+
+    def opening(self, inbox: "Inbox | None", conn: "Connection", hs: Handshake, now: float) -> list:
+        data = {"socket_id": conn.conn_id, "activity_timeout": self.activity_timeout}
+        return [pusher_event("pusher:connection_established", json.dumps(data))]
+
+    def refusal(self, refusal: Refusal) -> list:
+        return [pusher_event("pusher:error", {"code": refusal.status, "message": refusal.reason})]
+
+    def presence_change(self, conn: "Connection", channel: str, change: dict) -> bytes:
+        if "join" in change:
+            member = change["join"]
+            data = {"user_id": member["id"]}
+            if member.get("meta") is not None:
+                data["user_info"] = member["meta"]
+            return pusher_event("pusher_internal:member_added", json.dumps(data), channel)
+        data = {"user_id": change["leave"]["id"]}
+        return pusher_event("pusher_internal:member_removed", json.dumps(data), channel)
+
+    def presence_members(self, conn: "Connection", channel: str, members: list) -> bytes:
+        presence = {
+            "ids": [m["id"] for m in members],
+            "hash": {m["id"]: m["meta"] for m in members},
+            "count": len(members),
+        }
+        data = json.dumps({"presence": presence})
+        return pusher_event("pusher_internal:subscription_succeeded", data, channel)
+
+
+class PusherApp:
+    """The one Pusher app this process serves: its sockets' frames in, its HTTP API."""
+
+    def __init__(self, board: "Board") -> None:
+        cfg = board.cfg
+        self.board = board
+        self.app_id, self.key, self.secret = cfg.pusher_app_id, cfg.pusher_key, cfg.pusher_secret
+        activity = cfg.pusher_activity_timeout
+        if cfg.idle_timeout:  # pusher-js must ping before the idle timeout closes it
+            activity = max(1, min(activity, int(cfg.idle_timeout / 2)))
+        self.framing = PusherFraming(activity)
+
+    def handshake_refusal(self, path: str, query: str) -> Refusal | None:
+        """Why pusher-js may not connect here: Pusher answers after the 101, with a
+        pusher:error and a close code (status) that tells pusher-js not to retry."""
+        if path[len(PUSHER_PATH) :] != self.key:
+            return Refusal(PusherCode.APP_NOT_FOUND, "App key not known here", "pusher")
+        versions = parse_qs(query).get("protocol", [])
+        if not versions:
+            return Refusal(PusherCode.NO_PROTOCOL, "No protocol version given", "pusher")
+        version = versions[0]
+        if not (version.isascii() and version.isdigit() and int(version) in PUSHER_PROTOCOLS):
+            return Refusal(
+                PusherCode.UNSUPPORTED_PROTOCOL,
+                f"Unsupported protocol version {version[:10]!r}",
+                "pusher",
+            )
+        return None
+
+    # A Pusher socket's frames.
+
+    @staticmethod
+    def write(conn: Connection, *frames: bytes) -> None:
+        try:
+            conn.ws.write_frames(list(frames))
+        except WebSocketError:
+            pass
+
+    def error(self, conn: Connection, message: str, code: int | None = None) -> None:
+        self.write(conn, pusher_event("pusher:error", {"code": code, "message": message}))
+
+    def receive(self, conn: Connection, message: object) -> None:
+        """One frame from a Pusher socket: answered, never raised."""
+        if not isinstance(message, str):
+            return self.error(conn, "Binary frames are not part of the Pusher protocol")
+        try:
+            event = strict_json(message)
+        except BadRequest:
+            return self.error(conn, "Frames must be JSON")
+        if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+            return self.error(conn, 'Frames must be JSON objects with an "event" name')
+        name, data = event["event"], event.get("data")
+        if name == "pusher:ping":
+            return self.write(conn, pusher_event("pusher:pong", "{}"))
+        if name in ("pusher:subscribe", "pusher:unsubscribe"):
+            if isinstance(data, str):  # some clients send data as a JSON string
+                try:
+                    data = strict_json(data)
+                except BadRequest:
+                    data = None
+            if not isinstance(data, dict) or not is_valid_channel(data.get("channel")):
+                return self.error(conn, f"{name} needs a channel name of {CHANNEL_RULE}")
+            if name == "pusher:unsubscribe":
+                self.board.hub.unsubscribe(conn, data["channel"])
+                return None
+            return self.subscribe(conn, data["channel"], data)
+        if name.startswith("client-"):
+            return self.client_event(conn, name, event.get("channel"), data)
+        return self.error(conn, f"Unsupported event {name[:PUSHER_MAX_EVENT_NAME]!r}")
+
+    def subscription_error(self, conn: Connection, channel: str, reason: str, status: int) -> None:
+        self.board.refused("pusher", "subscription of %s to %s: %s", conn.conn_id, channel, reason)
+        data = {"type": "AuthError", "error": reason, "status": status}
+        self.write(conn, pusher_event("pusher:subscription_error", data, channel))
+
+    def subscribe(self, conn: Connection, channel: str, data: dict) -> None:
+        user = None
+        if channel.startswith(PRIVATE_PREFIXES):
+            channel_data = data.get("channel_data")
+            reason = pusher_auth_refusal(
+                self.key, self.secret, conn.conn_id, channel, data.get("auth"), channel_data
+            )
+            if reason is None and channel.startswith(PRESENCE_PREFIX):
+                user = pusher_user(channel_data)
+                reason = user if isinstance(user, str) else None
+            if reason is not None:
+                return self.subscription_error(conn, channel, reason, 401)
+        frames = self.board.hub.subscribe(conn, channel, user)
+        if frames is None:
+            limit = self.board.cfg.max_channels_per_socket
+            return self.subscription_error(conn, channel, f"Too many channels (limit {limit})", 400)
+        if not channel.startswith(PRESENCE_PREFIX):
+            frames = [pusher_event("pusher_internal:subscription_succeeded", "{}", channel)]
+        if frames:  # a presence channel's list may follow from the other processes
+            self.write(conn, *frames)
+        return None
+
+    def client_event(self, conn: Connection, name: str, channel: object, data: object) -> None:
+        """A client-* event from a member of a private or presence channel, to the others."""
+        if not self.board.cfg.pusher_client_events:
+            return self.error(conn, "Client events are off (--pusher-client-events)")
+        if not (isinstance(channel, str) and channel.startswith(PRIVATE_PREFIXES)):
+            return self.error(conn, "Client events go to private- and presence- channels only")
+        if not conn.channels or channel not in conn.channels:
+            return self.error(conn, f"Subscribe to {channel} before sending events to it")
+        if len(name) > PUSHER_MAX_EVENT_NAME:
+            return self.error(conn, f"Event names are {PUSHER_MAX_EVENT_NAME} characters at most")
+        text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+        if len(text.encode("utf-8", "replace")) > self.board.cfg.pusher_max_event:
+            return self.error(conn, f"Event data over {self.board.cfg.pusher_max_event} bytes")
+        user_id = conn.member(channel) if channel.startswith(PRESENCE_PREFIX) else None
+        try:
+            self.board.hub.publish([channel], text, conn.conn_id, event=name, user_id=user_id)
+        except BackplaneError as exc:
+            return self.error(conn, f"Not delivered: {exc}")
+        return None
+
+    # The HTTP API: what the server SDKs call.
+
+    def trigger(self, body: dict, hub: LocalHub) -> dict:
+        """One event ({name, data, channel or channels, socket_id?}) published; its channels'
+        info when asked. Raises BadRequest."""
+        name, data = body.get("name"), body.get("data")
+        if not isinstance(name, str) or not 1 <= len(name) <= PUSHER_MAX_EVENT_NAME:
+            raise BadRequest(f"name must be an event name of 1-{PUSHER_MAX_EVENT_NAME} characters")
+        if name.startswith(PUSHER_RESERVED):
+            raise BadRequest("Event names beginning with pusher: are the server's own")
+        if not isinstance(data, str):
+            raise BadRequest("data must be a string (the SDKs encode objects as JSON)")
+        if len(data.encode("utf-8", "replace")) > self.board.cfg.pusher_max_event:
+            raise PayloadTooLarge(f"data over {self.board.cfg.pusher_max_event} bytes")
+        channels = body.get("channels", [body["channel"]] if "channel" in body else None)
+        if not isinstance(channels, list) or not 1 <= len(channels) <= PUSHER_MAX_CHANNELS:
+            raise BadRequest(f"channels must be a list of 1-{PUSHER_MAX_CHANNELS} channel names")
+        for channel in channels:
+            if not is_valid_channel(channel):
+                raise BadRequest(f"Invalid channel name {str(channel)[:170]!r}: {CHANNEL_RULE}")
+        socket_id = body.get("socket_id")
+        if socket_id is not None and not (
+            isinstance(socket_id, str) and CONN_ID.fullmatch(socket_id)
+        ):
+            raise BadRequest("socket_id must be a socket id: digits.digits")
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("data must be valid Unicode") from None
+        hub.publish(list(dict.fromkeys(channels)), data, socket_id, event=name)
+        info = body.get("info")
+        if not info:
+            return {}
+        return {"channels": {c: self.channel_info(hub, c, str(info)) for c in channels}}
+
+    @staticmethod
+    def channel_info(hub: LocalHub, channel: str, info: str) -> dict:
+        """The attributes info asks for (subscription_count, user_count) of one channel."""
+        wanted = {part.strip() for part in info.split(",") if part.strip()}
+        unknown = wanted - {"subscription_count", "user_count"}
+        if unknown:
+            raise BadRequest(f"Unknown info attribute {sorted(unknown)[0][:40]!r}")
+        if "user_count" in wanted and not channel.startswith(PRESENCE_PREFIX):
+            raise BadRequest("user_count is for presence- channels only")
+        answer = {}
+        if "subscription_count" in wanted:
+            answer["subscription_count"] = hub.count(channel)[0]
+        if "user_count" in wanted:
+            answer["user_count"] = len(hub.presence(channel))
+        return answer
+
+    def answer(self, method: str, resource: str, query: dict, body: bytes) -> dict:
+        """The JSON object an authenticated API request gets. Raises BadRequest,
+        PayloadTooLarge, NotFound or BackplaneError."""
+        hub = self.board.hub
+        parts = resource.split("/")
+        if method == "POST" and resource in ("events", "batch_events"):
+            try:
+                request = strict_json(body.decode("utf-8"))
+            except (UnicodeDecodeError, BadRequest):
+                raise BadRequest("Body must be a JSON object") from None
+            if not isinstance(request, dict):
+                raise BadRequest("Body must be a JSON object")
+            if resource == "events":
+                return self.trigger(request, hub)
+            batch = request.get("batch")
+            if not isinstance(batch, list) or not 1 <= len(batch) <= PUSHER_MAX_BATCH:
+                raise BadRequest(f"batch must be a list of 1-{PUSHER_MAX_BATCH} events")
+            if not all(isinstance(item, dict) for item in batch):
+                raise BadRequest("Each event of a batch must be a JSON object")
+            results = [self.trigger(item, hub) for item in batch]
+            return {"batch": results} if any(results) else {}
+        if method == "GET" and parts == ["channels"]:
+            return {"channels": self.channel_list(hub, query)}
+        if method == "GET" and len(parts) == 2 and parts[0] == "channels":
+            channel = parts[1]
+            if not is_valid_channel(channel):
+                raise BadRequest(f"Invalid channel name: {CHANNEL_RULE}")
+            sockets = hub.count(channel)[0]
+            info = query.get("info", "")
+            return {
+                "occupied": sockets > 0,
+                **(self.channel_info(hub, channel, info) if info else {}),
+            }
+        if method == "GET" and len(parts) == 3 and parts[0] == "channels" and parts[2] == "users":
+            channel = parts[1]
+            if not (is_valid_channel(channel) and channel.startswith(PRESENCE_PREFIX)):
+                raise BadRequest("Users are listed for presence- channels only")
+            return {"users": [{"id": m["id"]} for m in hub.presence(channel)]}
+        if (
+            method == "POST"
+            and len(parts) == 3
+            and parts[0] == "users"
+            and parts[2] == "terminate_connections"
+        ):
+            if not is_valid_client_id(parts[1]):
+                raise BadRequest(f"user id must be {CLIENT_ID_RULE}")
+            hub.terminate_user(parts[1], PusherCode.UNAUTHORIZED, "connections terminated")
+            return {}
+        raise NotFound(f"No such API call: {method} {resource[:100]}")
+
+    @staticmethod
+    def channel_list(hub: LocalHub, query: dict) -> dict:
+        prefix = query.get("filter_by_prefix", "")
+        info = query.get("info", "")
+        if "user_count" in info and not prefix.startswith(PRESENCE_PREFIX):
+            raise BadRequest("user_count needs filter_by_prefix=presence-")
+        names = sorted(name for name in hub.channels() if name.startswith(prefix))
+        if not info:
+            return {name: {} for name in names}
+        return {name: PusherApp.channel_info(hub, name, info) for name in names}
+
+
+class PayloadTooLarge(BadRequest):
+    """An event's data over --pusher-max-event (HTTP 413)."""
+
+
+class NotFound(BadRequest):
+    """No such API call (HTTP 404)."""
+
+
+def pusher_json(status: int, value: dict) -> str:
+    bottle.response.status = status
+    bottle.response.content_type = "application/json"
+    return json.dumps(value, separators=(",", ":"))
+
+
+@routes.post("/users/<user_id>/terminate_connections")
+def pusher_terminate(user_id: str) -> str:
+    """The Python SDK (3.3) leaves /apps/<id> out of this one path: the key names the app."""
+    pusher = request_board().pusher
+    if pusher is None:
+        return pusher_json(404, {"error": "Unknown app id"})
+    return pusher_api(pusher.app_id, f"users/{user_id}/terminate_connections")
+
+
+@routes.route("/apps/<app_id>/<resource:path>", method=["GET", "POST"])
+def pusher_api(app_id: str, resource: str) -> str:
+    """Pusher's HTTP API: signed requests only; every answer a JSON object (the SDKs want
+    one with 200, and a reason with the 4xx)."""
+    board = request_board()
+    pusher = board.pusher
+    if pusher is None or app_id != pusher.app_id:
+        return pusher_json(404, {"error": "Unknown app id"})
+    request = bottle.request
+    if request.get_header("Transfer-Encoding"):
+        return pusher_json(411, {"error": "Send the body with a Content-Length"})
+    if request.content_length > MAX_FORM_BYTES:
+        return pusher_json(413, {"error": f"Body larger than {MAX_FORM_BYTES} bytes"})
+    try:
+        body = read_body(MAX_FORM_BYTES, board.cfg.handshake_timeout)
+    except BodyIncomplete:
+        bottle.response.set_header("Connection", "close")
+        return pusher_json(408, {"error": "The body did not arrive whole in time"})
+    query_string = request.environ.get("QUERY_STRING", "")
+    refusal = pusher_api_refusal(
+        pusher.key, pusher.secret, request.method, request.path, query_string, body, time.time()
+    )
+    if refusal is not None:
+        board.refused(refusal.kind, "%s %s: %s", request.method, request.path, refusal.reason)
+        return pusher_json(refusal.status, {"error": refusal.reason})
+    query = dict(parse_qsl(query_string, keep_blank_values=True))
+    try:
+        return pusher_json(200, pusher.answer(request.method, resource, query, body))
+    except PayloadTooLarge as exc:
+        return pusher_json(413, {"error": str(exc)})
+    except NotFound as exc:
+        return pusher_json(404, {"error": str(exc)})
+    except BadRequest as exc:
+        return pusher_json(400, {"error": str(exc)})
+    except BackplaneError as exc:
+        return pusher_json(503, {"error": str(exc)})
+
+
+###############################################################################
 # The board: one process's state, started and stopped #########################
 ###############################################################################
 
@@ -5089,6 +5704,7 @@ class Board:
         self.events = Events()
         self.conn_prefix = str(10**11 + secrets.randbelow(9 * 10**11))  # new every start
         self.hub = HUBS["redis" if cfg.redis else "local"](cfg, self.events, self.conn_prefix)
+        self.pusher = PusherApp(self) if cfg.pusher_app_id else None
         self.refusals: collections.Counter = collections.Counter()
         self.control_connections = 0
         self.heads: collections.Counter = collections.Counter()  # request heads in progress
@@ -5174,6 +5790,9 @@ class Board:
         )
         try:
             while (message := ws.receive()) is not None:
+                if self.pusher is not None and conn.framing is self.pusher.framing:
+                    self.pusher.receive(conn, message)
+                    continue
                 if not events.wanted:
                     continue
                 if isinstance(message, str):

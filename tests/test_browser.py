@@ -3,8 +3,10 @@
 import functools
 import http.server
 import json
+import os
 import shutil
 import threading
+from urllib.parse import parse_qs
 
 import pytest
 from conftest import free_port
@@ -310,3 +312,126 @@ def open_example(browser, server, client_id) -> str:
 
 def items(browser, list_id) -> list:
     return [e.text for e in browser.find_elements(By.CSS_SELECTOR, f"#{list_id} li")]
+
+
+# Laravel Echo on pusher-js in the browser, as a Laravel app's page uses it: the page comes
+# from the app's origin, its /broadcasting/auth signs channels with the real Python SDK.
+
+ECHO_PAGE = """<!doctype html>
+<meta charset="utf-8"><title>Echo</title>
+<script src="/pusher.min.js"></script><script src="/echo.iife.js"></script>
+<ul id="seen"></ul>
+<script>
+const user = new URLSearchParams(location.search).get("user");
+function saw(text) {
+  const li = document.createElement("li"); li.textContent = text;
+  document.getElementById("seen").appendChild(li);
+}
+window.echo = new Echo.default({
+  broadcaster: "reverb", key: "%(key)s", wsHost: "127.0.0.1", wsPort: %(port)d,
+  forceTLS: false, enabledTransports: ["ws"], authEndpoint: "/broadcasting/auth",
+  auth: {headers: {"X-User": user}},
+});
+echo.connector.pusher.connection.bind("connected", () => saw("connected"));
+echo.channel("news").listen(".Posted", (e) => saw("news " + e.title));
+echo.private("App.Models.User." + user).listen(".Ping", (e) => saw("ping " + e.n));
+echo.join("room")
+  .here((users) => saw("here " + users.map((u) => u.name).sort().join(",")))
+  .joining((u) => saw("joining " + u.name))
+  .leaving((u) => saw("leaving " + u.name));
+</script>
+"""
+
+
+@pytest.fixture
+def laravel_app(tmp_path):
+    """A stand-in for the Laravel app: its page, the npm builds, and /broadcasting/auth
+    answered by the real pusher SDK's authenticate (users 1 Ann, 2 Bob)."""
+    import pusher as pusher_sdk
+    from test_pusher import APP_ID, KEY, NODE_MODULES, SECRET
+
+    files = {
+        "/pusher.min.js": os.path.join(NODE_MODULES, "pusher-js", "dist", "web", "pusher.min.js"),
+        "/echo.iife.js": os.path.join(NODE_MODULES, "laravel-echo", "dist", "echo.iife.js"),
+    }
+    names = {"1": "Ann", "2": "Bob"}
+    state = {"ws_port": 0, "auth_requests": 0}
+
+    class App(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def answer(self, status, body: bytes, kind: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            path = self.path.split("?")[0]
+            if path == "/page":
+                page = ECHO_PAGE % {"key": KEY, "port": state["ws_port"]}
+                return self.answer(200, page.encode(), "text/html; charset=utf-8")
+            if path in files:
+                with open(files[path], "rb") as f:
+                    return self.answer(200, f.read(), "text/javascript")
+            return self.answer(404, b"", "text/plain")
+
+        def do_POST(self):
+            form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            user = self.headers.get("X-User", "")
+            channel, socket_id = form["channel_name"][0], form["socket_id"][0]
+            state["auth_requests"] += 1
+            sdk = pusher_sdk.Pusher(APP_ID, KEY, SECRET, ssl=False)
+            if channel.startswith("private-App.Models.User.") and channel.endswith("." + user):
+                auth = sdk.authenticate(channel, socket_id)
+            elif channel.startswith("presence-") and user in names:
+                data = {"user_id": user, "user_info": {"name": names[user]}}
+                auth = sdk.authenticate(channel, socket_id, data)
+            else:
+                return self.answer(403, b"{}", "application/json")
+            return self.answer(200, json.dumps(auth).encode(), "application/json")
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), App)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    site.state = state
+    site.url = f"http://127.0.0.1:{site.server_address[1]}"
+    yield site
+    site.shutdown()
+
+
+def seen(browser) -> list:
+    return [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#seen li")]
+
+
+def test_laravel_echo_in_chromium_receives_events_and_sees_who_is_present(
+    browser, server_factory, laravel_app
+):
+    from test_pusher import PUSHER, sdk
+
+    server = server_factory(*PUSHER, "--allowed-origins", laravel_app.url, "--presence-grace", "0")
+    laravel_app.state["ws_port"] = server.port
+    browser.get(f"{laravel_app.url}/page?user=1")
+    ann = browser.current_window_handle
+    wait(browser, lambda d: "here Ann" in seen(d))
+    api = sdk(server)
+    api.trigger("news", "Posted", {"title": "hello"})
+    api.trigger("private-App.Models.User.1", "Ping", {"n": 1})
+    wait(browser, lambda d: {"news hello", "ping 1"} <= set(seen(d)))
+    browser.switch_to.new_window("tab")
+    browser.get(f"{laravel_app.url}/page?user=2")
+    wait(browser, lambda d: "here Ann,Bob" in seen(d))
+    control = server.control()
+    channels = json.loads(control.ask(json.dumps({"op": "channels"})))["channels"]
+    control.close()
+    assert channels == {
+        "news": 2,
+        "private-App.Models.User.1": 1,
+        "private-App.Models.User.2": 1,
+        "presence-room": 2,
+    }
+    browser.close()
+    browser.switch_to.window(ann)
+    wait(browser, lambda d: seen(d)[-2:] == ["joining Bob", "leaving Bob"])
+    assert laravel_app.state["auth_requests"] == 4  # two private and two presence channels

@@ -65,3 +65,26 @@ def test_the_documented_gunicorn_command_line_works(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
+
+
+def test_gunicorn_speaks_the_pusher_protocol_from_the_environment(gunicorn):
+    import json
+
+    import pusher
+    import websocket
+
+    env = {
+        "WSBOARD_PUSHER_APP_ID": "9",
+        "WSBOARD_PUSHER_KEY": "gk",
+        "WSBOARD_PUSHER_SECRET": "s" * 16,
+    }
+    server = gunicorn(env=env)
+    wait_until(server.ready, what="gunicorn to start")
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/app/gk?protocol=7", timeout=10)
+    assert json.loads(ws.recv())["event"] == "pusher:connection_established"
+    ws.send(json.dumps({"event": "pusher:subscribe", "data": {"channel": "g"}}))
+    assert json.loads(ws.recv())["event"] == "pusher_internal:subscription_succeeded"
+    api = pusher.Pusher("9", "gk", "s" * 16, ssl=False, host="127.0.0.1", port=server.port)
+    api.trigger("g", "hello", "from gunicorn")
+    assert json.loads(ws.recv()) == {"event": "hello", "channel": "g", "data": "from gunicorn"}
+    ws.close()
