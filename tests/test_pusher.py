@@ -814,3 +814,47 @@ def test_the_php_sdks_request_shape_under_phpunit_with_php_curl(app_server):
     assert native.recv() == '{"from":"php"}'
     assert native.recv() == "two"
     native.close()
+
+
+def test_watchers_and_the_admin_page_see_pusher_sockets_and_members(app_server, clients):
+    from conftest import ask_json, http_request
+
+    watcher = app_server.control()
+    assert ask_json(watcher, {"op": "watch"})["watching"]
+    client = clients(app_server, user={"user_id": "ann", "user_info": {"name": "Ann"}})
+    socket_id = client.connected()
+    client.subscribe("presence-room")
+    connect = json.loads(watcher.line())
+    assert connect["event"] == "connect" and connect["conn"] == socket_id
+    join = json.loads(watcher.line())
+    assert join == {
+        **join,
+        "event": "join",
+        "channel": "presence-room",
+        "id": "ann",
+        "meta": {"name": "Ann"},
+    }
+    status, _, page = http_request(app_server, "/admin")
+    assert status == 200 and socket_id in page and "presence-room" in page and ">ann<" in page
+    control = app_server.control()
+    members = ask_json(control, {"op": "presence", "channel": "presence-room"})["members"]
+    assert members == [{"id": "ann", "meta": {"name": "Ann"}}]
+    control.close()
+    client.do("disconnect")
+    leave = json.loads(watcher.line())
+    assert (leave["event"], leave["id"]) == ("leave", "ann")
+    assert json.loads(watcher.line())["event"] == "disconnect"
+    watcher.close()
+
+
+def test_a_frame_flood_closes_the_socket_with_a_backoff_code(server_factory):
+    server = server_factory(*PUSHER, "--max-client-rate", "50")
+    ws = raw_pusher(server)
+    for n in range(80):
+        ws.send(json.dumps({"event": "pusher:subscribe", "data": {"channel": f"f{n}"}}))
+    while True:
+        opcode, frame = ws.recv_data_frame(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            assert int.from_bytes(frame.data[:2], "big") == 4100
+            break
+    ws.close()
