@@ -25,10 +25,13 @@ setup(
         "gunicorn": ["gunicorn[gevent]>=23"],
         # Scale-out over many processes and hosts (--redis); hiredis parses replies in C.
         "redis": ["redis>=5,<9", "hiredis>=2"],
+        # /metrics in Prometheus's format.
+        "metrics": ["prometheus_client>=0.17"],
         "test": [
             "redis>=5,<9",
             "hiredis>=2",
             "pusher>=3.3",  # the Pusher server SDK, a real client of the Pusher HTTP API
+            "prometheus_client>=0.17",
             "pytest>=8",
             "hypothesis>=6",
             "websocket-client>=1.7",

@@ -41,6 +41,7 @@ monkey.patch_all()
 import argparse
 import base64
 import binascii
+import bisect
 import collections
 import enum
 import errno
@@ -86,6 +87,16 @@ from geventwebsocket.utf8validator import Utf8Validator
 from geventwebsocket.websocket import Header
 from geventwebsocket.websocket import WebSocket as _GeventWebSocket
 
+try:  # optional: /metrics needs it (pip install 'wsboard[metrics]')
+    import prometheus_client
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+except ImportError:  # pragma: no cover - the extra is installed wherever tests run
+    prometheus_client = None
+
 try:  # optional: only --redis needs it (pip install 'wsboard[redis]')
     import redis
     import redis.retry
@@ -127,6 +138,10 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise ValueError("must be 0-65535")
     return value
+
+
+def _port_or_off(text: str) -> int:
+    return 0 if text.strip() == "0" else _port(text)
 
 
 def _positive_int(text: str) -> int:
@@ -403,6 +418,12 @@ OPTIONS = (
            "seconds of silence after which pusher-js pings (told in connection_established)"),
     Option("pusher_max_event", "10240", _positive_int,
            "largest event data in bytes that the HTTP API or a client event may carry"),
+    # Operations
+    Option("metrics_port", "0", _port_or_off,
+           "also serve /metrics, /healthz and /readyz, without a password, on this port "
+           "(for a Prometheus that scrapes from inside); 0: /metrics is on the main port only, "
+           "behind the admin password"),
+    Option("metrics_host", "127.0.0.1", str, "address the --metrics-port server binds"),
     Option("log_level", "info", _log_level, "debug, info, warning or error"),
 )
 # fmt: on
@@ -979,15 +1000,18 @@ def http_response(status: int, reason: str, headers: Iterable = ()) -> bytes:
 
 
 HTTP_STATUS = {
+    200: "OK",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
     408: "Request Timeout",
     411: "Length Required",
     413: "Payload Too Large",
+    404: "Not Found",
     415: "Unsupported Media Type",
     426: "Upgrade Required",
     431: "Request Header Fields Too Large",
+    501: "Not Implemented",
     503: "Service Unavailable",
 }
 
@@ -1923,20 +1947,26 @@ class Batch:
     out together: one send() per socket instead of one per message. Each control connection
     owns one; routes and heartbeats pass none and write at once."""
 
-    __slots__ = ("held",)
+    __slots__ = ("held", "since")
 
     def __init__(self) -> None:
         self.held: dict = {}  # BoardSocket -> [frames]
+        self.since = 0.0  # when the first frame now held was (perf_counter)
 
     def hold(self, ws: "BoardSocket", frame: bytes) -> None:
         frames = self.held.get(ws)
         if frames is None:
+            if not self.held:
+                self.since = time.perf_counter()
             self.held[ws] = [frame]
         else:
             frames.append(frame)
 
-    def release(self) -> None:
+    def release(self) -> float | None:
+        """Write what is held; return how long its oldest frame waited, None if nothing."""
         held, self.held = self.held, {}
+        if not held:
+            return None
         for ws, frames in held.items():
             if ws.closed:
                 continue
@@ -1944,6 +1974,7 @@ class Batch:
                 ws.write_frames(frames)
             except WebSocketError as exc:
                 log.warning("dropped a socket while writing held frames: %s", exc)
+        return time.perf_counter() - self.since
 
 
 YIELD_EVERY = 1024  # sockets written between turns for everyone else
@@ -1956,14 +1987,16 @@ def deliver(
     batch: Batch | None = None,
     hold: bool = True,
     topic: Topic | None = None,
+    count: "Delivered | None" = None,
 ) -> int:
-    """Write one message to conns, encoded once per framing; return how many took it.
+    """Write one message to conns, encoded once per framing; return how many took it (and
+    add it to count).
 
     With a batch, frames are held (hold) or, for a broadcast, held only behind frames
     already held for that socket, so one connection's messages keep their order.
     """
     encoded: dict = {}
-    delivered = 0
+    delivered = sent = 0
     for n, conn in enumerate(conns):
         ws = conn.ws
         if ws.closed:  # closing: reported once when it was cut, skipped after
@@ -1977,6 +2010,7 @@ def deliver(
             else:
                 ws.send_frame_bytes(frame)
             delivered += 1
+            sent += len(frame)
         except QueueFull:
             log.warning("dropped %s %s: send queue full", conn.client_id, conn.peer)
         except WebSocketError as exc:
@@ -1985,7 +2019,19 @@ def deliver(
             log.warning("dropped %s %s: %s", conn.client_id, conn.peer, exc)
         if n % YIELD_EVERY == YIELD_EVERY - 1:
             gevent.sleep(0)  # a fan-out to many sockets lets the others run meanwhile
+    if count is not None:
+        count.messages += delivered
+        count.bytes += sent
     return delivered
+
+
+class Delivered:
+    """Frames a hub handed to its sockets since start, and their bytes (for /metrics)."""
+
+    __slots__ = ("messages", "bytes")
+
+    def __init__(self) -> None:
+        self.messages = self.bytes = 0
 
 
 ###############################################################################
@@ -2175,6 +2221,7 @@ class LocalHub:
             else None
         )
         self.keys = IdempotencyKeys(cfg.idempotency_window)
+        self.delivered = Delivered()
 
     # Sockets coming and going: admit and attach are called back to back, nothing yielding
     # between them, so no limit can be passed by handshakes in flight.
@@ -2216,6 +2263,10 @@ class LocalHub:
 
     def stop(self) -> None:
         """End it, after the sockets have gone."""
+
+    def unready_reason(self) -> str | None:
+        """Why this hub cannot serve now (for /readyz), or None."""
+        return None
 
     def detach(self, conn: Connection) -> None:
         if not self.registry.has(conn):
@@ -2352,7 +2403,7 @@ class LocalHub:
             seq = None
             if self.inbox is not None and (conns or keep_offline):
                 seq = seqs[client_id] = self.inbox.add(client_id, text, now, offline=not conns)
-            delivered = deliver(conns, text, seq, batch) if conns else 0
+            delivered = deliver(conns, text, seq, batch, count=self.delivered) if conns else 0
             sockets += delivered
             if not delivered:
                 if seq is None:
@@ -2374,12 +2425,13 @@ class LocalHub:
 
     def broadcast(self, text: str, batch: Batch | None = None) -> int:
         """Send text to every open socket (not kept in any inbox); return how many took it."""
-        return deliver(self.registry.open_connections(), text, None, batch, hold=False)
+        conns = self.registry.open_connections()
+        return deliver(conns, text, None, batch, hold=False, count=self.delivered)
 
     def send_to_connection(self, conn_id: str, text: str, batch: Batch | None = None) -> int:
         """Send text to one socket by its connection id (not kept in the inbox)."""
         conn = self.registry.connection(conn_id)
-        return deliver([conn], text, None, batch) if conn is not None else 0
+        return deliver([conn], text, None, batch, count=self.delivered) if conn is not None else 0
 
     def publish(
         self,
@@ -2405,7 +2457,9 @@ class LocalHub:
             if len(channels) > 1:
                 seen.update(members)
             topic = Topic(channel, event, user_id)
-            delivered += deliver(members, text, None, batch, hold=False, topic=topic)
+            delivered += deliver(
+                members, text, None, batch, hold=False, topic=topic, count=self.delivered
+            )
         return delivered
 
     def subscribe(self, conn: Connection, channel: str, user: tuple | None = None) -> list | None:
@@ -3185,7 +3239,7 @@ class RedisHub(LocalHub):
             tallies.append(tally)
             for client_id in ids:
                 conns = self.registry.sockets_of(client_id)
-                took = deliver(conns, text, None, batch) if conns else 0
+                took = deliver(conns, text, None, batch, count=self.delivered) if conns else 0
                 tally.sockets += took
                 if conns and self.others.get(client_id) == 0:  # nobody else has it
                     if not took:
@@ -3268,7 +3322,7 @@ class RedisHub(LocalHub):
         tally = Tally()
         for client_id in ids:
             conns = self.registry.sockets_of(client_id)
-            took = deliver(conns, text, None, batch) if conns else 0
+            took = deliver(conns, text, None, batch, count=self.delivered) if conns else 0
             tally.sockets += took
             if not took:
                 tally.miss(client_id, UNAVAILABLE)
@@ -3432,6 +3486,9 @@ class RedisHub(LocalHub):
     def expire(self, now: float) -> None:
         """Keys and inboxes expire in Redis by themselves."""
 
+    def unready_reason(self) -> str | None:
+        return None if self.link_up else "backplane down"
+
     # What other processes ask of this one (run on the link's reader, in order).
 
     def _ours(self, message: dict) -> bool:
@@ -3445,7 +3502,7 @@ class RedisHub(LocalHub):
             conns, seq = self.registry.sockets_of(message["i"]), message.get("s")
             if conns and seq is not None and self.floors:
                 conns = [c for c in conns if seq > self.floors.get(c, 0)]
-            took = deliver(conns, message["t"], seq, batch) if conns else 0
+            took = deliver(conns, message["t"], seq, batch, count=self.delivered) if conns else 0
         if "q" not in message:
             self._answer(message, took)
 
@@ -3987,6 +4044,7 @@ class Webhook:
         self.events = EventQueue(size)
         self.greenlet = gevent.spawn(self.run)
         self.warned = Throttle(10)
+        self.delivered = self.failed = 0  # events posted, and given up on
 
     @property
     def dropped(self) -> int:
@@ -4010,11 +4068,13 @@ class Webhook:
                 request = urllib.request.Request(self.url, data=body, headers=headers)
                 with urllib.request.urlopen(request, timeout=5) as response:
                     response.read()
+                self.delivered += 1
                 return True
             except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
                 log.warning("webhook attempt %d failed: %s", attempt + 1, exc)
                 gevent.sleep(min(30.0, 0.5 * 2**attempt))
         log.error("webhook gave up on an event after %d attempts", self.TRIES)
+        self.failed += 1
         return False
 
 
@@ -4184,6 +4244,7 @@ def cmd_send(ctx: "ControlConnection", client_id: str, text: str) -> list:
     board = ctx.board
     hub, keep = board.hub, board.cfg.offline_ok
     result = hub.send([client_id], text, keep, batch=ctx.batch, count_all=False)
+    board.counts.sent(result)
     return ["OK"] if result.sockets or result.queued else ["ERROR " + send_failure(result)]
 
 
@@ -4365,6 +4426,7 @@ def op_send(ctx: "ControlConnection", request: dict) -> dict:
         raise BadRequest('"key" must be a string of 1-200 characters')
     hub = ctx.board.hub
     result = hub.send(ids, text, keep_offline=True, key=key, batch=ctx.batch)
+    ctx.board.counts.sent(result)
     if not result.sockets and not result.queued:
         return {"ok": False, "error": send_failure(result)}
     answer = {"ok": True, "sockets": result.sockets, "queued": result.queued}
@@ -4545,6 +4607,7 @@ def run_json(ctx: "ControlConnection", line: bytes) -> dict:
     if op is None:
         answer = {"ok": False, "error": f"Unknown op: {str(request.get('op'))[:40]!r}"}
     else:
+        began = time.perf_counter()
         try:
             answer = op(ctx, request)
         except (BadRequest, BackplaneError) as exc:
@@ -4552,6 +4615,7 @@ def run_json(ctx: "ControlConnection", line: bytes) -> dict:
         except Exception:
             log.exception("JSON op %s failed", request.get("op"))
             answer = {"ok": False, "error": "Internal error"}
+        ctx.board.counts.command("json_" + request["op"], time.perf_counter() - began)
     if "ref" in request:  # lets a pipelining client match answers to requests
         answer["ref"] = request["ref"]
     return answer
@@ -4610,6 +4674,7 @@ class ControlConnection:
         if self.events.offer(line, lifecycle) or not lifecycle:
             return
         log.warning("dropped a watcher that fell %d events behind", self.board.cfg.watch_queue)
+        self.board.counts.watchers_cut += 1
         self.unwatch()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -4661,6 +4726,7 @@ class ControlConnection:
         """
         max_line = self.board.cfg.max_line
         grouping = self.board.hub.groups_sends
+        counts = self.board.counts
         pending: list = []
         sends: list = []  # SEND lines not yet carried out (when the hub groups them)
         size = 0
@@ -4681,7 +4747,10 @@ class ControlConnection:
                     if command.verb == "error":
                         log.warning("control error: %s: %r", command.args[0], line[:80])
                     answers = self.send_group(sends) if sends else []
+                    began = time.perf_counter()
                     answers += run_command(command, self)
+                    if command.verb != "json":  # run_json counts its op
+                        counts.command(command.verb, time.perf_counter() - began)
                 sends = []
                 for answer in answers:
                     pending.append(answer)
@@ -4694,13 +4763,14 @@ class ControlConnection:
             self.flush(pending + self.send_group(sends))
             return True
         finally:
-            self.batch.release()
+            self.release()
 
     def send_group(self, sends: list) -> list:
         """The answers to a run of SEND lines, carried out together."""
         if not sends:
             return []
         board = self.board
+        began = time.perf_counter()
         try:
             keep = board.cfg.offline_ok
             results = board.hub.send_many(
@@ -4711,14 +4781,24 @@ class ControlConnection:
         except Exception:
             log.exception("control command send failed")
             return ["ERROR Internal error"] * len(sends)
+        took = time.perf_counter() - began
+        for result in results:  # each was answered when the group was
+            board.counts.sent(result)
+            board.counts.command("send", took)
         return [
             "OK" if result.sockets or result.queued else "ERROR " + send_failure(result)
             for result in results
         ]
 
+    def release(self) -> None:
+        """Let held frames out; time how long the oldest waited for the kernel."""
+        waited = self.batch.release()
+        if waited is not None:
+            self.board.counts.delivery.observe(waited)
+
     def flush(self, answers: list) -> None:
         """Let held frames out first, then send the answers."""
-        self.batch.release()
+        self.release()
         if answers:
             self.write(("\n".join(answers) + "\n").encode("utf-8"))
 
@@ -4869,22 +4949,264 @@ def admin_only(route: Callable) -> Callable:
     return guarded
 
 
+# The admin page is rendered with its first page of clients, then keeps itself up to date:
+# /admin/events tells it (Server-Sent Events) that sockets came or went, and it asks
+# /admin/state.json for the page it shows, filtered and paged by the server.
+
+ADMIN_PAGE_SIZE = 100  # clients per page
+ADMIN_MAX_PAGE = 1000
+ADMIN_CHANNELS = 200  # channels the page lists, the fullest first
+ADMIN_STREAMS = 16  # admin pages that may be open at once (each holds a request)
+
+
+def parse_admin_query(query: Mapping[str, str]) -> tuple:
+    """(filter, offset, limit) of a state request; bad numbers fall back to the defaults."""
+    text = query.get("q", "")[:200].strip().lower()
+    offset = query.get("offset", "0")
+    limit = query.get("limit", str(ADMIN_PAGE_SIZE))
+    offset = int(offset) if offset.isascii() and offset.isdigit() else 0
+    limit = int(limit) if limit.isascii() and limit.isdigit() else ADMIN_PAGE_SIZE
+    return text, offset, max(1, min(limit, ADMIN_MAX_PAGE))
+
+
+def client_matches(row: ClientRow, text: str) -> bool:
+    """The filter: a case-insensitive part of the id, connection id, peer, origin or protocol."""
+    return any(
+        text in field.lower()
+        for field in (row.client_id, row.conn_id, row.peer, row.origin, row.protocol or "plain")
+    )
+
+
+def client_json(row: ClientRow) -> dict:
+    return {
+        "id": row.client_id,
+        "conn": row.conn_id,
+        "peer": row.peer,
+        "since": round(row.since, 3),
+        "origin": row.origin,
+        "protocol": row.protocol or "plain",
+        "queued": row.queued_bytes,
+        "meta": row.meta,
+    }
+
+
+def admin_state(board: "Board", text: str, offset: int, limit: int) -> dict:
+    """What the admin page shows: counters, one page of clients, channels, refusals.
+    Raises BackplaneError."""
+    hub = board.hub
+    clients = hub.clients()
+    matched = [row for row in clients if client_matches(row, text)] if text else clients
+    channels = sorted(hub.channels().items(), key=lambda item: (-item[1], item[0]))
+    stats = board.stats()
+    return {
+        "stats": {
+            "sockets": len(clients),
+            "ids": len({row.client_id for row in clients}),
+            "channels": len(channels),
+            "control_connections": stats["control_connections"],
+            "watchers": stats["watchers"],
+            "delivered": stats["delivered"]["messages"],
+            "refused": sum(board.refusals.values()),
+            "backplane": stats["backplane"]["state"],
+        },
+        "clients": {
+            "total": len(clients),
+            "matched": len(matched),
+            "offset": offset,
+            "limit": limit,
+            "rows": [client_json(row) for row in matched[offset : offset + limit]],
+        },
+        "channels": [
+            {
+                "name": name,
+                "sockets": count,
+                "members": (
+                    [m["id"] for m in hub.presence(name)]
+                    if name.startswith(PRESENCE_PREFIX)
+                    else None
+                ),
+            }
+            for name, count in channels[:ADMIN_CHANNELS]
+        ],
+        "refusals": dict(sorted(board.refusals.items())),
+    }
+
+
 @routes.get("/admin")
 @admin_only
 def admin_page() -> str:
     board = request_board()
-    hub = board.hub
     try:
-        channels = [
-            (name, count, hub.presence(name) if name.startswith(PRESENCE_PREFIX) else None)
-            for name, count in sorted(hub.channels().items())
-        ]
-        clients = hub.clients()
+        state = admin_state(board, "", 0, ADMIN_PAGE_SIZE)
     except BackplaneError as exc:
         bottle.abort(503, f"The admin page cannot list every process: {exc}")
-    return render(
-        "admin", clients=clients, channels=channels, refusals=sorted(board.refusals.items())
-    )
+    return render("admin", state=state, meta_text=meta_text)
+
+
+def meta_text(meta: object) -> str:
+    return "" if meta is None else json.dumps(meta, ensure_ascii=False, separators=(",", ":"))
+
+
+@routes.get("/admin/state.json")
+@admin_only
+def admin_state_json() -> str:
+    board = request_board()
+    text, offset, limit = parse_admin_query(bottle.request.query)
+    bottle.response.content_type = "application/json"
+    bottle.response.set_header("Cache-Control", "no-store")
+    try:
+        return json.dumps(admin_state(board, text, offset, limit), separators=(",", ":"))
+    except BackplaneError as exc:
+        bottle.response.status = 503
+        return json.dumps({"error": str(exc)})
+
+
+class AdminStream:
+    """An open admin page, as an event sink: it only needs to know that something changed
+    (it then asks for its page), so it keeps one flag, never a queue."""
+
+    everywhere = True  # with --redis, other processes' sockets count too
+
+    def __init__(self) -> None:
+        self.changed = gevent.event.Event()
+
+    def push(self, line: str, lifecycle: bool) -> None:
+        if lifecycle:
+            self.changed.set()
+
+
+ADMIN_KEEPALIVE = 15.0  # seconds between comments that keep a quiet stream open
+ADMIN_COALESCE = 0.5  # seconds a change waits for more, so a burst is one refresh
+
+
+@routes.get("/admin/events")
+@admin_only
+def admin_events() -> object:
+    """Server-Sent Events: "change" when sockets come, go, join or leave."""
+    board = request_board()
+    if board.admin_streams >= ADMIN_STREAMS:
+        bottle.response.status = 503
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return f"Too many admin pages open (limit {ADMIN_STREAMS})\n"
+    sink = AdminStream()
+    board.admin_streams += 1
+    board.events.add(sink)
+    bottle.response.content_type = "text/event-stream"
+    bottle.response.set_header("Cache-Control", "no-store")
+    bottle.response.set_header("X-Accel-Buffering", "no")  # nginx: pass each event on at once
+
+    def stream() -> Iterator[bytes]:
+        try:
+            yield b"retry: 2000\n\n"
+            while True:
+                if sink.changed.wait(ADMIN_KEEPALIVE):
+                    gevent.sleep(ADMIN_COALESCE)
+                    sink.changed.clear()
+                    yield b"event: change\ndata: {}\n\n"
+                else:
+                    yield b": still here\n\n"
+        finally:
+            board.events.remove(sink)
+            board.admin_streams -= 1
+
+    return stream()
+
+
+def admin_action(handle: Callable[["Board", dict], str]) -> str:
+    """A state-changing admin request: its JSON body checked, then handle(board, body)
+    gives the answer's message; refusals and errors answer {"error": true, …}."""
+    board = request_board()
+    try:
+        body = admin_json_body(board)
+        data = strict_json(body.decode("utf-8"))
+    except AnswerNow as refusal:
+        return refusal.answer
+    except (UnicodeDecodeError, BadRequest):
+        return json_answer(400, True, "Body must be a JSON object")
+    if not isinstance(data, dict):
+        return json_answer(400, True, "Body must be a JSON object")
+    try:
+        return json_answer(200, False, handle(board, data))
+    except ValueError as exc:
+        return json_answer(400, True, str(exc))
+    except LookupError as exc:
+        return json_answer(200, True, str(exc.args[0]))
+    except BackplaneError as exc:
+        return json_answer(503, True, str(exc))
+
+
+def admin_target(data: dict) -> tuple:
+    """(client id, None) or (None, connection id) of an admin action; ValueError if neither."""
+    conn = data.get("conn")
+    if conn is not None:
+        if not (isinstance(conn, str) and CONN_ID.fullmatch(conn)):
+            raise ValueError("conn must be a connection id (digits.digits)")
+        return None, conn
+    if not is_valid_client_id(data.get("clientId")):
+        raise ValueError("clientId must be a valid client id (or give conn)")
+    return data["clientId"], None
+
+
+def admin_message(data: dict) -> str:
+    message = data.get("message")
+    if not isinstance(message, str):
+        raise ValueError("message must be a string")
+    try:
+        message.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("message must be valid Unicode (no lone surrogates)") from None
+    return json.dumps({"message": message}, separators=(",", ":"))
+
+
+def do_send(board: "Board", data: dict) -> str:
+    client_id, conn = admin_target(data)
+    payload = admin_message(data)
+    if conn is not None:
+        if not board.hub.send_to_connection(conn, payload):
+            raise LookupError("Client Not Found")
+        return "1"
+    result = board.hub.send([client_id], payload, board.cfg.offline_ok, count_all=False)
+    board.counts.sent(result)
+    if not (result.sockets or result.queued):
+        raise LookupError(send_failure(result))
+    return str(result.sockets)
+
+
+def do_kick(board: "Board", data: dict) -> str:
+    client_id, conn = admin_target(data)
+    hub, code = board.hub, CloseCode.KICKED
+    if conn is not None:
+        count = hub.kick_connection(conn, code, "kicked")
+    else:
+        count = hub.kick(client_id, code, "kicked")
+    if not count:
+        raise LookupError("Client Not Found")
+    return str(count)
+
+
+def do_broadcast(board: "Board", data: dict) -> str:
+    return str(board.hub.broadcast(admin_message(data)))
+
+
+@routes.post("/admin/send")
+@admin_only
+def admin_send() -> str:
+    """{"clientId" or "conn", "message"}: like /sendMessage, or to one connection."""
+    return admin_action(do_send)
+
+
+@routes.post("/admin/kick")
+@admin_only
+def admin_kick() -> str:
+    """{"clientId" or "conn"}: closes its sockets with 4000 (wsboard.js does not come back)."""
+    return admin_action(do_kick)
+
+
+@routes.post("/admin/broadcast")
+@admin_only
+def admin_broadcast() -> str:
+    """{"message"}: to every open socket, as {"message": …}."""
+    return admin_action(do_broadcast)
 
 
 def json_answer(status: int, error: bool, message: str) -> str:
@@ -4985,6 +5307,7 @@ def send_message() -> str:
         return json_answer(400, True, str(exc))
     payload = json.dumps({"message": message}, separators=(",", ":"))
     result = board.hub.send([client_id], payload, board.cfg.offline_ok, count_all=False)
+    board.counts.sent(result)
     if result.sockets or result.queued:
         return json_answer(200, False, "")
     return json_answer(200, True, send_failure(result))
@@ -5501,6 +5824,254 @@ def pusher_api(app_id: str, resource: str) -> str:
 
 
 ###############################################################################
+# Metrics and health ##########################################################
+###############################################################################
+# What happened is counted in plain integers on the hot paths; prometheus_client reads
+# them at each scrape through BoardCollector and writes the exposition format. Its own
+# Histogram takes a lock per observation (3.7 µs under gevent, measured), too dear for
+# every control line, so histograms here are Buckets, handed over as metric families.
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5)  # fmt: skip
+GC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+SEND_ANSWERS = {"Client Not Found": "not_found", TIMEOUT: "timeout", UNAVAILABLE: "unavailable"}
+
+
+class Buckets:
+    """A histogram's counts: observations per upper bound (the last one unbounded), and
+    their sum."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list:
+        """[(le, observations at or below it)], ending with +Inf, as Prometheus wants."""
+        running, rows = 0, []
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            running += count
+            rows.append((bound, running))
+        return rows
+
+
+class Counts:
+    """What one process did since start: sends by answer, commands by verb (with their
+    latency), closes by reason, watchers cut off, and how long held frames waited."""
+
+    def __init__(self) -> None:
+        self.sends: collections.Counter = collections.Counter()  # ok, not_found, ...
+        self.commands: collections.Counter = collections.Counter()
+        self.command_seconds: dict[str, Buckets] = {}
+        self.closes: collections.Counter = collections.Counter()  # EndReason names
+        self.watchers_cut = 0
+        self.delivery = Buckets(LATENCY_BUCKETS)  # a command's frames, until the kernel has them
+
+    def sent(self, result: SendResult) -> None:
+        if result.sockets or result.queued:
+            self.sends["ok"] += 1
+        else:
+            self.sends[SEND_ANSWERS.get(send_failure(result), "not_found")] += 1
+
+    def command(self, verb: str, seconds: float) -> None:
+        self.commands[verb] += 1
+        buckets = self.command_seconds.get(verb)
+        if buckets is None:
+            buckets = self.command_seconds[verb] = Buckets(LATENCY_BUCKETS)
+        buckets.observe(seconds)
+
+
+def not_ready_reason(board: "Board") -> str | None:
+    """Why this process should get no traffic now (for /readyz), or None."""
+    if board.draining:
+        return "draining"
+    if not board.started:
+        return "starting"
+    return board.hub.unready_reason()
+
+
+class BoardCollector:
+    """One process's figures for prometheus_client, read at each scrape."""
+
+    def __init__(self, board: "Board") -> None:
+        self.board = board
+
+    def collect(self) -> Iterator:
+        board, hub = self.board, self.board.hub
+        counts = board.counts
+        info = GaugeMetricFamily("wsboard_info", "This process", labels=["version", "node"])
+        info.add_metric([__version__, hub.node], 1)
+        yield info
+        ready = GaugeMetricFamily("wsboard_ready", "1 when /readyz answers 200")
+        ready.add_metric([], 0 if not_ready_reason(board) else 1)
+        yield ready
+        conns = hub.registry.open_connections()
+        by_protocol = collections.Counter(c.framing.name or "plain" for c in conns)
+        sockets = GaugeMetricFamily(
+            "wsboard_sockets", "Open WebSockets here, by protocol", labels=["protocol"]
+        )
+        for protocol in ("plain", SUBPROTOCOL, "pusher"):
+            sockets.add_metric([protocol], by_protocol.get(protocol, 0))
+        yield sockets
+        for name, doc, value in (
+            ("wsboard_client_ids", "Client ids with an open socket here", len(hub.registry.ids())),
+            ("wsboard_channels", "Channels with a socket here", len(hub.registry.channel_names())),
+            ("wsboard_control_connections", "Open control connections", board.control_connections),
+            ("wsboard_watchers", "Control connections watching events", board.watcher_count()),
+            ("wsboard_queued_bytes", "Bytes waiting for sockets that are not reading",
+             sum(c.ws.queued_bytes for c in conns)),
+        ):  # fmt: skip
+            yield GaugeMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily(
+            "wsboard_messages_delivered", "Frames handed to sockets", value=hub.delivered.messages
+        )
+        yield CounterMetricFamily(
+            "wsboard_delivered_bytes", "Bytes of the frames handed to sockets",
+            value=hub.delivered.bytes,
+        )  # fmt: skip
+        yield self.labelled(
+            "wsboard_sends", "SENDs by answer", "answer",
+            {"ok": 0, "not_found": 0, "timeout": 0, "unavailable": 0, **counts.sends},
+        )  # fmt: skip
+        yield self.labelled("wsboard_refusals", "Refusals by kind", "kind", board.refusals)
+        closes = {reason.name.lower(): 0 for reason in EndReason}
+        yield self.labelled("wsboard_closes", "Sockets closed, by reason", "reason",
+                            {**closes, **counts.closes})  # fmt: skip
+        yield CounterMetricFamily(
+            "wsboard_slow_consumer_cutoffs",
+            "Sockets cut off for not reading (send queue full or write timed out)",
+            value=counts.closes["queue_full"] + counts.closes["write_timeout"],
+        )
+        webhook = board.webhook
+        overflows = {
+            "socket": counts.closes["queue_full"],
+            "watcher": counts.watchers_cut,
+            "webhook": webhook.dropped if webhook else 0,
+            "backplane": hub.stats()["backplane"].get("dropped", 0),
+        }
+        yield self.labelled("wsboard_queue_overflows", "Bounded queues that overflowed", "queue",
+                            overflows)  # fmt: skip
+        yield self.labelled(
+            "wsboard_webhook_events", "Events the webhook posted or gave up on", "result",
+            {"ok": webhook.delivered if webhook else 0, "failed": webhook.failed if webhook else 0},
+        )  # fmt: skip
+        yield self.labelled("wsboard_control_commands", "Control commands by verb (or JSON op)",
+                            "verb", counts.commands)  # fmt: skip
+        latency = HistogramMetricFamily(
+            "wsboard_control_command_seconds", "Time to answer a control command", labels=["verb"]
+        )
+        for verb, buckets in sorted(counts.command_seconds.items()):
+            latency.add_metric([verb], buckets.cumulative(), buckets.total)
+        yield latency
+        yield self.histogram(
+            "wsboard_delivery_seconds",
+            "From a control command to its frames in the kernel (the oldest of a batch)",
+            counts.delivery,
+        )
+        yield self.histogram(
+            "wsboard_gc_pause_seconds", "Full garbage collections", board.gc_watch.pauses
+        )
+        backplane = hub.stats()["backplane"]
+        if backplane["state"] != "off":
+            up = GaugeMetricFamily("wsboard_backplane_up", "1 while the Redis link is up")
+            up.add_metric([], 1 if backplane["state"] == "up" else 0)
+            yield up
+            yield GaugeMetricFamily(
+                "wsboard_backplane_processes", "Live processes seen", value=backplane["processes"]
+            )
+            yield GaugeMetricFamily(
+                "wsboard_backplane_waiting", "Publishes waiting for Redis",
+                value=backplane["waiting"],
+            )  # fmt: skip
+            yield CounterMetricFamily(
+                "wsboard_backplane_reconnects", "Times the Redis link came back",
+                value=backplane["reconnects"],
+            )  # fmt: skip
+
+    @staticmethod
+    def labelled(name: str, doc: str, label: str, values: Mapping) -> "CounterMetricFamily":
+        family = CounterMetricFamily(name, doc, labels=[label])
+        for key, value in sorted(values.items()):
+            family.add_metric([key], value)
+        return family
+
+    @staticmethod
+    def histogram(name: str, doc: str, buckets: Buckets) -> "HistogramMetricFamily":
+        family = HistogramMetricFamily(name, doc)
+        family.add_metric([], buckets.cumulative(), buckets.total)
+        return family
+
+
+def metrics_answer(board: "Board") -> tuple:
+    """(status, content type, body) of a scrape."""
+    if prometheus_client is None:
+        text = "/metrics needs prometheus_client: pip install 'wsboard[metrics]'\n"
+        return 501, "text/plain; charset=utf-8", text.encode()
+    if board.metrics is None:
+        board.metrics = prometheus_client.CollectorRegistry(auto_describe=False)
+        board.metrics.register(BoardCollector(board))
+    body = prometheus_client.generate_latest(board.metrics)
+    return 200, prometheus_client.CONTENT_TYPE_LATEST, body
+
+
+def health_answer(board: "Board", path: str) -> tuple:
+    """(status, text) of /healthz (it serves) or /readyz (it should get traffic)."""
+    if path == "/healthz":
+        return 200, "ok\n"
+    reason = not_ready_reason(board)
+    return (503, f"not ready: {reason}\n") if reason else (200, "ready\n")
+
+
+@routes.get("/healthz")
+@routes.get("/readyz")
+def health() -> str:
+    """For load balancers and Kubernetes probes: no password, no work."""
+    status, text = health_answer(request_board(), bottle.request.path)
+    bottle.response.status = status
+    bottle.response.content_type = "text/plain; charset=utf-8"
+    bottle.response.set_header("Cache-Control", "no-store")
+    return text
+
+
+@routes.get("/metrics")
+@admin_only
+def metrics() -> bytes:
+    status, kind, body = metrics_answer(request_board())
+    bottle.response.status = status
+    bottle.response.content_type = kind
+    return body
+
+
+class MetricsApp:
+    """The --metrics-port server's WSGI app: /metrics, /healthz, /readyz, no password (it
+    binds 127.0.0.1 unless told otherwise)."""
+
+    def __init__(self, board: "Board") -> None:
+        self.board = board
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            status, kind, body = metrics_answer(self.board)
+        elif path in ("/healthz", "/readyz"):
+            status, text = health_answer(self.board, path)
+            kind, body = "text/plain; charset=utf-8", text.encode()
+        else:
+            status, kind, body = 404, "text/plain; charset=utf-8", b"Not Found\n"
+        start_response(
+            f"{status} {HTTP_STATUS.get(status, 'Error')}",
+            [("Content-Type", kind), ("Content-Length", str(len(body)))],
+        )
+        return [body]
+
+
+###############################################################################
 # The board: one process's state, started and stopped #########################
 ###############################################################################
 
@@ -5512,6 +6083,7 @@ class GCWatch:
         self.full = 0
         self.last_ms = self.max_ms = 0.0
         self.started = 0.0
+        self.pauses = Buckets(GC_BUCKETS)
 
     def __call__(self, phase: str, info: dict) -> None:
         if info["generation"] != 2:
@@ -5520,7 +6092,9 @@ class GCWatch:
             self.started = time.perf_counter()
         else:
             self.full += 1
-            self.last_ms = (time.perf_counter() - self.started) * 1000
+            pause = time.perf_counter() - self.started
+            self.pauses.observe(pause)
+            self.last_ms = pause * 1000
             self.max_ms = max(self.max_ms, self.last_ms)
 
     def stats(self) -> dict:
@@ -5706,7 +6280,13 @@ class Board:
         self.hub = HUBS["redis" if cfg.redis else "local"](cfg, self.events, self.conn_prefix)
         self.pusher = PusherApp(self) if cfg.pusher_app_id else None
         self.refusals: collections.Counter = collections.Counter()
+        self.counts = Counts()
+        self.metrics = None  # prometheus_client's registry, made at the first scrape
+        self.metrics_server: WSGIServer | None = None
+        self.started = False  # serving, after start-up (for /readyz)
+        self.draining = False  # shutting down (for /readyz)
         self.control_connections = 0
+        self.admin_streams = 0
         self.heads: collections.Counter = collections.Counter()  # request heads in progress
         self.gc_watch = GCWatch()
         self.verified_passwords: set = set()  # digests of passwords PBKDF2 already accepted
@@ -5759,15 +6339,22 @@ class Board:
         return ok
 
     def stats(self) -> dict:
+        delivered = self.hub.delivered
         return {
             "version": __version__,
             **self.hub.stats(),
             "control_connections": self.control_connections,
-            "watchers": sum(isinstance(s, ControlConnection) for s in self.events.sinks),
+            "watchers": self.watcher_count(),
             "refused": dict(self.refusals),
+            "delivered": {"messages": delivered.messages, "bytes": delivered.bytes},
+            "sends": dict(self.counts.sends),
+            "closes": dict(self.counts.closes),
             "webhook_dropped": self.webhook.dropped if self.webhook else 0,
             "gc": self.gc_watch.stats(),
         }
+
+    def watcher_count(self) -> int:
+        return sum(isinstance(s, ControlConnection) for s in self.events.sinks)
 
     # A WebSocket's life, after its 101 (see WebSocketHandler.upgrade).
 
@@ -5807,6 +6394,7 @@ class Board:
         finally:
             self.hub.detach(conn)
             ws.close()
+            self.counts.closes[ws.end_reason.name.lower()] += 1
             log.info(
                 "disconnect %s %s after %.1fs: %s",
                 conn.client_id,
@@ -5961,6 +6549,28 @@ class Board:
         self.control = ControlServer(self, self.control_path, listener)
         self.control.start()
 
+    def start_metrics(self) -> None:
+        """The --metrics-port server, if asked for; a port already taken (another gunicorn
+        worker's) is logged, not fatal."""
+        cfg = self.cfg
+        if not cfg.metrics_port:
+            return
+        server = WSGIServer(
+            (cfg.metrics_host, cfg.metrics_port), MetricsApp(self), log=None, error_log=log
+        )
+        try:
+            server.start()
+        except OSError as exc:
+            log.warning(
+                "cannot serve metrics on %s:%d: %s",
+                cfg.metrics_host,
+                cfg.metrics_port,
+                exc.strerror or exc,
+            )
+            return
+        self.metrics_server = server
+        log.info("metrics on http://%s:%d/metrics", format_host(cfg.metrics_host), cfg.metrics_port)
+
     def start_background(self) -> None:
         if self.gc_watch not in gc.callbacks:
             gc.callbacks.append(self.gc_watch)
@@ -5974,6 +6584,7 @@ class Board:
     def shut_down(self, quick: bool = False) -> None:
         """Stop taking control connections, close every WebSocket with 1001 (spread over the
         drain window unless quick), remove the control socket, end the background work."""
+        self.draining = True
         if self.control is not None:
             self.control.close()
         if quick:
@@ -5991,6 +6602,9 @@ class Board:
             gc.callbacks.remove(self.gc_watch)
         gevent.killall(self.background, block=False)
         self.background = []
+        if self.metrics_server is not None:
+            self.metrics_server.stop(timeout=1)
+            self.metrics_server = None
 
     def run(self) -> int:
         """Serve HTTP, WebSockets and the control socket until SIGTERM or SIGINT (exit 0)."""
@@ -6021,6 +6635,8 @@ class Board:
             gevent.signal_handler(signum, self.stopping.set)
         self.http.start()
         self.start_background()
+        self.start_metrics()
+        self.started = True
         log.info(
             "wsboard %s on http://%s:%d, control socket %s",
             __version__,
@@ -6046,6 +6662,8 @@ class Board:
         inherited = os.environ.get(CONTROL_FD_VARIABLE, "")
         self.open_control(int(inherited) if inherited.isdigit() else None)
         self.start_background()
+        self.start_metrics()
+        self.started = True
         log.info(
             "wsboard %s in gunicorn worker %d, control socket %s",
             __version__,

@@ -556,3 +556,46 @@ def test_a_chunked_send_message_body_is_refused_with_411(server):
     answer = raw_http(server.port, request)
     assert answer.startswith(b"HTTP/1.1 411 ")
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] is True
+
+
+def test_the_admin_event_stream_says_when_sockets_come_and_go(server):
+    import socket as socketlib
+
+    stream = socketlib.create_connection(("127.0.0.1", server.port), timeout=10)
+    stream.sendall(b"GET /admin/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = b""
+    while b"retry: 2000" not in head:
+        head += stream.recv(4096)
+    assert b"200 OK" in head and b"text/event-stream" in head
+    ws = server.websocket("comer")
+    seen = b""
+    while b"event: change" not in seen:
+        seen += stream.recv(4096)
+    state = json.loads(http_request(server, "/admin/state.json?q=COM")[2])
+    assert [row["id"] for row in state["clients"]["rows"]] == ["comer"]
+    ws.close()
+    seen = b""
+    while b"event: change" not in seen:
+        seen += stream.recv(4096)
+    stream.close()
+
+
+def test_the_admin_json_routes_need_the_password_and_check_their_input(server_factory):
+    server = server_factory("--admin-password", "correct horse battery")
+    for path in ("/admin/state.json", "/admin/events", "/metrics"):
+        assert http_request(server, path)[0] == 401
+    auth = "admin:correct horse battery"
+    for path, body, reason in (
+        ("/admin/kick", {}, "clientId must be"),
+        ("/admin/kick", {"conn": "x"}, "conn must be"),
+        ("/admin/send", {"clientId": "a"}, "message must be a string"),
+        ("/admin/broadcast", {"message": 5}, "message must be a string"),
+    ):
+        status, _, text = http_request(server, path, json.dumps(body).encode(), auth=auth)
+        assert status == 400 and reason in json.loads(text)["message"], (path, text)
+    status, _, text = http_request(server, "/admin/kick", b'{"clientId":"nobody"}', auth=auth)
+    assert status == 200 and json.loads(text) == {"error": True, "message": "Client Not Found"}
+    status, _, text = http_request(
+        server, "/admin/kick", b'{"clientId":"x"}', auth=auth, headers={"Origin": "http://evil"}
+    )
+    assert status == 403  # cross-site, as for /sendMessage
