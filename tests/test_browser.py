@@ -435,3 +435,118 @@ def test_laravel_echo_in_chromium_receives_events_and_sees_who_is_present(
     browser.switch_to.window(ann)
     wait(browser, lambda d: seen(d)[-2:] == ["joining Bob", "leaving Bob"])
     assert laravel_app.state["auth_requests"] == 4  # two private and two presence channels
+
+
+# The live admin page.
+
+
+def client_ids_shown(browser) -> list:
+    rows = browser.find_elements(By.CSS_SELECTOR, "#client_table tbody tr")
+    return [row.get_attribute("data-id") for row in rows]
+
+
+def test_the_admin_page_shows_a_new_client_without_a_reload_and_kicks_it(browser, server):
+    browser.get(server.url + "/admin")
+    wait(browser, lambda d: d.find_element(By.ID, "live").text == "live")
+    assert client_ids_shown(browser) == []
+    ws = server.websocket("walk-in", origin=server.url)
+    wait(browser, lambda d: client_ids_shown(d) == ["walk-in"])
+    assert browser.find_element(By.ID, "stat_sockets").text == "1"
+    row = browser.find_element(By.CSS_SELECTOR, "#client_table tbody tr")
+    cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+    assert cells[4] == server.url and cells[5] == "plain" and cells[3].endswith(" s")
+    conn = row.get_attribute("data-conn")
+    row.find_element(By.CSS_SELECTOR, "button.kick").click()
+    wait(browser, lambda d: d.find_element(By.ID, "result").text == f"Kicked {conn}")
+    assert close_code(ws) == 4000  # wsboard.js does not reconnect after it
+    wait(browser, lambda d: client_ids_shown(d) == [])
+    assert browser.find_element(By.ID, "no_clients").is_displayed()
+
+
+def close_code(ws) -> int:
+    from conftest import close_frame
+
+    return close_frame(ws)[0]
+
+
+def test_the_admin_page_sends_to_one_connection_and_broadcasts(browser, server):
+    first, second = server.websocket("twin"), server.websocket("twin")
+    browser.get(server.url + "/admin")
+    wait(browser, lambda d: client_ids_shown(d) == ["twin", "twin"])
+    rows = browser.find_elements(By.CSS_SELECTOR, "#client_table tbody tr")
+    rows[1].find_element(By.CSS_SELECTOR, "button.target").click()
+    assert browser.find_element(By.ID, "conn").get_attribute("value") == rows[1].get_attribute(
+        "data-conn"
+    )
+    browser.find_element(By.ID, "message").send_keys("only the second")
+    browser.find_element(By.ID, "send_message").click()
+    wait(browser, lambda d: d.find_element(By.ID, "result").text == "Message sent")
+    assert json.loads(second.recv()) == {"message": "only the second"}
+    browser.find_element(By.ID, "broadcast_message").send_keys("everyone")
+    browser.find_element(By.ID, "broadcast_button").click()
+    wait(
+        browser,
+        lambda d: d.find_element(By.ID, "broadcast_result").text == "Broadcast to 2 socket(s)",
+    )
+    assert json.loads(first.recv()) == {"message": "everyone"}  # the first got nothing before
+    assert json.loads(second.recv()) == {"message": "everyone"}
+
+
+def test_the_admin_page_filters_and_pages_its_clients(browser, server):
+    sockets = [server.websocket(f"user-{n:03d}") for n in range(130)]
+    server.wait_listed(130)
+    browser.get(server.url + "/admin")
+    wait(browser, lambda d: d.find_element(By.ID, "live").text == "live")
+    wait(browser, lambda d: len(client_ids_shown(d)) == 100)
+    assert browser.find_element(By.ID, "page_info").text == "1–100 of 130"
+    browser.find_element(By.ID, "next").click()
+    wait(browser, lambda d: d.find_element(By.ID, "page_info").text == "101–130 of 130")
+    assert client_ids_shown(browser) == [f"user-{n:03d}" for n in range(100, 130)]
+    assert not browser.find_element(By.ID, "next").is_enabled()
+    browser.find_element(By.ID, "filter").send_keys("user-12")
+    wait(browser, lambda d: d.find_element(By.ID, "page_info").text == "1–10 of 10 (130 in all)")
+    assert client_ids_shown(browser) == [f"user-{n}" for n in range(120, 130)]
+    for ws in sockets:
+        ws.close()
+
+
+@pytest.mark.parametrize("width, height, mobile", [(1280, 800, False), (390, 844, True)])
+def test_the_admin_page_fits_desktop_and_phone_screens(
+    browser, server, tmp_path, width, height, mobile
+):
+    sockets = [
+        server.websocket(f"a-rather-long-client-id-{n}", origin=server.url) for n in range(3)
+    ]
+    control = server.control()
+    control.ask('{"op":"meta","id":"a-rather-long-client-id-0","meta":{"name":"Ann","plan":"pro"}}')
+    control.close()
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile},
+    )
+    browser.get(server.url + "/admin")
+    wait(browser, lambda d: len(client_ids_shown(d)) == 3)
+    shot = tmp_path / f"admin-{width}.png"
+    assert browser.save_screenshot(str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    layout = browser.execute_script(
+        """
+        const inside = (el) => { const r = el.getBoundingClientRect();
+          return r.width > 0 && r.height > 0 && r.left >= 0 && r.right <= innerWidth + 0.5; };
+        const scroller = document.querySelector(".scroll");
+        const ids = ["filter", "clients", "message", "send_message", "channel", "publish_button",
+                     "broadcast_message", "broadcast_button", "prev", "next"];
+        return {
+          page: document.documentElement.scrollWidth, viewport: innerWidth,
+          outside: ids.filter((id) => !inside(document.getElementById(id))),
+          kick: inside(document.querySelector("#client_table button.kick")) ||
+                scroller.scrollWidth > scroller.clientWidth,
+        };
+        """
+    )
+    assert layout["viewport"] == width
+    assert layout["page"] <= width, layout  # nothing makes the page scroll sideways
+    assert layout["outside"] == [], layout  # every control is on the screen
+    assert layout["kick"], layout  # reachable: on screen, or in the table's own scroller
+    for ws in sockets:
+        ws.close()
