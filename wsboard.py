@@ -4997,17 +4997,16 @@ def admin_state(board: "Board", text: str, offset: int, limit: int) -> dict:
     clients = hub.clients()
     matched = [row for row in clients if client_matches(row, text)] if text else clients
     channels = sorted(hub.channels().items(), key=lambda item: (-item[1], item[0]))
-    stats = board.stats()
     return {
         "stats": {
             "sockets": len(clients),
             "ids": len({row.client_id for row in clients}),
             "channels": len(channels),
-            "control_connections": stats["control_connections"],
-            "watchers": stats["watchers"],
-            "delivered": stats["delivered"]["messages"],
+            "control_connections": board.control_connections,
+            "watchers": board.watcher_count(),
+            "delivered": hub.delivered.messages,
             "refused": sum(board.refusals.values()),
-            "backplane": stats["backplane"]["state"],
+            "backplane": ("down" if hub.unready_reason() else "up") if board.cfg.redis else "off",
         },
         "clients": {
             "total": len(clients),
