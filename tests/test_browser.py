@@ -441,8 +441,10 @@ def test_laravel_echo_in_chromium_receives_events_and_sees_who_is_present(
 
 
 def client_ids_shown(browser) -> list:
-    rows = browser.find_elements(By.CSS_SELECTOR, "#client_table tbody tr")
-    return [row.get_attribute("data-id") for row in rows]
+    """The ids in the clients table, read in one step (the page may redraw it meanwhile)."""
+    return browser.execute_script(
+        'return [...document.querySelectorAll("#client_table tbody tr")].map((r) => r.dataset.id)'
+    )
 
 
 def test_the_admin_page_shows_a_new_client_without_a_reload_and_kicks_it(browser, server):
