@@ -20,17 +20,14 @@ import wsboard  # noqa: E402  (patches with gevent first)
 
 
 class EchoBoard(wsboard.Board):
-    """A board whose sessions echo what they receive instead of reporting it."""
+    """A board whose sessions echo what they receive instead of reporting it (its reads
+    are the server's own: the read watcher, the short reading greenlet, the close)."""
 
-    def serve_websocket(self, conn: wsboard.Connection) -> None:
-        ws = conn.ws
+    def take_message(self, conn: wsboard.Connection, message: object) -> None:
         try:
-            while (message := ws.receive()) is not None:
-                ws.send(message, binary=not isinstance(message, str))
+            conn.ws.send(message, binary=not isinstance(message, str))
         except WebSocketError:
             pass
-        finally:
-            ws.close()
 
 
 def main() -> None:
