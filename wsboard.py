@@ -52,6 +52,7 @@ import getpass
 import grp
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import itertools
 import json
@@ -79,7 +80,7 @@ import gevent.lock
 import gevent.pool
 import gevent.queue
 import gevent.socket
-from gevent.pywsgi import WSGIHandler, WSGIServer
+from gevent.pywsgi import OldMessage, WSGIHandler, WSGIServer
 from gevent.server import StreamServer
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
 from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
@@ -802,6 +803,8 @@ def client_ip(environ: Mapping[str, str], trusted: Sequence) -> str:
 
 
 def in_networks(ip: str, networks: Sequence) -> bool:
+    if not networks:  # the usual case, asked at every request: no address to parse
+        return False
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
@@ -1525,6 +1528,9 @@ class WebSocketHandler(_GeventWebSocketHandler):
     head_ip = ""  # the address whose pending head this request counts against, while it does
     head_deadline: gevent.Timeout | None = None
 
+    def MessageClass(self, rfile: object, *args: object) -> OldMessage:  # noqa: N802 - pywsgi's name
+        return parse_head(rfile)
+
     @property
     def board(self) -> "Board":
         return board_of(self.server.application)
@@ -1634,9 +1640,12 @@ class WebSocketHandler(_GeventWebSocketHandler):
         """Register the socket, then write its 101: a SEND the moment the client has its 101
         must find it. The session goes on in a fresh, shallow greenlet."""
         leftover = buffered_leftover(self.rfile, self.socket)
-        # gevent closes the handler's socket object when the handler returns, so the session
-        # takes the descriptor into a socket object of its own.
-        sock = gevent.socket.socket(fileno=self.socket.detach())
+        upgraded = getattr(self.server, "upgraded", None)
+        if upgraded is not None:  # our server leaves it open when the handler returns
+            sock = self.socket
+            upgraded.add(sock)
+        else:  # gunicorn's closes it then: the session takes the descriptor into its own
+            sock = gevent.socket.socket(fileno=self.socket.detach())
         sock.settimeout(board.cfg.idle_timeout or None)  # writes have their own timeout
         ws = BoardSocket(sock, SocketReader(sock, leftover), board.cfg)
         conn = Connection(
@@ -1700,6 +1709,39 @@ def close_after_close(ws: "BoardSocket", sock: socket.socket, timeout: float) ->
             pass
     finally:
         close_gracefully(sock, timeout)
+
+
+MAX_HEADERS = 100  # as http.client's parse_headers; more: 431
+MAX_HEADER_LINE = 65536
+
+
+def parse_head(rfile: object) -> OldMessage:
+    """A request's header lines as pywsgi's headers object, without the email package (its
+    parser was 10 % of a handshake, profiled): the same limits, the same type."""
+    message = OldMessage()
+    headers = message._headers
+    while True:
+        line = rfile.readline(MAX_HEADER_LINE + 1)
+        if len(line) > MAX_HEADER_LINE:
+            message.status = "Line too long"
+            return message
+        if line in (b"\r\n", b"\n", b""):
+            return message
+        if len(headers) >= MAX_HEADERS:
+            raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
+        text = line.decode("iso-8859-1")
+        if text[0] in " \t":  # an obsolete folded line continues the one before
+            if not headers:
+                message.status = "Header line folded with nothing before it"
+                return message
+            name, value = headers[-1]
+            headers[-1] = (name, f"{value} {text.strip()}")
+            continue
+        name, colon, value = text.partition(":")
+        if not colon or not name or name != name.strip():
+            message.status = "Malformed header line"
+            return message
+        headers.append((name, value.strip()))
 
 
 def redact(line: str) -> str:
@@ -6180,7 +6222,18 @@ class AcceptGuard:
 
 
 class HTTPServer(AcceptGuard, WSGIServer):
-    """gevent's WSGIServer, quiet and patient when descriptors run out."""
+    """gevent's WSGIServer, quiet and patient when descriptors run out, and leaving open the
+    sockets its handlers upgraded: their sessions own them now (no second socket object)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.upgraded: set = set()
+
+    def do_close(self, sock: socket.socket, *args: object) -> None:
+        if sock in self.upgraded:
+            self.upgraded.discard(sock)
+            return
+        super().do_close(sock, *args)
 
 
 class ControlStreamServer(AcceptGuard, StreamServer):
@@ -6307,6 +6360,9 @@ def configure_logging(level: str) -> None:
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("wsboard").setLevel(level.upper())
+    # Each record would ask threading for the current thread: under gevent every greenlet
+    # is a new one, and making its _DummyThread was 4 % of a handshake (profiled).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 SHUTDOWN_REASON = "server shutting down; reconnect"
