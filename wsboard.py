@@ -24,12 +24,17 @@ The module reads top to bottom, in the order data flows; each section has a bann
   row; ``HELP`` is made from it), the JSON ops in ``JSON_OPS``.
 - Control connections: one greenlet per connection, batches, watchers.
 - Web routes: the Bottle routes (a new route goes here); each finds its ``Board`` in the
-  request.
+  request. The admin page's JSON, Server-Sent Events and actions are here too.
 - The Pusher protocol: ``PusherFraming`` (Pusher's frames on wsboard's channels), the
   signature checks (pure), ``PusherApp`` (a Pusher socket's frames, the HTTP API) and its
   routes; see docs/pusher.md.
+- Metrics and health: ``Counts`` and ``Buckets`` (plain counters the hot paths add to),
+  ``BoardCollector`` (prometheus_client reads them at each scrape), ``/healthz``, ``/readyz``,
+  ``/metrics`` and the ``--metrics-port`` app.
 - The board: ``Board`` owns everything one process holds (config, hub, events, counters,
-  servers, background greenlets) and starts and stops it; ``app`` is the default one.
+  servers, background greenlets) and starts and stops it; ``app`` is the default one. A
+  socket's session is driven by a read watcher (``start_session``, ``read_session``): no
+  greenlet waits on an idle socket.
 - Command line and gunicorn: ``main``, the subcommands, the worker's hooks.
 """
 
