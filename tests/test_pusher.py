@@ -587,11 +587,16 @@ def test_malformed_frames_get_a_pusher_error_and_the_socket_stays(app_server):
     ws.close()
 
 
+def subscribe_many(ws: websocket.WebSocket, prefix: str, count: int) -> None:
+    """Subscribe frames for channels prefix0 .. prefix<count-1>, sent without waiting."""
+    for n in range(count):
+        ws.send(json.dumps({"event": "pusher:subscribe", "data": {"channel": f"{prefix}{n}"}}))
+
+
 def test_a_subscribe_flood_stops_at_the_channel_limit(server_factory):
     server = server_factory(*PUSHER, "--max-channels-per-socket", "3")
     ws = raw_pusher(server)
-    for n in range(5):
-        ws.send(json.dumps({"event": "pusher:subscribe", "data": {"channel": f"c{n}"}}))
+    subscribe_many(ws, "c", 5)
     answers = [json.loads(ws.recv()) for _ in range(5)]
     assert [a["event"] for a in answers] == ["pusher_internal:subscription_succeeded"] * 3 + [
         "pusher:subscription_error"
@@ -850,8 +855,7 @@ def test_watchers_and_the_admin_page_see_pusher_sockets_and_members(app_server, 
 def test_a_frame_flood_closes_the_socket_with_a_backoff_code(server_factory):
     server = server_factory(*PUSHER, "--max-client-rate", "50")
     ws = raw_pusher(server)
-    for n in range(80):
-        ws.send(json.dumps({"event": "pusher:subscribe", "data": {"channel": f"f{n}"}}))
+    subscribe_many(ws, "f", 80)
     while True:
         opcode, frame = ws.recv_data_frame(control_frame=True)
         if opcode == websocket.ABNF.OPCODE_CLOSE:
