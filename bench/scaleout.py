@@ -35,7 +35,8 @@ class Redis:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="wsboard-redis-")
         self.proc = subprocess.Popen(
-            ["taskset", "-c", cores, "redis-server", "--port", str(self.port), "--save", "",
+            ["taskset", "-c", cores, "redis-server", "--port", str(self.port),
+             "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, "--loglevel", "warning"],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
