@@ -2546,11 +2546,13 @@ class LocalHub:
         seen: set = set()
         delivered = 0
         for channel in channels:
-            members = [
-                c
-                for c in self.registry.members(channel)
-                if c.conn_id != except_conn and (c.framing.per_channel or c not in seen)
-            ]
+            members = self.registry.members(channel)
+            if except_conn is not None or seen:  # one channel, nobody left out: as it is
+                members = [
+                    c
+                    for c in members
+                    if c.conn_id != except_conn and (c.framing.per_channel or c not in seen)
+                ]
             if len(channels) > 1:
                 seen.update(members)
             topic = Topic(channel, event, user_id)
@@ -6045,11 +6047,12 @@ class BoardCollector:
             value=counts.closes["queue_full"] + counts.closes["write_timeout"],
         )
         webhook = board.webhook
+        backplane = hub.stats()["backplane"]
         overflows = {
             "socket": counts.closes["queue_full"],
             "watcher": counts.watchers_cut,
             "webhook": webhook.dropped if webhook else 0,
-            "backplane": hub.stats()["backplane"].get("dropped", 0),
+            "backplane": backplane.get("dropped", 0),
         }
         yield self.labelled("wsboard_queue_overflows", "Bounded queues that overflowed", "queue",
                             overflows)  # fmt: skip
@@ -6073,7 +6076,6 @@ class BoardCollector:
         yield self.histogram(
             "wsboard_gc_pause_seconds", "Full garbage collections", board.gc_watch.pauses
         )
-        backplane = hub.stats()["backplane"]
         if backplane["state"] != "off":
             up = GaugeMetricFamily("wsboard_backplane_up", "1 while the Redis link is up")
             up.add_metric([], 1 if backplane["state"] == "up" else 0)
