@@ -93,6 +93,15 @@ from geventwebsocket.utf8validator import Utf8Validator
 from geventwebsocket.websocket import Header
 from geventwebsocket.websocket import WebSocket as _GeventWebSocket
 
+from wsboard_client import (  # the token scheme's one home, shared with the clients
+    MAX_TIMEOUT,
+    PRIVATE_PREFIXES,
+    mint_token,
+    private_channels,
+    signed_query,
+    signed_string,  # noqa: F401 - wsboard.signed_string, as the docs and tests name it
+)
+
 try:  # optional: /metrics needs it (pip install 'wsboard[metrics]')
     import prometheus_client
     from prometheus_client.core import (
@@ -575,13 +584,20 @@ def is_valid_client_id(value: object) -> bool:
 # Channel names follow Pusher's rules, so the Pusher endpoint can share the namespace.
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9_\-=@,.;]{1,164}")
 CHANNEL_RULE = "1-164 characters from A-Z a-z 0-9 _ - = @ , . ;"
-PRIVATE_PREFIXES = ("private-", "presence-")  # need a token that covers them, when ids are signed
 PRESENCE_PREFIX = "presence-"  # such channels keep members: ids, not sockets
 MAX_META_BYTES = 1024
 
 
 def is_valid_channel(value: object) -> bool:
     return isinstance(value, str) and CHANNEL_NAME.fullmatch(value) is not None
+
+
+def bounded_int(text: str, digits: int) -> int | None:
+    """text as a whole number when it is 1 to digits ASCII digits, else None. Every number
+    from outside goes through here: int() of 4,300 digits or more raises, and never a 500."""
+    if 0 < len(text) <= digits and text.isascii() and text.isdigit():
+        return int(text)
+    return None
 
 
 def new_board_id() -> str:
@@ -641,38 +657,8 @@ class Refusal(NamedTuple):
 # Small pure checks, each answering "why is this refused?" with a reason or None. The
 # handshake, the admin routes and the control socket call them at their edges.
 
-# Signed client ids: token = hex(HMAC-SHA256(secret, "<id>.<exp>")), exp a Unix time. A
-# socket that asks for private- or presence- channels signs them too, in the order its URL
-# names them, each after a "|" (which neither ids nor channel names may hold):
-# "<id>.<exp>|<channel>|<channel>". In PHP:
-# hash_hmac('sha256', "$id.$exp" . implode('', array_map(fn($c) => "|$c", $private)), $secret)
-
-
-def signed_string(client_id: str, exp: int, private: Sequence[str] = ()) -> str:
-    return f"{client_id}.{exp}" + "".join("|" + channel for channel in private)
-
-
-def mint_token(secret: bytes, client_id: str, exp: int, private: Sequence[str] = ()) -> str:
-    message = signed_string(client_id, exp, private).encode()
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
-
-
-def private_channels(channels: Iterable[str]) -> list:
-    return [channel for channel in channels if channel.startswith(PRIVATE_PREFIXES)]
-
-
-def signed_query(
-    secret: bytes,
-    client_id: str,
-    ttl: int,
-    now: float | None = None,
-    channels: Sequence[str] = (),
-) -> str:
-    """The query string a browser needs to connect as client_id (in channels) for ttl s."""
-    exp = int(time.time() if now is None else now) + ttl
-    token = mint_token(secret, client_id, exp, private_channels(channels))
-    fields = [("id", client_id), *(("channel", c) for c in channels), ("exp", exp)]
-    return urlencode([*fields, ("token", token)])
+# Signed client ids (the token scheme, mint_token, signed_query) live in wsboard_client,
+# the standard-library client, and are imported above: one home for server and clients.
 
 
 def token_refusal(
@@ -685,11 +671,12 @@ def token_refusal(
 ) -> str | None:
     if not exp or not token:
         return "a signed id needs exp and token"
-    if not (exp.isascii() and exp.isdigit() and len(exp) <= 12):
+    expires = bounded_int(exp, 12)
+    if expires is None:
         return "exp must be a Unix time"
-    if int(exp) < now:
+    if expires < now:
         return "token expired"
-    expected = mint_token(secret, client_id, int(exp), private).encode()
+    expected = mint_token(secret, client_id, expires, private).encode()
     # Hex in either case: PHP's hash_hmac gives lowercase, other tools may not.
     if not hmac.compare_digest(expected, token.lower().encode("utf-8", "surrogateescape")):
         if private:
@@ -1032,11 +1019,18 @@ def format_peer(address: object) -> str:
     return "-"
 
 
-def resume_point(epoch: str, last: str) -> tuple:
-    """(epoch, last seq) a reconnecting v1 client gave; ("", 0) when absent or malformed."""
-    if not (re.fullmatch(r"[0-9a-f]{1,16}", epoch) and last.isascii() and last.isdigit()):
+RESUME_RULE = "epoch is 1-16 hex digits and last 1-16 digits"
+
+
+def resume_point(epoch: str, last: str) -> "tuple | Refusal":
+    """(epoch, last seq) a reconnecting v1 client gave, ("", 0) when it gave none, or the
+    Refusal of a malformed one."""
+    if not epoch and not last:
         return "", 0
-    return epoch, min(int(last), 2**53)
+    seq = bounded_int(last, 16)
+    if not re.fullmatch(r"[0-9a-f]{1,16}", epoch) or seq is None:
+        return Refusal(400, f"Invalid resume point: {RESUME_RULE}", "handshake")
+    return epoch, seq
 
 
 class Handshake(NamedTuple):
@@ -1102,7 +1096,10 @@ def parse_handshake(
     ip = client_ip(environ, trusted)
     port = address[1] if isinstance(address, tuple) and len(address) >= 2 else 0
     offered = environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
-    epoch, last = resume_point(query.get("epoch", [""])[0], query.get("last", [""])[0])
+    resume = resume_point(query.get("epoch", [""])[0], query.get("last", [""])[0])
+    if isinstance(resume, Refusal):
+        return resume
+    epoch, last = resume
     return Handshake(
         client_id=ids[0],
         ip=ip,
@@ -1456,10 +1453,11 @@ class BoardSocket(_GeventWebSocket):
     logger = log
 
     def receive(self) -> object | None:
-        """The next message (NOTHING for a lone ping or pong), or None once the peer has
-        closed or the connection is gone.
+        """The next message (NOTHING for a lone ping or pong, and for whatever comes after
+        our close frame), or None once the peer has closed or the connection is gone.
 
-        After we send a close frame we go on reading, so the peer can answer it; a close we
+        After we send a close frame we go on reading, so the peer can answer it, but drop
+        every message: a browser past a limit gets nothing more done for it. A close we
         start is bounded by close_timeout.
         """
         if self.finished:
@@ -1468,9 +1466,13 @@ class BoardSocket(_GeventWebSocket):
             message = self.read_message()
             self.pong_due = 0.0  # any frame shows the peer is alive
             self.heard_at = time.monotonic()
-            if message is not None and message is not NOTHING and self.over_rate():
+            if message is None or message is NOTHING:
+                return message
+            if self.closed:  # after our close frame nothing it sends is acted on (RFC 6455 5.5.1)
+                return NOTHING
+            if self.over_rate():
                 self.end(EndReason.RATE_LIMITED, CloseCode.POLICY, "too many messages")
-                return self.receive()  # read on until the peer answers our close
+                return NOTHING  # read on until the peer answers our close
             return message
         except MessageTooBig:
             self.end(EndReason.MESSAGE_TOO_BIG, CloseCode.MESSAGE_TOO_BIG, "message too big")
@@ -1488,7 +1490,7 @@ class BoardSocket(_GeventWebSocket):
     def over_rate(self) -> bool:
         """Count a message into its one-second window; True once the window is over the limit."""
         limit = self.cfg.max_client_rate
-        if not limit or self.closed:
+        if not limit:
             return False
         now = time.monotonic()
         if now - self.rate_start >= 1.0:
@@ -1902,6 +1904,8 @@ class Registry:
                     del self._info[channel]
             if not ids:
                 del self._presence[channel]
+        if conn.users:  # the user it was there as ends with its membership, however it left
+            conn.users.pop(channel, None)
         return True
 
     def presence_sockets(self, channel: str, client_id: str) -> int:
@@ -2588,8 +2592,6 @@ class LocalHub:
             return False
         if channel.startswith(PRESENCE_PREFIX):
             self._left(member, channel)
-        if conn.users:
-            conn.users.pop(channel, None)
         return True
 
     def terminate_user(self, user_id: str, code: int, reason: str) -> int:
@@ -4725,6 +4727,24 @@ def run_json(ctx: "ControlConnection", line: bytes) -> dict:
 ###############################################################################
 
 
+SHUTTING_DOWN = "Shutting down"  # a line that came after SIGTERM: it was not carried out
+
+
+def shutting_down_answer(line: bytes) -> str:
+    """What a line gets once the server is shutting down: ERROR, or a JSON error (with its
+    ref, so a pipelining client can tell which requests were not carried out)."""
+    if not line.lstrip().startswith(b"{"):
+        return "ERROR " + SHUTTING_DOWN
+    answer: dict = {"ok": False, "error": SHUTTING_DOWN}
+    try:
+        request = strict_json(line)
+    except BadRequest:
+        request = None
+    if isinstance(request, dict) and "ref" in request:
+        answer["ref"] = request["ref"]
+    return json.dumps(answer, separators=(",", ":"))
+
+
 def split_lines(buffer: bytearray) -> tuple:
     """Complete lines in buffer, and what is left after the last \\n."""
     *lines, rest = bytes(buffer).split(b"\n")
@@ -4836,6 +4856,11 @@ class ControlConnection:
                     self.flush(pending + self.send_group(sends))
                     self.refuse_long_line()
                     return False
+                if self.board.draining:  # a shutdown never waits for a batch to be carried out
+                    answers = [*self.send_group(sends), shutting_down_answer(line)]
+                    sends = []
+                    pending += answers
+                    continue
                 command = parse_control_line(line)
                 if command.verb == "send" and grouping:
                     sends.append(command.args)
@@ -5058,13 +5083,13 @@ ADMIN_CHANNELS = 200  # channels the page lists, the fullest first
 ADMIN_STREAMS = 16  # admin pages that may be open at once (each holds a request)
 
 
-def parse_admin_query(query: Mapping[str, str]) -> tuple:
-    """(filter, offset, limit) of a state request; bad numbers fall back to the defaults."""
+def parse_admin_query(query: Mapping[str, str]) -> "tuple | Refusal":
+    """(filter, offset, limit) of a state request, or the Refusal of a bad number."""
     text = query.get("q", "")[:200].strip().lower()
-    offset = query.get("offset", "0")
-    limit = query.get("limit", str(ADMIN_PAGE_SIZE))
-    offset = int(offset) if offset.isascii() and offset.isdigit() else 0
-    limit = int(limit) if limit.isascii() and limit.isdigit() else ADMIN_PAGE_SIZE
+    offset = bounded_int(query.get("offset", "0"), 9)
+    limit = bounded_int(query.get("limit", str(ADMIN_PAGE_SIZE)), 9)
+    if offset is None or limit is None:
+        return Refusal(400, "offset and limit must be whole numbers of 1-9 digits", "admin")
     return text, offset, max(1, min(limit, ADMIN_MAX_PAGE))
 
 
@@ -5149,9 +5174,13 @@ def meta_text(meta: object) -> str:
 @admin_only
 def admin_state_json() -> str:
     board = request_board()
-    text, offset, limit = parse_admin_query(bottle.request.query)
+    query = parse_admin_query(bottle.request.query)
     bottle.response.content_type = "application/json"
     bottle.response.set_header("Cache-Control", "no-store")
+    if isinstance(query, Refusal):
+        bottle.response.status = query.status
+        return json.dumps({"error": query.reason})
+    text, offset, limit = query
     try:
         return json.dumps(admin_state(board, text, offset, limit), separators=(",", ":"))
     except BackplaneError as exc:
@@ -5561,12 +5590,12 @@ def pusher_api_refusal(
         return Refusal(401, "Unknown auth_key", "pusher_api")
     if params.get("auth_version") != "1.0":
         return Refusal(401, "auth_version must be 1.0", "pusher_api")
-    stamp = params.get("auth_timestamp", "")
-    if not (stamp.isascii() and stamp.isdigit()):
+    stamp = bounded_int(params.get("auth_timestamp", ""), 12)
+    if stamp is None:
         return Refusal(401, "auth_timestamp must be a Unix time", "pusher_api")
-    if abs(now - int(stamp)) > PUSHER_TIMESTAMP_SKEW:
+    if abs(now - stamp) > PUSHER_TIMESTAMP_SKEW:
         return Refusal(
-            401, f"Timestamp expired: {int(now - int(stamp))} s off, allowed is 600 s", "pusher_api"
+            401, f"Timestamp expired: {int(now - stamp)} s off, allowed is 600 s", "pusher_api"
         )
     md5 = hashlib.md5(body).hexdigest()
     if (body or "body_md5" in params) and params.get("body_md5") != md5:
@@ -5630,6 +5659,66 @@ class PusherFraming(Framing):
         return pusher_event("pusher_internal:subscription_succeeded", data, channel)
 
 
+PUSHER_INFO = frozenset({"subscription_count", "user_count"})  # what info= may ask of a channel
+
+
+def channel_info_wanted(info: str, channels: Iterable[str]) -> frozenset:
+    """The attributes info ("a,b") asks of channels, or BadRequest for an unknown one or a
+    user_count of a channel that is not a presence channel."""
+    wanted = frozenset(part.strip() for part in info.split(",") if part.strip())
+    unknown = wanted - PUSHER_INFO
+    if unknown:
+        raise BadRequest(f"Unknown info attribute {sorted(unknown)[0][:40]!r}")
+    if "user_count" in wanted and not all(c.startswith(PRESENCE_PREFIX) for c in channels):
+        raise BadRequest("user_count is for presence- channels only")
+    return wanted
+
+
+class PusherTrigger(NamedTuple):
+    """An event of the HTTP API, checked whole: what trigger publishes."""
+
+    name: str
+    data: str
+    channels: list
+    socket_id: str | None
+    info: frozenset
+
+
+def pusher_trigger_request(body: dict, max_event: int) -> PusherTrigger:
+    """One event of the API ({name, data, channel or channels, socket_id?, info?}),
+    checked whole before anything is published. Raises BadRequest (PayloadTooLarge for data
+    over max_event bytes)."""
+    name, data = body.get("name"), body.get("data")
+    if not isinstance(name, str) or not 1 <= len(name) <= PUSHER_MAX_EVENT_NAME:
+        raise BadRequest(f"name must be an event name of 1-{PUSHER_MAX_EVENT_NAME} characters")
+    if name.startswith(PUSHER_RESERVED):
+        raise BadRequest("Event names beginning with pusher: are the server's own")
+    if not isinstance(data, str):
+        raise BadRequest("data must be a string (the SDKs encode objects as JSON)")
+    try:
+        size = len(data.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadRequest("data must be valid Unicode") from None
+    if size > max_event:
+        raise PayloadTooLarge(f"data over {max_event} bytes")
+    channels = body.get("channels", [body["channel"]] if "channel" in body else None)
+    if not isinstance(channels, list) or not 1 <= len(channels) <= PUSHER_MAX_CHANNELS:
+        raise BadRequest(f"channels must be a list of 1-{PUSHER_MAX_CHANNELS} channel names")
+    for channel in channels:
+        if not is_valid_channel(channel):
+            raise BadRequest(f"Invalid channel name {str(channel)[:170]!r}: {CHANNEL_RULE}")
+    socket_id = body.get("socket_id")
+    if socket_id is not None and not (
+        isinstance(socket_id, str) and CONN_ID.fullmatch(socket_id)
+    ):
+        raise BadRequest("socket_id must be a socket id: digits.digits")
+    info = body.get("info")
+    if info is not None and not isinstance(info, str):
+        raise BadRequest("info must be a string: attribute names separated by commas")
+    wanted = channel_info_wanted(info or "", channels)
+    return PusherTrigger(name, data, list(dict.fromkeys(channels)), socket_id, wanted)
+
+
 class PusherApp:
     """The one Pusher app this process serves: its sockets' frames in, its HTTP API."""
 
@@ -5651,7 +5740,7 @@ class PusherApp:
         if not versions:
             return Refusal(PusherCode.NO_PROTOCOL, "No protocol version given", "pusher")
         version = versions[0]
-        if not (version.isascii() and version.isdigit() and int(version) in PUSHER_PROTOCOLS):
+        if bounded_int(version, 3) not in PUSHER_PROTOCOLS:
             return Refusal(
                 PusherCode.UNSUPPORTED_PROTOCOL,
                 f"Unsupported protocol version {version[:10]!r}",
@@ -5663,6 +5752,8 @@ class PusherApp:
 
     @staticmethod
     def write(conn: Connection, *frames: bytes) -> None:
+        if conn.ws.closed:  # nothing after our close frame (RFC 6455 5.5.1)
+            return
         try:
             conn.ws.write_frames(list(frames))
         except WebSocketError:
@@ -5749,48 +5840,18 @@ class PusherApp:
 
     # The HTTP API: what the server SDKs call.
 
-    def trigger(self, body: dict, hub: LocalHub) -> dict:
-        """One event ({name, data, channel or channels, socket_id?}) published; its channels'
-        info when asked. Raises BadRequest."""
-        name, data = body.get("name"), body.get("data")
-        if not isinstance(name, str) or not 1 <= len(name) <= PUSHER_MAX_EVENT_NAME:
-            raise BadRequest(f"name must be an event name of 1-{PUSHER_MAX_EVENT_NAME} characters")
-        if name.startswith(PUSHER_RESERVED):
-            raise BadRequest("Event names beginning with pusher: are the server's own")
-        if not isinstance(data, str):
-            raise BadRequest("data must be a string (the SDKs encode objects as JSON)")
-        if len(data.encode("utf-8", "replace")) > self.board.cfg.pusher_max_event:
-            raise PayloadTooLarge(f"data over {self.board.cfg.pusher_max_event} bytes")
-        channels = body.get("channels", [body["channel"]] if "channel" in body else None)
-        if not isinstance(channels, list) or not 1 <= len(channels) <= PUSHER_MAX_CHANNELS:
-            raise BadRequest(f"channels must be a list of 1-{PUSHER_MAX_CHANNELS} channel names")
-        for channel in channels:
-            if not is_valid_channel(channel):
-                raise BadRequest(f"Invalid channel name {str(channel)[:170]!r}: {CHANNEL_RULE}")
-        socket_id = body.get("socket_id")
-        if socket_id is not None and not (
-            isinstance(socket_id, str) and CONN_ID.fullmatch(socket_id)
-        ):
-            raise BadRequest("socket_id must be a socket id: digits.digits")
-        try:
-            data.encode("utf-8")
-        except UnicodeEncodeError:
-            raise BadRequest("data must be valid Unicode") from None
-        hub.publish(list(dict.fromkeys(channels)), data, socket_id, event=name)
-        info = body.get("info")
-        if not info:
-            return {}
-        return {"channels": {c: self.channel_info(hub, c, str(info)) for c in channels}}
 
     @staticmethod
-    def channel_info(hub: LocalHub, channel: str, info: str) -> dict:
-        """The attributes info asks for (subscription_count, user_count) of one channel."""
-        wanted = {part.strip() for part in info.split(",") if part.strip()}
-        unknown = wanted - {"subscription_count", "user_count"}
-        if unknown:
-            raise BadRequest(f"Unknown info attribute {sorted(unknown)[0][:40]!r}")
-        if "user_count" in wanted and not channel.startswith(PRESENCE_PREFIX):
-            raise BadRequest("user_count is for presence- channels only")
+    def trigger(event: "PusherTrigger", hub: LocalHub) -> dict:
+        """Publish an event checked by pusher_trigger_request; its channels' info when asked."""
+        hub.publish(event.channels, event.data, event.socket_id, event=event.name)
+        if not event.info:
+            return {}
+        return {"channels": {c: PusherApp.channel_info(hub, c, event.info) for c in event.channels}}
+
+    @staticmethod
+    def channel_info(hub: LocalHub, channel: str, wanted: frozenset) -> dict:
+        """The attributes wanted (checked by channel_info_wanted) of one channel."""
         answer = {}
         if "subscription_count" in wanted:
             answer["subscription_count"] = hub.count(channel)[0]
@@ -5810,14 +5871,21 @@ class PusherApp:
                 raise BadRequest("Body must be a JSON object") from None
             if not isinstance(request, dict):
                 raise BadRequest("Body must be a JSON object")
+            max_event = self.board.cfg.pusher_max_event
             if resource == "events":
-                return self.trigger(request, hub)
+                return self.trigger(pusher_trigger_request(request, max_event), hub)
             batch = request.get("batch")
             if not isinstance(batch, list) or not 1 <= len(batch) <= PUSHER_MAX_BATCH:
                 raise BadRequest(f"batch must be a list of 1-{PUSHER_MAX_BATCH} events")
             if not all(isinstance(item, dict) for item in batch):
                 raise BadRequest("Each event of a batch must be a JSON object")
-            results = [self.trigger(item, hub) for item in batch]
+            events = []  # all checked before any is published: a 4xx means nothing was done
+            for n, item in enumerate(batch):
+                try:
+                    events.append(pusher_trigger_request(item, max_event))
+                except BadRequest as exc:
+                    raise type(exc)(f"batch[{n}]: {exc}") from None
+            results = [self.trigger(event, hub) for event in events]
             return {"batch": results} if any(results) else {}
         if method == "GET" and parts == ["channels"]:
             return {"channels": self.channel_list(hub, query)}
@@ -5825,12 +5893,9 @@ class PusherApp:
             channel = parts[1]
             if not is_valid_channel(channel):
                 raise BadRequest(f"Invalid channel name: {CHANNEL_RULE}")
-            sockets = hub.count(channel)[0]
-            info = query.get("info", "")
-            return {
-                "occupied": sockets > 0,
-                **(self.channel_info(hub, channel, info) if info else {}),
-            }
+            wanted = channel_info_wanted(query.get("info", ""), [channel])
+            occupied = hub.count(channel)[0] > 0
+            return {"occupied": occupied, **self.channel_info(hub, channel, wanted)}
         if method == "GET" and len(parts) == 3 and parts[0] == "channels" and parts[2] == "users":
             channel = parts[1]
             if not (is_valid_channel(channel) and channel.startswith(PRESENCE_PREFIX)):
@@ -5851,13 +5916,18 @@ class PusherApp:
     @staticmethod
     def channel_list(hub: LocalHub, query: dict) -> dict:
         prefix = query.get("filter_by_prefix", "")
-        info = query.get("info", "")
-        if "user_count" in info and not prefix.startswith(PRESENCE_PREFIX):
+        wanted = channel_info_wanted(query.get("info", ""), [])
+        if "user_count" in wanted and not prefix.startswith(PRESENCE_PREFIX):
             raise BadRequest("user_count needs filter_by_prefix=presence-")
-        names = sorted(name for name in hub.channels() if name.startswith(prefix))
-        if not info:
-            return {name: {} for name in names}
-        return {name: PusherApp.channel_info(hub, name, info) for name in names}
+        counts = hub.channels()  # every process's counts in one round trip, not one a channel
+        names = sorted(name for name in counts if name.startswith(prefix))
+        listed: dict = {name: {} for name in names}
+        for name in names:
+            if "subscription_count" in wanted:
+                listed[name]["subscription_count"] = counts[name]
+            if "user_count" in wanted:
+                listed[name]["user_count"] = len(hub.presence(name))
+        return listed
 
 
 class PayloadTooLarge(BadRequest):
@@ -6985,6 +7055,19 @@ def _client_watch(client: object, args: argparse.Namespace) -> int:
     return 0
 
 
+def _call_timeout(text: str) -> float:
+    """A client command's --timeout: seconds above 0 and at most a day (no NaN, no inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"must be seconds above 0 and at most {MAX_TIMEOUT:.0f}, not {text!r}"
+        )
+    return value
+
+
 def _reached(count: int) -> int:
     sys.stdout.write(f"{count}\n")
     return 0 if count else 1
@@ -7059,7 +7142,12 @@ def client_command(name: str, argv: Sequence[str]) -> int:
         help="the control socket (default: $WSBOARD_CONTROL, else where a server on its "
         "defaults puts it)",
     )
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (5)")
+    parser.add_argument(
+        "--timeout",
+        type=_call_timeout,
+        default=5.0,
+        help=f"seconds the whole call may take (5; above 0, {MAX_TIMEOUT:.0f} at most)",
+    )
     for argument, text in arguments:
         if argument == "ids":
             parser.add_argument(argument, nargs="+", help=text)

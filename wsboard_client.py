@@ -41,7 +41,9 @@ __all__ = [
     "WsboardError",
     "default_control_path",
     "mint_token",
+    "private_channels",
     "signed_query",
+    "signed_string",
 ]
 
 PRIVATE_PREFIXES = ("private-", "presence-")  # channels a token must name (as the server's)
@@ -91,11 +93,28 @@ def default_control_path(environ: dict | None = None) -> str:
     return next((path for path in candidates if os.path.exists(path)), candidates[-1])
 
 
+# Signed client ids: token = hex(HMAC-SHA256(secret, "<id>.<exp>")), exp a Unix time. A
+# socket that asks for private- or presence- channels signs them too, in the order its URL
+# names them, each after a "|" (which neither ids nor channel names may hold):
+# "<id>.<exp>|<channel>|<channel>". In PHP:
+# hash_hmac('sha256', "$id.$exp" . implode('', array_map(fn($c) => "|$c", $private)), $secret)
+# This is the one home of these helpers: the server imports them from here.
+
+
+def signed_string(client_id: str, exp: int, private: Sequence[str] = ()) -> str:
+    return f"{client_id}.{exp}" + "".join("|" + channel for channel in private)
+
+
 def mint_token(secret: bytes | str, client_id: str, exp: int, private: Sequence[str] = ()) -> str:
     """HMAC-SHA256(secret, "ID.EXP" + "|channel" for each private or presence channel)."""
     key = secret.encode() if isinstance(secret, str) else secret
-    message = f"{client_id}.{exp}" + "".join("|" + channel for channel in private)
-    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+    message = signed_string(client_id, exp, private).encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def private_channels(channels: Iterable[str]) -> list:
+    """The channels of a list that a token must sign: private- and presence- ones."""
+    return [channel for channel in channels if channel.startswith(PRIVATE_PREFIXES)]
 
 
 def signed_query(
@@ -108,9 +127,9 @@ def signed_query(
     """The query string a browser needs to connect as client_id (in channels) for ttl s:
     ws://HOST:PORT/websocket?<this>."""
     exp = int(time.time() if now is None else now) + ttl
-    private = [c for c in channels if c.startswith(PRIVATE_PREFIXES)]
+    token = mint_token(secret, client_id, exp, private_channels(channels))
     fields = [("id", client_id), *(("channel", c) for c in channels), ("exp", exp)]
-    return urlencode([*fields, ("token", mint_token(secret, client_id, exp, private))])
+    return urlencode([*fields, ("token", token)])
 
 
 REFUSALS = {  # the answer's error text -> the exception it is
@@ -120,14 +139,19 @@ REFUSALS = {  # the answer's error text -> the exception it is
 }
 
 
+MAX_TIMEOUT = 86400.0  # a day: a longer wait is a mistake (a NaN or an infinity never ends)
+
+
 class Client:
     """One connection to the control socket, opened on first use and reused; if the server
     restarted meanwhile, a call reconnects once (a call whose line may have been carried out
     already is never sent twice)."""
 
     def __init__(self, path: str | None = None, timeout: float = 5.0) -> None:
+        if not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT):
+            raise ValueError(f"timeout must be a number of seconds above 0, {MAX_TIMEOUT} at most")
         self.path = path or default_control_path()
-        self.timeout = timeout
+        self.timeout = float(timeout)
         self.sock: socket.socket | None = None
         self.buffer = b""
 
@@ -145,9 +169,17 @@ class Client:
 
     # The wire.
 
-    def _connect(self) -> socket.socket:
+    def _remaining(self, deadline: float) -> float:
+        """Seconds left of a call that must end at deadline; Timeout once none are."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self.close()  # an answer may still come: this connection is out of step
+            raise Timeout(f"no answer from {self.path} within {self.timeout} s")
+        return left
+
+    def _connect(self, deadline: float) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+        sock.settimeout(self._remaining(deadline))
         try:
             sock.connect(self.path)
         except PermissionError:
@@ -161,9 +193,12 @@ class Client:
             raise Unreachable(f"cannot reach {self.path}: {exc}") from None
         return sock
 
-    def _line(self) -> str:
+    def _line(self, deadline: float | None) -> str:
+        """The next answer line; a call's lines share one deadline (None: wait for ever),
+        so a server that trickles its answer cannot stretch a call past its timeout."""
         while b"\n" not in self.buffer:
             try:
+                self.sock.settimeout(None if deadline is None else self._remaining(deadline))
                 chunk = self.sock.recv(65536)
             except TimeoutError:
                 self.close()  # an answer may still come: this connection is out of step
@@ -185,21 +220,23 @@ class Client:
         """Send commands in one write (pipelined) and read one answer line for each."""
         data = "".join(command + "\n" for command in commands).encode("utf-8")
         count = data.count(b"\n")
+        deadline = time.monotonic() + self.timeout  # for the whole call, not for each read
         if self.sock is None:
-            self.sock = self._connect()
+            self.sock = self._connect(deadline)
         try:
+            self.sock.settimeout(self._remaining(deadline))
             self.sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError):  # the server restarted: once more
             self.close()
-            self.sock = self._connect()
+            self.sock = self._connect(deadline)
             try:
                 self.sock.sendall(data)
             except (BrokenPipeError, ConnectionResetError):  # refused: it said why, then closed
-                return [self._line()]
+                return [self._line(deadline)]
         except TimeoutError:
             self.close()
             raise Timeout(f"{self.path} did not take the command within {self.timeout} s") from None
-        return [self._line() for _ in range(count * answers_each)]
+        return [self._line(deadline) for _ in range(count * answers_each)]
 
     def line(self, command: str) -> str:
         if "\n" in command or "\r" in command:
@@ -317,12 +354,15 @@ class Client:
 
     def watch(self) -> Iterator[dict]:
         """Events as they happen (connect, disconnect, message, join, leave), until the
-        generator is closed; this connection is the watch's from then on."""
-        self.request("watch")
-        self.sock.settimeout(None)  # a quiet board is no failure
+        generator is closed; the watch is on when this returns, and this connection is the
+        watch's from then on."""
+        self.request("watch")  # now, not at the first next(): the watch is on when this returns
+        return self._events()
+
+    def _events(self) -> Iterator[dict]:
         try:
-            while True:
-                yield json.loads(self._line())
+            while True:  # a quiet board is no failure: no deadline between events
+                yield json.loads(self._line(None))
         finally:
             self.close()
 

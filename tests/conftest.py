@@ -13,6 +13,7 @@ import socket  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
@@ -508,3 +509,38 @@ def run_seed_php(app, code: str):
     result = subprocess.run([*PHP, str(script)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+@pytest.fixture
+def trickling_control(tmp_path):
+    """A control socket that answers every line with one byte every 0.4 s (an answer that
+    takes 24 s to come whole): each read is quick, the call must not be."""
+    path = str(tmp_path / "trickle.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(8)
+    stop = threading.Event()
+
+    def trickle(conn):
+        with conn:
+            try:
+                conn.recv(4096)
+                for byte in b"OK " + b"1" * 57 + b"\n":
+                    if stop.wait(0.4):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                pass
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield path
+    stop.set()
+    listener.close()

@@ -1,6 +1,8 @@
 """wsboard_client (stdlib only, patches nothing) and the `wsboard send|list|...` commands,
 against a real server on its real control socket."""
 
+import hashlib
+import hmac
 import json
 import os
 import socket
@@ -100,8 +102,7 @@ def test_watch_yields_events_as_they_happen(server):
 
     thread = threading.Thread(target=watcher, daemon=True)
     thread.start()
-    ready.wait(5)
-    time.sleep(0.3)
+    assert ready.wait(5)  # watch() returns once the server has taken the watch: no sleep
     ws = server.websocket("watched")
     ws.close()
     thread.join(10)
@@ -128,6 +129,31 @@ def test_failures_are_distinct_exceptions(server, tmp_path, server_factory):
         Client(guarded.control_path).stats()
 
 
+def test_a_call_takes_at_most_its_timeout_however_slowly_the_answer_trickles(
+    trickling_control, server
+):
+    started = time.monotonic()
+    with pytest.raises(wsboard_client.Timeout):
+        Client(trickling_control, timeout=1).ping()
+    assert time.monotonic() - started < 10  # the answer alone takes 24 s to come whole
+    started = time.monotonic()
+    cli = run_cli(
+        server, "broadcast", "--timeout", "1", "x", env={"WSBOARD_CONTROL": trickling_control}
+    )
+    assert cli.returncode == 4 and "Timeout" in cli.stderr
+    assert time.monotonic() - started < 10
+
+
+def test_the_command_lines_timeout_must_be_a_bounded_number_of_seconds(server):
+    for value in ("0", "-1", "nan", "inf", "1e300", "soon"):
+        refused = run_cli(server, "send", "--timeout", value, "nobody", "x")
+        assert refused.returncode == 2 and "--timeout" in refused.stderr, value
+    assert run_cli(server, "send", "--timeout", "0.5", "nobody", "x").returncode == 1
+    for value in (0, -1, float("nan"), float("inf"), 1e300):
+        with pytest.raises(ValueError):
+            Client(server.control_path, timeout=value)
+
+
 def test_a_client_reconnects_once_after_the_server_restarted(server_factory, tmp_path):
     path = str(tmp_path / "restart.sock")
     first = server_factory("--control", path)
@@ -140,14 +166,14 @@ def test_a_client_reconnects_once_after_the_server_restarted(server_factory, tmp
     assert ws.recv() == "after the restart"
 
 
-def test_tokens_match_the_servers():
+def test_the_server_signs_with_the_clients_token_helpers():
+    assert wsboard.mint_token is wsboard_client.mint_token  # one home, no second copy to drift
+    assert wsboard.signed_query is wsboard_client.signed_query
     secret = b"s" * 32
     channels = ["news", "private-a", "presence-b"]
-    assert wsboard_client.mint_token(secret, "u", 123, ["private-a"]) == wsboard.mint_token(
-        secret, "u", 123, ["private-a"]
-    )
+    signed = hmac.new(secret, b"u.1060|private-a|presence-b", hashlib.sha256).hexdigest()
     assert wsboard_client.signed_query(secret, "u", 60, channels, now=1000) == (
-        wsboard.signed_query(secret, "u", 60, now=1000, channels=channels)
+        f"id=u&channel=news&channel=private-a&channel=presence-b&exp=1060&token={signed}"
     )
 
 

@@ -77,6 +77,24 @@ def test_waiting_for_a_late_answer_costs_no_cpu(tmp_path, terminal_notes):
     terminal_notes.append(f"PHP library waiting {wall:.1f} s for a late answer: {cpu:.3f} s CPU")
 
 
+def test_a_php_call_takes_at_most_its_timeout_however_slowly_the_answer_trickles(
+    trickling_control, tmp_path
+):
+    script = tmp_path / "trickle.php"
+    script.write_text(
+        f"<?php require '{LIBRARY}/autoload.php';\n"
+        "$c = new Wsboard\\Client($argv[1], 1.0);\n"
+        "try { $c->ping(); echo 'answered'; }\n"
+        "catch (Wsboard\\Exception\\TimeoutException $e) { echo 'timeout'; }\n"
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [*PHP, str(script), trickling_control], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout == "timeout", result.stderr
+    assert time.monotonic() - started < 10  # the answer alone takes 24 s to come whole
+
+
 def test_the_php_client_reconnects_once_after_a_restart_and_tells_permission_apart(
     server_factory, tmp_path
 ):

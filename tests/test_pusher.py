@@ -563,7 +563,14 @@ def raw_pusher(server) -> websocket.WebSocket:
     assert established["event"] == "pusher:connection_established"
     data = json.loads(established["data"])
     assert data["activity_timeout"] == 120 and wsboard.CONN_ID.fullmatch(data["socket_id"])
+    ws.socket_id = data["socket_id"]
     return ws
+
+
+def raw_subscribe_private(ws: websocket.WebSocket, channel: str) -> None:
+    auth = wsboard.pusher_channel_auth(KEY, SECRET, ws.socket_id, channel)
+    ws.send(json.dumps({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth}}))
+    assert json.loads(ws.recv())["event"] == "pusher_internal:subscription_succeeded"
 
 
 def test_malformed_frames_get_a_pusher_error_and_the_socket_stays(app_server):
@@ -677,6 +684,85 @@ def test_bad_api_calls_get_the_right_status_and_a_reason(server_factory):
         api_call(signed_url(server, "GET", f"/apps/{APP_ID}/channels", info="user_count"))[0] == 400
     )
     assert "refused POST /apps/4711/events: Unknown auth_key" in server.log()
+
+
+def test_an_api_call_refused_with_a_4xx_delivered_nothing(server_factory):
+    server = server_factory(*PUSHER)
+    reader = websocket.create_connection(
+        f"ws://127.0.0.1:{server.port}/websocket?id=reader&channel=c&channel=d", timeout=10
+    )
+    server.wait_listed(1)
+    good = {"name": "e", "channel": "c", "data": "must not arrive"}
+    batch = {"batch": [good] * 9 + [{"name": "e", "channel": "bad name", "data": "x"}]}
+    refused = [
+        ("batch_events", batch),
+        ("events", {**good, "info": "user_count"}),  # user_count of a non-presence channel
+        ("events", {**good, "info": "subscription_count,colour"}),  # an unknown attribute
+        ("events", {**good, "info": ["subscription_count"]}),  # not a string
+        ("batch_events", {"batch": [good, {**good, "info": "user_count"}]}),
+    ]
+    for resource, request in refused:
+        body = json.dumps(request).encode()
+        status, answer = api_call(
+            signed_url(server, "POST", f"/apps/{APP_ID}/{resource}", body), body
+        )
+        assert status == 400 and answer["error"], request
+    assert server.control().ask("PUBLISH d sentinel") == "OK 1"
+    assert reader.recv() == "sentinel"  # the first thing to arrive: nothing came before it
+    body = json.dumps({**good, "data": "now", "info": "subscription_count"}).encode()
+    status, answer = api_call(signed_url(server, "POST", f"/apps/{APP_ID}/events", body), body)
+    assert (status, answer) == (200, {"channels": {"c": {"subscription_count": 1}}})
+    assert reader.recv() == "now"
+
+
+def test_numbers_too_long_for_int_are_refused_not_a_500(server_factory):
+    server = server_factory(*PUSHER)
+    huge = "9" * 5000
+    status, answer = api_call(
+        signed_url(server, "GET", f"/apps/{APP_ID}/channels", auth_timestamp=huge)
+    )
+    assert status == 401 and answer["error"] == "auth_timestamp must be a Unix time"
+    ws = websocket.create_connection(
+        f"ws://127.0.0.1:{server.port}/app/{KEY}?protocol={huge}", timeout=10
+    )
+    error = json.loads(ws.recv())
+    assert error["event"] == "pusher:error" and error["data"]["code"] == 4007
+    assert "Traceback" not in server.log()
+
+
+def test_a_pusher_socket_taken_out_of_a_presence_channel_is_no_longer_there_as_its_user(
+    server_factory,
+):
+    server = server_factory(*PUSHER, "--presence-grace", "0")
+    ws = raw_pusher(server)
+    user = json.dumps({"user_id": "ann"})
+    auth = wsboard.pusher_channel_auth(KEY, SECRET, ws.socket_id, "presence-room", user)
+    ws.send(
+        json.dumps(
+            {
+                "event": "pusher:subscribe",
+                "data": {"channel": "presence-room", "auth": auth, "channel_data": user},
+            }
+        )
+    )
+    assert json.loads(ws.recv())["event"] == "pusher_internal:subscription_succeeded"
+    control = server.control()
+    assert ask_presence(control, "presence-room") == ["ann"]
+    assert control.ask(f"LEAVE presence-room {ws.socket_id}") == "OK 1"
+    assert control.ask(f"JOIN presence-room {ws.socket_id}") == "OK 1"
+    assert ask_presence(control, "presence-room") == [ws.socket_id]
+    path = f"/apps/{APP_ID}/users/ann/terminate_connections"
+    assert api_call(signed_url(server, "POST", path, b"{}"), b"{}") == (200, {})
+    assert control.ask(f"SEND MESSAGE {ws.socket_id} still here") == "OK"
+    while (frame := json.loads(ws.recv()))["event"] != "message":  # no close came before it
+        assert frame["event"].startswith("pusher_internal:"), frame
+    assert frame["data"] == "still here"
+    control.close()
+
+
+def ask_presence(control, channel: str) -> list:
+    control.send(json.dumps({"op": "presence", "channel": channel}).encode() + b"\n")
+    return [member["id"] for member in json.loads(control.line())["members"]]
 
 
 def test_without_the_options_there_is_no_pusher_endpoint(server):
@@ -850,6 +936,42 @@ def test_watchers_and_the_admin_page_see_pusher_sockets_and_members(app_server, 
     assert (leave["event"], leave["id"]) == ("leave", "ann")
     assert json.loads(watcher.line())["event"] == "disconnect"
     watcher.close()
+
+
+def test_past_the_rate_no_client_event_is_relayed_and_no_ping_answered_after_the_close(
+    server_factory,
+):
+    server = server_factory(
+        *PUSHER, "--max-client-rate", "50", "--pusher-client-events", "yes", "--close-timeout", "2"
+    )
+    peer, flooder = raw_pusher(server), raw_pusher(server)
+    raw_subscribe_private(peer, "private-room")
+    raw_subscribe_private(flooder, "private-room")
+    whisper = json.dumps({"event": "client-typing", "channel": "private-room", "data": {}})
+    ping = json.dumps({"event": "pusher:ping", "data": {}})
+    flooder.sock.sendall(
+        b"".join(
+            websocket.ABNF.create_frame(text, websocket.ABNF.OPCODE_TEXT).format()
+            for text in [whisper] * 3000 + [ping] * 100
+        )
+    )
+    after_close, closed = [], False
+    try:
+        while True:
+            opcode, frame = flooder.recv_data_frame(control_frame=True)
+            if closed:
+                after_close.append(frame.data)
+            closed = closed or opcode == websocket.ABNF.OPCODE_CLOSE
+    except (websocket.WebSocketConnectionClosedException, OSError):
+        pass
+    assert closed and after_close == []  # no pusher:pong after our close frame
+    control = server.control()
+    assert control.ask("PUBLISH private-room sentinel").startswith("OK ")
+    relayed = 0
+    while (event := json.loads(peer.recv()))["event"] != "message":
+        relayed += event["event"] == "client-typing"
+    assert 0 < relayed < 50  # the window's 50 messages held the subscribe too
+    control.close()
 
 
 def test_a_frame_flood_closes_the_socket_with_a_backoff_code(server_factory):

@@ -107,7 +107,7 @@ def test_a_send_on_any_process_reaches_every_tab_of_the_id_exactly_once(cluster)
     )
 
 
-def test_a_send_to_an_id_held_only_here_costs_redis_nothing(cluster, redis_server):
+def test_sends_to_an_id_held_only_here_publish_nothing_to_redis(cluster, redis_server):
     p0, p1 = cluster(2)
     mine = p0.websocket("mine")
     client = redis_server.client()

@@ -15,7 +15,8 @@ use Wsboard\Exception\WsboardException;
 /**
  * One connection to wsboard's control socket, opened on first use and reused across calls.
  *
- * Reads block (no busy loop) for at most the timeout; if the server restarted since the last
+ * A call (its connect, write and reads) takes at most the timeout in all, waiting in
+ * stream_select (no busy loop); if the server restarted since the last
  * call, the next call reconnects once. "Not connected" is a result (false, 0, []), except for
  * the methods that promise delivery (sendToConnection, kickConnection), which throw
  * ClientNotFoundException; everything else that fails throws a WsboardException subclass.
@@ -25,13 +26,20 @@ final class Client
     private const CLIENT_ID = '/\A[A-Za-z0-9_.:-]{1,128}\z/';
     private const PRIVATE_PREFIXES = ['private-', 'presence-'];
 
+    /** A day: a longer wait is a mistake (INF or NAN would never end). */
+    public const MAX_TIMEOUT = 86400.0;
+
     private string $path;
     private float $timeout;
+    private string $buffer = '';
     /** @var resource|null */
     private $stream = null;
 
     public function __construct(?string $path = null, float $timeout = 5.0)
     {
+        if (!is_finite($timeout) || $timeout <= 0 || $timeout > self::MAX_TIMEOUT) {
+            throw new \InvalidArgumentException('timeout must be seconds above 0, ' . self::MAX_TIMEOUT . ' at most');
+        }
         $this->path = $path ?? self::defaultPath();
         $this->timeout = $timeout;
     }
@@ -68,45 +76,73 @@ final class Client
             fclose($this->stream);
             $this->stream = null;
         }
+        $this->buffer = '';
     }
 
-    // The wire.
+    // The wire. A call has one deadline for all it does (connect, write, every read), so a
+    // server that trickles its answer cannot stretch a call past its timeout.
 
-    private function connect(): void
+    /** Seconds left until $deadline; TimeoutException once none are. */
+    private function remaining(float $deadline): float
+    {
+        $left = $deadline - microtime(true);
+        if ($left <= 0) {
+            $this->close();  // an answer may still come: this connection is out of step
+            throw new TimeoutException("no answer from {$this->path} within {$this->timeout} s");
+        }
+        return $left;
+    }
+
+    private function connect(float $deadline): void
     {
         $errno = 0;
         $errstr = '';
-        $stream = @stream_socket_client('unix://' . $this->path, $errno, $errstr, $this->timeout);
+        $stream = @stream_socket_client('unix://' . $this->path, $errno, $errstr, $this->remaining($deadline));
         if ($stream === false) {
             if ($errno === 13 || stripos($errstr, 'permission') !== false) {
                 throw new PermissionDeniedException("not allowed to use the control socket {$this->path}");
             }
             throw new UnreachableException("no wsboard at {$this->path}: $errstr");
         }
-        $seconds = (int) $this->timeout;
-        stream_set_timeout($stream, $seconds, (int) (($this->timeout - $seconds) * 1e6));
+        stream_set_read_buffer($stream, 0);  // bytes wait in the kernel, where stream_select sees them
         $this->stream = $stream;
+        $this->buffer = '';
     }
 
-    private function readLine(): string
+    /** The next answer line, by $deadline (null: wait for ever, as a watch does). */
+    private function readLine(?float $deadline): string
     {
-        $line = fgets($this->stream);  // blocks, within the stream's timeout
-        if ($line === false || !str_ends_with($line, "\n")) {
-            $timedOut = stream_get_meta_data($this->stream)['timed_out'];
-            $this->close();  // out of step with its answers: start afresh next time
-            if ($timedOut) {
-                throw new TimeoutException("no answer from {$this->path} within {$this->timeout} s");
+        while (($end = strpos($this->buffer, "\n")) === false) {
+            $read = [$this->stream];
+            $none = null;
+            if ($deadline === null) {
+                $ready = @stream_select($read, $none, $none, null);
+            } else {
+                $left = $this->remaining($deadline);
+                $ready = @stream_select($read, $none, $none, (int) $left, (int) (($left - (int) $left) * 1e6));
             }
-            if (is_string($line) && str_starts_with($line, 'ERROR ')) {
-                throw self::refusal(substr($line, 6));
+            if ($ready === 0) {
+                $this->remaining($deadline ?? microtime(true));  // throws: the time is up
             }
-            throw new UnreachableException("{$this->path} closed the connection");
+            $chunk = $ready === false ? false : fread($this->stream, 65536);
+            if ($chunk === false || $chunk === '') {
+                $rest = $this->buffer;
+                $this->close();  // out of step with its answers: start afresh next time
+                if (str_starts_with($rest, 'ERROR ')) {
+                    throw self::refusal(substr($rest, 6));
+                }
+                throw new UnreachableException("{$this->path} closed the connection");
+            }
+            $this->buffer .= $chunk;
         }
-        return rtrim($line, "\n");
+        $line = substr($this->buffer, 0, $end);
+        $this->buffer = substr($this->buffer, $end + 1);
+        return $line;
     }
 
     /**
-     * Send lines in one write (pipelined) and read one answer line for each.
+     * Send lines in one write (pipelined) and read one answer line for each, all within
+     * the timeout.
      *
      * @param string[] $commands
      * @return string[]
@@ -120,33 +156,43 @@ final class Client
             }
             $data .= $command . "\n";
         }
+        $deadline = microtime(true) + $this->timeout;
         if ($this->stream === null) {
-            $this->connect();
+            $this->connect($deadline);
         }
-        if (!$this->write($data)) {  // the server restarted since: once more, afresh
+        if (!$this->write($data, $deadline)) {  // the server restarted since: once more, afresh
             $this->close();
-            $this->connect();
-            if (!$this->write($data)) {
-                $said = fgets($this->stream);  // a server that refuses says why, then closes
-                $this->close();
-                if (is_string($said) && str_starts_with($said, 'ERROR ')) {
-                    throw self::refusal(rtrim(substr($said, 6), "\n"));
+            $this->connect($deadline);
+            if (!$this->write($data, $deadline)) {
+                try {
+                    $said = $this->readLine($deadline);  // a server that refuses says why, then closes
+                } catch (UnreachableException $e) {
+                    throw new UnreachableException("cannot write to {$this->path}");
                 }
-                throw new UnreachableException("cannot write to {$this->path}");
+                $this->close();
+                if (!str_starts_with($said, 'ERROR ')) {
+                    throw new UnreachableException("cannot write to {$this->path}");
+                }
+                throw self::refusal(substr($said, 6));
             }
         }
         $answers = [];
         foreach ($commands as $_) {
-            $answers[] = $this->readLine();
+            $answers[] = $this->readLine($deadline);
         }
         return $answers;
     }
 
-    private function write(string $data): bool
+    private function write(string $data, float $deadline): bool
     {
         while ($data !== '') {
+            $left = $this->remaining($deadline);
+            stream_set_timeout($this->stream, (int) $left, (int) (($left - (int) $left) * 1e6));
             $written = @fwrite($this->stream, $data);
             if ($written === false || $written === 0) {
+                if (stream_get_meta_data($this->stream)['timed_out']) {
+                    $this->remaining(0.0);  // throws: the server took nothing in time
+                }
                 return false;
             }
             $data = substr($data, $written);
@@ -370,7 +416,6 @@ final class Client
     public function watch(): \Generator
     {
         $this->request('watch');  // at once: events from now on are kept for the generator
-        stream_set_timeout($this->stream, 365 * 86400);
         return $this->events();
     }
 
@@ -379,7 +424,7 @@ final class Client
     {
         try {
             while (true) {
-                yield json_decode($this->readLine(), true, 512, JSON_THROW_ON_ERROR);
+                yield json_decode($this->readLine(null), true, 512, JSON_THROW_ON_ERROR);
             }
         } finally {
             $this->close();
