@@ -878,6 +878,33 @@ def test_pusher_sockets_span_processes_on_the_redis_hub(
     assert ann_id.split(".")[0] != bob_id.split(".")[0]
 
 
+def test_subscription_counts_of_every_channel_take_one_round_trip_over_redis(
+    server_factory, redis_server, tmp_path
+):
+    common = (*PUSHER, "--redis", redis_server.url, "--redis-prefix", new_prefix())
+    one = server_factory(*common, "--control", str(tmp_path / "one.sock"))
+    two = server_factory(
+        *common, "--control", str(tmp_path / "two.sock"), "--max-channels-per-socket", "500"
+    )
+    reader = two.websocket("reader")
+    control = two.control()
+    control.send(b"".join(f"JOIN c{n} reader\n".encode() for n in range(500)))
+    assert [control.line() for _ in range(500)] == [b"OK 1"] * 500
+    client = redis_server.client()
+
+    def publishes() -> int:
+        return client.info("commandstats").get("cmdstat_publish", {}).get("calls", 0)
+
+    before = publishes()
+    status, answer = api_call(
+        signed_url(one, "GET", f"/apps/{APP_ID}/channels", info="subscription_count")
+    )
+    assert status == 200 and len(answer["channels"]) == 500
+    assert answer["channels"]["c7"] == {"subscription_count": 1}
+    assert publishes() - before < 20  # one question to all and their answers, not one a channel
+    reader.close()
+
+
 def test_the_php_sdks_request_shape_under_phpunit_with_php_curl(app_server):
     native = websocket.create_connection(
         f"ws://127.0.0.1:{app_server.port}/websocket?id=php-reader&channel=php-news", timeout=10
