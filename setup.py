@@ -38,6 +38,7 @@ setup(
             "selenium>=4.20",
             "gunicorn[gevent]>=23",
             "ruff>=0.6",
+            "atheris>=2.3",  # coverage-guided fuzzing of the parsers (tests/fuzz)
         ],
     },
     entry_points={"console_scripts": ["wsboard = wsboard:main"]},
