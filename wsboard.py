@@ -5708,9 +5708,7 @@ def pusher_trigger_request(body: dict, max_event: int) -> PusherTrigger:
         if not is_valid_channel(channel):
             raise BadRequest(f"Invalid channel name {str(channel)[:170]!r}: {CHANNEL_RULE}")
     socket_id = body.get("socket_id")
-    if socket_id is not None and not (
-        isinstance(socket_id, str) and CONN_ID.fullmatch(socket_id)
-    ):
+    if socket_id is not None and not (isinstance(socket_id, str) and CONN_ID.fullmatch(socket_id)):
         raise BadRequest("socket_id must be a socket id: digits.digits")
     info = body.get("info")
     if info is not None and not isinstance(info, str):
@@ -5839,7 +5837,6 @@ class PusherApp:
         return None
 
     # The HTTP API: what the server SDKs call.
-
 
     @staticmethod
     def trigger(event: "PusherTrigger", hub: LocalHub) -> dict:
