@@ -1,8 +1,14 @@
+import re
+
 from setuptools import setup
+
+# The version lives in wsboard.py alone; importing it here would run gevent's monkey-patching.
+with open("wsboard.py", encoding="utf-8") as module:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', module.read(), re.MULTILINE).group(1)
 
 setup(
     name="wsboard",
-    version="0.2.0",
+    version=VERSION,
     description="A small, fast, safe WebSocket push server beside a request/response web app",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

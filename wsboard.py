@@ -1775,7 +1775,6 @@ class Connection:
         "origin",
         "connected_at",
         "channels",
-        "meta",
         "users",
     )
 
@@ -1798,7 +1797,6 @@ class Connection:
         self.origin = origin
         self.connected_at = time.time()
         self.channels: set | None = None  # the channels it is in, once it joins any
-        self.meta: dict | None = None  # what the backend attached to it
         self.users: dict | None = None  # channel -> the user it is there as (Pusher presence)
 
     def member(self, channel: str) -> str:
@@ -2040,7 +2038,7 @@ def compact_frame(value: object) -> bytes:
     return text_frame(json.dumps(value, separators=(",", ":")))
 
 
-FRAMINGS = {"": Framing(), SUBPROTOCOL: V1Framing()}  # and PUSHER_FRAMING, further down
+FRAMINGS = {"": Framing(), SUBPROTOCOL: V1Framing()}  # by the subprotocol a socket agreed to
 
 
 class Batch:
@@ -5377,8 +5375,9 @@ class BodyIncomplete(Exception):
     """The client sent less of its body than its Content-Length said."""
 
 
-def read_body(limit: int, timeout: float) -> bytes:
-    """The request body, within the time a client gets to send it."""
+def read_body(timeout: float) -> bytes:
+    """The request body (its size checked by the caller), within the time a client gets to
+    send it."""
     length = bottle.request.content_length
     try:
         with gevent.Timeout(timeout, TimeoutError):
@@ -5415,7 +5414,7 @@ def admin_json_body(board: "Board") -> bytes:
     if bottle.request.content_length > MAX_FORM_BYTES:
         raise AnswerNow(json_answer(413, True, f"Body larger than {MAX_FORM_BYTES} bytes"))
     try:
-        return read_body(MAX_FORM_BYTES, board.cfg.handshake_timeout)
+        return read_body(board.cfg.handshake_timeout)
     except BodyIncomplete:
         bottle.response.set_header("Connection", "close")
         raise AnswerNow(json_answer(408, True, "The body did not arrive whole in time")) from None
@@ -5964,7 +5963,7 @@ def pusher_api(app_id: str, resource: str) -> str:
     if request.content_length > MAX_FORM_BYTES:
         return pusher_json(413, {"error": f"Body larger than {MAX_FORM_BYTES} bytes"})
     try:
-        body = read_body(MAX_FORM_BYTES, board.cfg.handshake_timeout)
+        body = read_body(board.cfg.handshake_timeout)
     except BodyIncomplete:
         bottle.response.set_header("Connection", "close")
         return pusher_json(408, {"error": "The body did not arrive whole in time"})
@@ -6540,7 +6539,7 @@ class Board:
     # An open socket parks no greenlet: a read watcher on its descriptor starts a short
     # one when bytes arrive, which reads whole messages (gevent-websocket's parser, blocking
     # only inside a message) and ends when none is left; an idle socket costs its objects
-    # alone (~2 KB against ~9 KB with a parked greenlet; see ../shared/notes).
+    # alone (~2 KB against ~9 KB with a parked greenlet; see Performance in the README).
 
     def start_session(self, conn: Connection, sock: socket.socket) -> None:
         """The socket is registered and has its 101: say so, then wait for its bytes."""
@@ -6912,11 +6911,6 @@ app = Board()  # the default board: `python wsboard.py` and gunicorn's `wsboard:
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
-
-
-def serve(cfg: Config) -> int:
-    """Run a board on cfg until SIGTERM or SIGINT."""
-    return Board(cfg).run()
 
 
 def token_command(argv: Sequence[str]) -> int:
