@@ -511,6 +511,42 @@ def run_seed_php(app, code: str):
     return json.loads(result.stdout)
 
 
+# Markers, so a fast loop can leave out what needs a browser, Redis, PHP, Node or time:
+#   python3 -m pytest -m "not (slow or browser or redis or php or node)"
+# They are given here by the fixtures and files a test uses, so they cannot go stale; a test
+# in a mixed file that calls a tool itself carries its own mark.
+MARKS_BY_FIXTURE = {
+    "redis_server": "redis",
+    "cluster": "redis",
+    "own_redis": "redis",
+    "browser": "browser",
+    "gunicorn": "slow",
+    "npm_packages": "node",
+    "seed_app": "php",
+}
+MARKS_BY_FILE = {
+    "test_autobahn.py": ("slow",),
+    "test_browser.py": ("browser",),
+    "test_deploy.py": ("slow", "browser", "php"),
+    "test_gunicorn.py": ("slow",),
+    "test_php.py": ("php",),
+    "test_php_client.py": ("php",),
+    "test_pusher.py": ("node",),
+    "test_scaleout.py": ("slow", "redis"),
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        names = set(MARKS_BY_FILE.get(item.path.name, ()))
+        names.update(MARKS_BY_FIXTURE[f] for f in item.fixturenames if f in MARKS_BY_FIXTURE)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("hub_name") == "redis":
+            names.add("redis")
+        for name in sorted(names):
+            item.add_marker(name)
+
+
 @pytest.fixture
 def trickling_control(tmp_path):
     """A control socket that answers every line with one byte every 0.4 s (an answer that

@@ -181,6 +181,7 @@ def test_a_public_channel_needs_no_more_than_todays_token(signed):
     assert ws.recv() == "hi"
 
 
+@pytest.mark.php
 def test_the_php_one_liner_signs_private_channels(signed):
     php = (
         '$id = "u9"; $exp = time() + 60; $private = ["private-u9"]; '
@@ -212,6 +213,7 @@ echo json_encode($out);
 """
 
 
+@pytest.mark.php
 def test_a_php_script_joins_publishes_and_asks_who_is_online(server, tmp_path):
     alice = server.websocket("alice")
     server.wait_listed(1)

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 HARNESS = os.path.join(ROOT, "tests", "fuzz", "fuzz_parsers.py")
@@ -32,6 +33,7 @@ def test_every_kept_input_parses_without_a_crash(tmp_path):
     assert replay.stderr.count("Running: ") == len(inputs)
 
 
+@pytest.mark.slow
 def test_a_bounded_search_finds_no_crash(tmp_path):
     corpus = tmp_path / "corpus"
     shutil.copytree(CORPUS, corpus)  # what the search adds stays out of the repository

@@ -414,6 +414,7 @@ def test_gunicorn_with_a_bad_setting_says_so_in_one_line(gunicorn):
 # Installing ###################################################################
 
 
+@pytest.mark.slow
 def test_an_installed_copy_finds_its_views_and_gunicorn_conf(tmp_path):
     target = tmp_path / "site"
     subprocess.run(
