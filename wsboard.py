@@ -642,6 +642,42 @@ class EndReason(enum.Enum):
     SHUTDOWN = "server shutdown"
 
 
+# Answers every front end gives in the same words.
+CLIENT_NOT_FOUND = "Client Not Found"  # the seed's answer: no open socket has that id
+TIMEOUT = "Timeout"  # with --redis: a process that holds the target did not confirm in time
+UNAVAILABLE = "Backplane Unavailable"  # with --redis: Redis cannot be reached
+INTERNAL_ERROR = "Internal error"  # a bug: logged with its traceback, never a polite success
+
+
+class Refused(Exception):
+    """An operation not carried out, for a reason its caller is told as it is. One family
+    for every front end: a control line answers ERROR <reason>, a JSON op {"ok": false,
+    "error": reason}, a web route its JSON error. Any other exception is a bug."""
+
+
+class BadRequest(Refused):
+    """Input that cannot be carried out as given (HTTP 400)."""
+
+
+class PayloadTooLarge(BadRequest):
+    """Data over a size limit (HTTP 413)."""
+
+
+class NotFound(Refused):
+    """No open socket has that id (or connection id)."""
+
+    def __init__(self, reason: str = CLIENT_NOT_FOUND) -> None:
+        super().__init__(reason)
+
+
+class LimitReached(Refused):
+    """A socket already in its limit of channels."""
+
+
+class BackplaneError(Refused):
+    """With --redis, an answer that cannot be known: TIMEOUT or UNAVAILABLE."""
+
+
 class Refusal(NamedTuple):
     """Why a request, handshake or control connection is turned away: one shape for all."""
 
@@ -2293,14 +2329,6 @@ class ClientRow(NamedTuple):
     protocol: str
     queued_bytes: int
     meta: dict | None = None
-
-
-class BackplaneError(Exception):
-    """An answer that cannot be known: TIMEOUT or UNAVAILABLE (scale-out only)."""
-
-
-TIMEOUT = "Timeout"  # a process that holds the target did not confirm in time
-UNAVAILABLE = "Backplane Unavailable"  # Redis cannot be reached
 
 
 class LocalHub:
@@ -4193,11 +4221,193 @@ class Throttle:
 
 
 ###############################################################################
+# Actions: one function per operation ##########################################
+###############################################################################
+# Every front end (control lines, JSON ops, the admin page and its forms, the Pusher HTTP
+# API and sockets) parses its wire form, calls one of these and formats what it returns.
+# An action checks the domain input once, counts once, and returns a plain result or
+# raises Refused (BadRequest, NotFound, LimitReached; BackplaneError with --redis). A new
+# operation is a method here, then a row in VERBS and an entry in JSON_OPS.
+
+
+def send_refusal(result: SendResult) -> Refused:
+    """Why a send reached nobody: no such client, or (scale-out) it cannot be known."""
+    return BackplaneError(result.trouble) if result.unconfirmed else NotFound()
+
+
+def check_text(text: str, what: str = "the text") -> str:
+    """text as it may go out in a frame: valid Unicode (no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{what} must be valid Unicode (no lone surrogates)") from None
+    return text
+
+
+class Actions:
+    """The operations of one board, each once for every front end."""
+
+    def __init__(self, board: "Board") -> None:
+        self.board = board
+
+    @property
+    def hub(self) -> "LocalHub":
+        return self.board.hub
+
+    # Sending.
+
+    def send(
+        self,
+        ids: Sequence[str],
+        text: str,
+        keep_offline: bool | None = None,
+        key: str | None = None,
+        batch: Batch | None = None,
+        count_all: bool = True,
+    ) -> SendResult:
+        """text to every socket of ids (kept for the offline when keep_offline, the
+        server's --offline default when None); refused when it reached nobody."""
+        if key is not None and not (isinstance(key, str) and 1 <= len(key) <= 200):
+            raise BadRequest('"key" must be a string of 1-200 characters')
+        keep = self.board.cfg.offline_ok if keep_offline is None else keep_offline
+        result = self.hub.send(ids, text, keep, key=key, batch=batch, count_all=count_all)
+        self.board.counts.sent(result)
+        if not (result.sockets or result.queued):
+            raise send_refusal(result)
+        return result
+
+    def send_group(self, sends: Sequence[tuple], batch: Batch | None = None) -> list:
+        """Consecutive SEND lines, (client_id, text) each, carried out together: for each,
+        its SendResult or the Refused it is."""
+        keep = self.board.cfg.offline_ok
+        results = self.hub.send_many(
+            [([client_id], text, keep) for client_id, text in sends], batch, count_all=False
+        )
+        for result in results:
+            self.board.counts.sent(result)
+        return [r if r.sockets or r.queued else send_refusal(r) for r in results]
+
+    def send_to_connection(self, conn_id: str, text: str, batch: Batch | None = None) -> int:
+        if not self.hub.send_to_connection(conn_id, text, batch):
+            raise NotFound()
+        return 1
+
+    def broadcast(self, text: str, batch: Batch | None = None) -> int:
+        return self.hub.broadcast(text, batch)
+
+    def publish(
+        self,
+        channels: Sequence[str],
+        text: str,
+        except_conn: str | None = None,
+        batch: Batch | None = None,
+        event: str | None = None,
+        user_id: str | None = None,
+    ) -> int:
+        """text to every socket in channels, but except_conn; event names it for Pusher."""
+        if event is not None and not (
+            isinstance(event, str)
+            and 1 <= len(event) <= PUSHER_MAX_EVENT_NAME
+            and not event.startswith(PUSHER_RESERVED)
+        ):
+            raise BadRequest(
+                f'"event" must be an event name of 1-{PUSHER_MAX_EVENT_NAME} characters'
+            )
+        names = list(dict.fromkeys(channels))
+        return self.hub.publish(names, text, except_conn, batch, event=event, user_id=user_id)
+
+    def kick(
+        self,
+        client_id: str | None = None,
+        conn_id: str | None = None,
+        code: object = CloseCode.KICKED,
+        reason: object = "kicked",
+    ) -> int:
+        """Close the id's sockets (or one connection) with code and reason: how many."""
+        if isinstance(code, bool) or not isinstance(code, int) or code not in KICK_CODES:
+            raise BadRequest('"code" must be 1000, 1001, 1008, 1011, 1012, 1013 or 4000-4999')
+        if not isinstance(reason, str) or len(reason.encode("utf-8", "replace")) > 123:
+            raise BadRequest('"reason" must be a string of at most 123 bytes')
+        check_text(reason, '"reason"')
+        if conn_id is not None:
+            count = self.hub.kick_connection(conn_id, int(code), reason)
+        else:
+            count = self.hub.kick(client_id, int(code), reason)
+        if not count:
+            raise NotFound()
+        return count
+
+    # Channels, presence and metadata.
+
+    def join(self, channel: str, client_id: str | None = None, conn_id: str | None = None) -> int:
+        found, joined = self.hub.join(channel, client_id, conn_id)
+        if not found:
+            raise NotFound()
+        if not joined:
+            limit = self.board.cfg.max_channels_per_socket
+            raise LimitReached(f"Too many channels (limit {limit})")
+        return joined
+
+    def leave(self, channel: str, client_id: str | None = None, conn_id: str | None = None) -> int:
+        found, left = self.hub.leave(channel, client_id, conn_id)
+        if not found:
+            raise NotFound()
+        return left
+
+    def set_meta(self, client_id: object, meta: object) -> int:
+        if not is_valid_client_id(client_id):
+            raise BadRequest('"id" must be a client id')
+        if meta is not None and not isinstance(meta, dict):
+            raise BadRequest('"meta" must be a JSON object (or null to take it off)')
+        if meta is not None and len(json.dumps(meta, separators=(",", ":"))) > MAX_META_BYTES:
+            raise BadRequest(f'"meta" must be at most {MAX_META_BYTES} bytes of JSON')
+        sockets = self.hub.set_meta(client_id, meta)
+        if not sockets:
+            raise NotFound()
+        return sockets
+
+    def presence(self, channel: str) -> list:
+        if not channel.startswith(PRESENCE_PREFIX):
+            raise BadRequest(f'"channel" must be a presence channel ({PRESENCE_PREFIX}...)')
+        return self.hub.presence(channel)
+
+    # What there is.
+
+    def online(self, ids: object) -> list:
+        """The ids asked, in order, that have an open socket."""
+        if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_ONLINE_IDS:
+            raise BadRequest(f'"ids" must be a list of 1-{MAX_ONLINE_IDS} client ids')
+        if not all(is_valid_client_id(i) for i in ids):
+            raise BadRequest('"ids" must hold client ids only')
+        return self.hub.online(ids)
+
+    def count(self, channel: str | None = None) -> tuple:
+        """(open sockets, distinct ids), everywhere or in channel."""
+        return self.hub.count(channel)
+
+    def clients(self) -> list:
+        return self.hub.clients()
+
+    def channel_clients(self, channel: str) -> list:
+        return self.hub.channel_clients(channel)
+
+    def channels(self) -> dict:
+        return self.hub.channels()
+
+    def terminate_user(self, user_id: str, code: int, reason: str) -> int:
+        """Close every socket of user_id, and every one there as that user (Pusher's
+        terminate_connections): how many."""
+        return self.hub.terminate_user(user_id, code, reason)
+
+
+###############################################################################
 # Control line protocol #######################################################
 ###############################################################################
 # Lines end in \n (a \r before it is dropped). Every line gets exactly one answer, in
 # order: the seed's PHP client waits for one and would hang on silence. Verbs are whole
-# words looked up in VERBS, so a verb never matches by prefix (KICKME is no KICK).
+# words looked up in VERBS, so a verb never matches by prefix (KICKME is no KICK). A new
+# verb is one row of VERBS: its words, its arguments, its usage (HELP shows it), the
+# action it calls and how its result is answered.
 
 
 class Command(NamedTuple):
@@ -4236,70 +4446,126 @@ def parse_channel(raw: bytes) -> str | Command:
 
 MAX_ONLINE_IDS = 1000
 
+# Argument readers: each takes its raw bytes (a word, or for the last argument the rest of
+# the line) and gives its value or the error Command that refuses it.
 
-def parse_args(shape: str, rest: bytes) -> tuple | Command:
-    """The arguments after a verb, by the verb's shape: '', 'id', 'text', 'id text',
-    'channel', 'channel?' (may be absent), 'channel id', 'channel text' or 'ids'."""
-    if shape == "":
+
+def id_arg(raw: bytes) -> str | Command:
+    return parse_client_id(raw.rstrip(b" "))
+
+
+def channel_arg(raw: bytes) -> str | Command:
+    return parse_channel(raw.rstrip(b" "))
+
+
+def optional_channel_arg(raw: bytes) -> str | None | Command:
+    return channel_arg(raw) if raw.strip(b" ") else None
+
+
+def text_arg(raw: bytes) -> str | Command:
+    return parse_text(raw)  # as it is: spaces at either end are part of the text
+
+
+def ids_arg(raw: bytes) -> list | Command:
+    raw_ids = raw.split()
+    if not raw_ids:
+        return Command("error", ("Missing client id",))
+    if len(raw_ids) > MAX_ONLINE_IDS:
+        return Command("error", (f"Too many ids (limit {MAX_ONLINE_IDS})",))
+    ids = [parse_client_id(raw_id) for raw_id in raw_ids]
+    return next((i for i in ids if isinstance(i, Command)), ids)
+
+
+def parse_args(readers: tuple, rest: bytes) -> tuple | Command:
+    """The arguments after a verb: each reader but the last takes a word, the last takes the
+    rest of the line. A verb without arguments takes nothing but spaces."""
+    if not readers:
         return () if not rest.strip(b" ") else Command("error", ("Unknown command",))
-    if shape in ("channel", "channel?"):
-        if shape == "channel?" and not rest.strip(b" "):
-            return (None,)
-        channel = parse_channel(rest.rstrip(b" "))
-        return channel if isinstance(channel, Command) else (channel,)
-    if shape.startswith("channel "):
-        raw_channel, _, tail = rest.partition(b" ")
-        channel = parse_channel(raw_channel)
-        if isinstance(channel, Command):
-            return channel
-        more = parse_args(shape[len("channel ") :], tail)
-        return more if isinstance(more, Command) else (channel, *more)
-    if shape == "ids":
-        raw_ids = rest.split()
-        if not raw_ids:
-            return Command("error", ("Missing client id",))
-        if len(raw_ids) > MAX_ONLINE_IDS:
-            return Command("error", (f"Too many ids (limit {MAX_ONLINE_IDS})",))
-        ids = [parse_client_id(raw) for raw in raw_ids]
-        bad = next((i for i in ids if isinstance(i, Command)), None)
-        return bad if bad is not None else (ids,)
-    if shape == "id":
-        client_id = parse_client_id(rest.rstrip(b" "))
-        return client_id if isinstance(client_id, Command) else (client_id,)
-    if shape == "text":
-        text = parse_text(rest)
-        return text if isinstance(text, Command) else (text,)
-    raw_id, space, raw_text = rest.partition(b" ")
-    client_id = parse_client_id(raw_id)
-    if isinstance(client_id, Command):
-        return client_id
-    text = parse_text(raw_text if space else b"")
-    return text if isinstance(text, Command) else (client_id, text)
+    args = []
+    for n, read in enumerate(readers):
+        if n < len(readers) - 1:
+            raw, _, rest = rest.partition(b" ")
+        else:
+            raw = rest
+        value = read(raw)
+        if isinstance(value, Command):
+            return value
+        args.append(value)
+    return tuple(args)
+
+
+def framed(rows: Iterable[str]) -> list:
+    """A listing's answer lines, framed as LIST WEBSOCKETS frames it."""
+    return ["=== START ===", *rows, "=== END ==="]
+
+
+def socket_rows(rows: Iterable[ClientRow]) -> list:
+    return framed(f"{row.client_id} {row.peer}" for row in rows)
 
 
 class Verb(NamedTuple):
-    name: str  # the Command's verb
-    shape: str  # its arguments, for parse_args
+    name: str  # the Command's verb (and its metric's label)
+    args: tuple  # its argument readers, in order
     usage: str  # as HELP shows it
+    act: Callable  # (actions, batch, *args) -> its result; raises Refused
+    answer: Callable  # its result -> the answer lines
+    groups: bool = False  # a run of such lines may be carried out in one hub call
 
 
 # fmt: off
 VERBS = {
-    b"LIST WEBSOCKETS": Verb("list", "", "LIST WEBSOCKETS"),
-    b"SEND MESSAGE": Verb("send", "id text", "SEND MESSAGE <id> <text>"),
-    b"BROADCAST": Verb("broadcast", "text", "BROADCAST <text>"),
-    b"KICK": Verb("kick", "id", "KICK <id>"),
-    b"JOIN": Verb("join", "channel id", "JOIN <channel> <id>"),
-    b"LEAVE": Verb("leave", "channel id", "LEAVE <channel> <id>"),
-    b"PUBLISH": Verb("publish", "channel text", "PUBLISH <channel> <text>"),
-    b"ONLINE": Verb("online", "ids", "ONLINE <id> [<id> ...]"),
-    b"COUNT": Verb("count", "channel?", "COUNT [<channel>]"),
-    b"LIST CHANNEL": Verb("list_channel", "channel", "LIST CHANNEL <channel>"),
-    b"LIST CHANNELS": Verb("list_channels", "", "LIST CHANNELS"),
-    b"PING": Verb("ping", "", "PING"),
-    b"HELP": Verb("help", "", "HELP"),
+    b"LIST WEBSOCKETS": Verb(
+        "list", (), "LIST WEBSOCKETS",
+        lambda actions, batch: actions.clients(), socket_rows),
+    b"SEND MESSAGE": Verb(
+        "send", (id_arg, text_arg), "SEND MESSAGE <id> <text>",
+        lambda actions, batch, client_id, text: actions.send(
+            [client_id], text, batch=batch, count_all=False),
+        lambda result: ["OK"], groups=True),
+    b"BROADCAST": Verb(
+        "broadcast", (text_arg,), "BROADCAST <text>",
+        lambda actions, batch, text: actions.broadcast(text, batch),
+        lambda count: [f"OK {count}"]),
+    b"KICK": Verb(
+        "kick", (id_arg,), "KICK <id>",
+        lambda actions, batch, client_id: actions.kick(client_id),
+        lambda count: [f"OK {count}"]),
+    b"JOIN": Verb(
+        "join", (channel_arg, id_arg), "JOIN <channel> <id>",
+        lambda actions, batch, channel, client_id: actions.join(channel, client_id),
+        lambda count: [f"OK {count}"]),
+    b"LEAVE": Verb(
+        "leave", (channel_arg, id_arg), "LEAVE <channel> <id>",
+        lambda actions, batch, channel, client_id: actions.leave(channel, client_id),
+        lambda count: [f"OK {count}"]),
+    b"PUBLISH": Verb(
+        "publish", (channel_arg, text_arg), "PUBLISH <channel> <text>",
+        lambda actions, batch, channel, text: actions.publish([channel], text, batch=batch),
+        lambda count: [f"OK {count}"]),
+    b"ONLINE": Verb(
+        "online", (ids_arg,), "ONLINE <id> [<id> ...]",
+        lambda actions, batch, ids: actions.online(ids),
+        lambda ids: [" ".join(["OK", *ids])]),
+    b"COUNT": Verb(
+        "count", (optional_channel_arg,), "COUNT [<channel>]",
+        lambda actions, batch, channel: actions.count(channel),
+        lambda counts: [f"OK {counts[0]} {counts[1]}"]),
+    b"LIST CHANNEL": Verb(
+        "list_channel", (channel_arg,), "LIST CHANNEL <channel>",
+        lambda actions, batch, channel: actions.channel_clients(channel), socket_rows),
+    b"LIST CHANNELS": Verb(
+        "list_channels", (), "LIST CHANNELS",
+        lambda actions, batch: actions.channels(),
+        lambda counts: framed(f"{name} {count}" for name, count in counts.items())),
+    b"PING": Verb(
+        "ping", (), "PING",
+        lambda actions, batch: None, lambda _: ["PONG"]),
+    b"HELP": Verb(
+        "help", (), "HELP",
+        lambda actions, batch: help_line(), lambda line: [line]),
 }
 # fmt: on
+VERBS_BY_NAME = {verb.name: verb for verb in VERBS.values()}
 
 
 def parse_control_line(line: bytes) -> Command:
@@ -4315,7 +4581,7 @@ def parse_control_line(line: bytes) -> Command:
         key = b" ".join(words[:count])
         verb = VERBS.get(key)
         if verb is not None:
-            args = parse_args(verb.shape, line[len(key) + 1 :])
+            args = parse_args(verb.args, line[len(key) + 1 :])
             return args if isinstance(args, Command) else Command(verb.name, args)
     return Command("error", ("Unknown command",))
 
@@ -4329,99 +4595,23 @@ def help_line() -> str:
     )
 
 
-def cmd_list(ctx: "ControlConnection") -> list:
-    rows = [f"{row.client_id} {row.peer}" for row in ctx.board.hub.clients()]
-    return ["=== START ===", *rows, "=== END ==="]
-
-
-def send_failure(result: SendResult) -> str:
-    """Why a send reached nobody: no such client, or (scale-out) it cannot be known."""
-    return result.trouble if result.unconfirmed else "Client Not Found"
-
-
-def cmd_send(ctx: "ControlConnection", client_id: str, text: str) -> list:
-    board = ctx.board
-    hub, keep = board.hub, board.cfg.offline_ok
-    result = hub.send([client_id], text, keep, batch=ctx.batch, count_all=False)
-    board.counts.sent(result)
-    return ["OK"] if result.sockets or result.queued else ["ERROR " + send_failure(result)]
-
-
-def cmd_kick(ctx: "ControlConnection", client_id: str) -> list:
-    count = ctx.board.hub.kick(client_id, CloseCode.KICKED, "kicked")
-    return [f"OK {count}"] if count else ["ERROR Client Not Found"]
-
-
-def cmd_join(ctx: "ControlConnection", channel: str, client_id: str) -> list:
-    found, joined = ctx.board.hub.join(channel, client_id=client_id)
-    if not found:
-        return ["ERROR Client Not Found"]
-    if not joined:
-        return [f"ERROR Too many channels (limit {ctx.board.cfg.max_channels_per_socket})"]
-    return [f"OK {joined}"]
-
-
-def cmd_leave(ctx: "ControlConnection", channel: str, client_id: str) -> list:
-    found, left = ctx.board.hub.leave(channel, client_id=client_id)
-    return [f"OK {left}"] if found else ["ERROR Client Not Found"]
-
-
-def cmd_online(ctx: "ControlConnection", ids: list) -> list:
-    return [" ".join(["OK", *ctx.board.hub.online(ids)])]
-
-
-def cmd_count(ctx: "ControlConnection", channel: str | None) -> list:
-    sockets, ids = ctx.board.hub.count(channel)
-    return [f"OK {sockets} {ids}"]
-
-
-def cmd_list_channel(ctx: "ControlConnection", channel: str) -> list:
-    rows = [f"{row.client_id} {row.peer}" for row in ctx.board.hub.channel_clients(channel)]
-    return ["=== START ===", *rows, "=== END ==="]
-
-
-def cmd_list_channels(ctx: "ControlConnection") -> list:
-    rows = [f"{name} {count}" for name, count in ctx.board.hub.channels().items()]
-    return ["=== START ===", *rows, "=== END ==="]
-
-
-COMMANDS: dict = {
-    "list": cmd_list,
-    "join": cmd_join,
-    "leave": cmd_leave,
-    "publish": lambda ctx, channel, text: [
-        f"OK {ctx.board.hub.publish([channel], text, batch=ctx.batch)}"
-    ],
-    "online": cmd_online,
-    "count": cmd_count,
-    "list_channel": cmd_list_channel,
-    "list_channels": cmd_list_channels,
-    "send": cmd_send,
-    "broadcast": lambda ctx, text: [f"OK {ctx.board.hub.broadcast(text, ctx.batch)}"],
-    "kick": cmd_kick,
-    "ping": lambda ctx: ["PONG"],
-    "help": lambda ctx: [help_line()],
-    "json": lambda ctx, line: [json.dumps(run_json(ctx, line), separators=(",", ":"))],
-    "error": lambda ctx, message: ["ERROR " + message],
-}
-
-
 def run_command(command: Command, ctx: "ControlConnection") -> list:
     """The answer lines for one command; a bug costs one ERROR line, never the answer."""
+    if command.verb == "json":
+        return [json.dumps(run_json(ctx, *command.args), separators=(",", ":"))]
+    if command.verb == "error":
+        return ["ERROR " + command.args[0]]
+    verb = VERBS_BY_NAME[command.verb]
     try:
-        return COMMANDS[command.verb](ctx, *command.args)
-    except BackplaneError as exc:
+        return verb.answer(verb.act(ctx.board.actions, ctx.batch, *command.args))
+    except Refused as exc:
         return [f"ERROR {exc}"]
     except Exception:
         log.exception("control command %s failed", command.verb)
-        return ["ERROR Internal error"]
+        return ["ERROR " + INTERNAL_ERROR]
 
 
 # The JSON form: one object per line in, one object per line out.
-
-
-class BadRequest(ValueError):
-    """A JSON command that cannot be carried out; the message says why."""
 
 
 def _no_constant(name: str) -> object:
@@ -4516,18 +4706,13 @@ def json_target(request: dict) -> tuple:
 
 
 def op_send(ctx: "ControlConnection", request: dict) -> dict:
+    actions = ctx.board.actions
     if "conn" in request and "to" not in request:  # one socket, by its connection id
-        conn, text = json_conn(request), json_text(request)
-        sockets = ctx.board.hub.send_to_connection(conn, text, ctx.batch)
-        return {"ok": True, "sockets": 1} if sockets else {"ok": False, "error": "Client Not Found"}
-    ids, text, key = json_ids(request), json_text(request), request.get("key")
-    if key is not None and not (isinstance(key, str) and 1 <= len(key) <= 200):
-        raise BadRequest('"key" must be a string of 1-200 characters')
-    hub = ctx.board.hub
-    result = hub.send(ids, text, keep_offline=True, key=key, batch=ctx.batch)
-    ctx.board.counts.sent(result)
-    if not result.sockets and not result.queued:
-        return {"ok": False, "error": send_failure(result)}
+        sockets = actions.send_to_connection(json_conn(request), json_text(request), ctx.batch)
+        return {"ok": True, "sockets": sockets}
+    result = actions.send(
+        json_ids(request), json_text(request), True, request.get("key"), ctx.batch
+    )
     answer = {"ok": True, "sockets": result.sockets, "queued": result.queued}
     if ctx.board.cfg.inbox:
         answer["seq"] = result.seq
@@ -4541,123 +4726,56 @@ def op_send(ctx: "ControlConnection", request: dict) -> dict:
     return answer
 
 
-def op_list(ctx: "ControlConnection", request: dict) -> dict:
+def client_row_json(row: ClientRow) -> dict:
     return {
-        "ok": True,
-        "clients": [
-            {
-                "id": row.client_id,
-                "conn": row.conn_id,
-                "peer": row.peer,
-                "since": round(row.since, 3),
-                "origin": row.origin,
-                "protocol": row.protocol,
-                "queued_bytes": row.queued_bytes,
-                "meta": row.meta,
-            }
-            for row in ctx.board.hub.clients()
-        ],
+        "id": row.client_id,
+        "conn": row.conn_id,
+        "peer": row.peer,
+        "since": round(row.since, 3),
+        "origin": row.origin,
+        "protocol": row.protocol,
+        "queued_bytes": row.queued_bytes,
+        "meta": row.meta,
     }
 
 
 def op_kick(ctx: "ControlConnection", request: dict) -> dict:
     client_id, conn = json_target(request)
     code, reason = request.get("code", CloseCode.KICKED), request.get("reason", "kicked")
-    if isinstance(code, bool) or not isinstance(code, int) or code not in KICK_CODES:
-        raise BadRequest('"code" must be 1000, 1001, 1008, 1011, 1012, 1013 or 4000-4999')
-    if not isinstance(reason, str) or len(reason.encode("utf-8", "replace")) > 123:
-        raise BadRequest('"reason" must be a string of at most 123 bytes')
-    try:
-        reason.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest('"reason" must be valid Unicode (no lone surrogates)') from None
-    hub = ctx.board.hub
-    if conn is not None:
-        count = hub.kick_connection(conn, int(code), reason)
-    else:
-        count = hub.kick(client_id, int(code), reason)
-    return {"ok": True, "sockets": count} if count else {"ok": False, "error": "Client Not Found"}
+    return {"ok": True, "sockets": ctx.board.actions.kick(client_id, conn, code, reason)}
 
 
 def op_publish(ctx: "ControlConnection", request: dict) -> dict:
     channels, text = json_channels(request), json_text(request)
-    event = request.get("event")  # the event name Pusher sockets get it as
-    if event is not None and not (
-        isinstance(event, str)
-        and 1 <= len(event) <= PUSHER_MAX_EVENT_NAME
-        and not event.startswith(PUSHER_RESERVED)
-    ):
-        raise BadRequest(f'"event" must be an event name of 1-{PUSHER_MAX_EVENT_NAME} characters')
-    except_conn = json_conn(request, "except")
-    sockets = ctx.board.hub.publish(channels, text, except_conn, ctx.batch, event=event)
+    except_conn, event = json_conn(request, "except"), request.get("event")
+    sockets = ctx.board.actions.publish(channels, text, except_conn, ctx.batch, event=event)
     return {"ok": True, "sockets": sockets}
 
 
 def op_join(ctx: "ControlConnection", request: dict) -> dict:
     channel, (client_id, conn) = json_channel(request), json_target(request)
-    found, joined = ctx.board.hub.join(channel, client_id, conn)
-    if not found:
-        return {"ok": False, "error": "Client Not Found"}
-    if not joined:
-        limit = ctx.board.cfg.max_channels_per_socket
-        return {"ok": False, "error": f"Too many channels (limit {limit})"}
-    return {"ok": True, "sockets": joined}
+    return {"ok": True, "sockets": ctx.board.actions.join(channel, client_id, conn)}
 
 
 def op_leave(ctx: "ControlConnection", request: dict) -> dict:
     channel, (client_id, conn) = json_channel(request), json_target(request)
-    found, left = ctx.board.hub.leave(channel, client_id, conn)
-    return {"ok": True, "sockets": left} if found else {"ok": False, "error": "Client Not Found"}
-
-
-def op_online(ctx: "ControlConnection", request: dict) -> dict:
-    ids = request.get("ids")
-    if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_ONLINE_IDS:
-        raise BadRequest(f'"ids" must be a list of 1-{MAX_ONLINE_IDS} client ids')
-    if not all(is_valid_client_id(i) for i in ids):
-        raise BadRequest('"ids" must hold client ids only')
-    return {"ok": True, "online": ctx.board.hub.online(ids)}
+    return {"ok": True, "sockets": ctx.board.actions.leave(channel, client_id, conn)}
 
 
 def op_count(ctx: "ControlConnection", request: dict) -> dict:
     channel = json_channel(request) if "channel" in request else None
-    sockets, ids = ctx.board.hub.count(channel)
+    sockets, ids = ctx.board.actions.count(channel)
     return {"ok": True, "sockets": sockets, "ids": ids}
 
 
 def op_channel(ctx: "ControlConnection", request: dict) -> dict:
-    members = ctx.board.hub.channel_clients(json_channel(request))
+    members = ctx.board.actions.channel_clients(json_channel(request))
     return {
         "ok": True,
         "members": [
             {"id": r.client_id, "conn": r.conn_id, "peer": r.peer, "meta": r.meta} for r in members
         ],
     }
-
-
-def op_meta(ctx: "ControlConnection", request: dict) -> dict:
-    client_id, meta = request.get("id"), request.get("meta")
-    if not is_valid_client_id(client_id):
-        raise BadRequest('"id" must be a client id')
-    if meta is not None and not isinstance(meta, dict):
-        raise BadRequest('"meta" must be a JSON object (or null to take it off)')
-    if meta is not None and len(json.dumps(meta, separators=(",", ":"))) > MAX_META_BYTES:
-        raise BadRequest(f'"meta" must be at most {MAX_META_BYTES} bytes of JSON')
-    sockets = ctx.board.hub.set_meta(client_id, meta)
-    return (
-        {"ok": True, "sockets": sockets} if sockets else {"ok": False, "error": "Client Not Found"}
-    )
-
-
-def op_presence(ctx: "ControlConnection", request: dict) -> dict:
-    channel = json_channel(request)
-    if not channel.startswith(PRESENCE_PREFIX):
-        raise BadRequest(f'"channel" must be a presence channel ({PRESENCE_PREFIX}...)')
-    return {"ok": True, "members": ctx.board.hub.presence(channel)}
-
-
-def op_stats(ctx: "ControlConnection", request: dict) -> dict:
-    return {"ok": True, **ctx.board.stats()}
 
 
 def op_watch(ctx: "ControlConnection", request: dict) -> dict:
@@ -4670,25 +4788,38 @@ def op_unwatch(ctx: "ControlConnection", request: dict) -> dict:
     return {"ok": True, "watching": False}
 
 
+# op -> (ctx, request) -> the answer; each parses its fields and calls one action.
 JSON_OPS: dict = {
     "send": op_send,
     "broadcast": lambda ctx, request: {
         "ok": True,
-        "sockets": ctx.board.hub.broadcast(json_text(request), ctx.batch),
+        "sockets": ctx.board.actions.broadcast(json_text(request), ctx.batch),
     },
-    "list": op_list,
+    "list": lambda ctx, request: {
+        "ok": True,
+        "clients": [client_row_json(row) for row in ctx.board.actions.clients()],
+    },
     "kick": op_kick,
     "publish": op_publish,
     "join": op_join,
     "leave": op_leave,
-    "online": op_online,
+    "online": lambda ctx, request: {
+        "ok": True,
+        "online": ctx.board.actions.online(request.get("ids")),
+    },
     "count": op_count,
     "channel": op_channel,
-    "channels": lambda ctx, request: {"ok": True, "channels": ctx.board.hub.channels()},
-    "meta": op_meta,
-    "presence": op_presence,
+    "channels": lambda ctx, request: {"ok": True, "channels": ctx.board.actions.channels()},
+    "meta": lambda ctx, request: {
+        "ok": True,
+        "sockets": ctx.board.actions.set_meta(request.get("id"), request.get("meta")),
+    },
+    "presence": lambda ctx, request: {
+        "ok": True,
+        "members": ctx.board.actions.presence(json_channel(request)),
+    },
     "ping": lambda ctx, request: {"ok": True, "pong": True},
-    "stats": op_stats,
+    "stats": lambda ctx, request: {"ok": True, **ctx.board.stats()},
     "watch": op_watch,
     "unwatch": op_unwatch,
 }
@@ -4709,11 +4840,11 @@ def run_json(ctx: "ControlConnection", line: bytes) -> dict:
         began = time.perf_counter()
         try:
             answer = op(ctx, request)
-        except (BadRequest, BackplaneError) as exc:
+        except Refused as exc:
             answer = {"ok": False, "error": str(exc)}
         except Exception:
             log.exception("JSON op %s failed", request.get("op"))
-            answer = {"ok": False, "error": "Internal error"}
+            answer = {"ok": False, "error": INTERNAL_ERROR}
         ctx.board.counts.command("json_" + request["op"], time.perf_counter() - began)
     if "ref" in request:  # lets a pipelining client match answers to requests
         answer["ref"] = request["ref"]
@@ -4860,7 +4991,8 @@ class ControlConnection:
                     pending += answers
                     continue
                 command = parse_control_line(line)
-                if command.verb == "send" and grouping:
+                verb = VERBS_BY_NAME.get(command.verb)
+                if grouping and verb is not None and verb.groups:
                     sends.append(command.args)
                     if len(sends) < SEND_GROUP:
                         continue
@@ -4894,21 +5026,16 @@ class ControlConnection:
         board = self.board
         began = time.perf_counter()
         try:
-            keep = board.cfg.offline_ok
-            results = board.hub.send_many(
-                [([client_id], text, keep) for client_id, text in sends],
-                self.batch,
-                count_all=False,
-            )
+            results = board.actions.send_group(sends, self.batch)
         except Exception:
             log.exception("control command send failed")
-            return ["ERROR Internal error"] * len(sends)
+            return ["ERROR " + INTERNAL_ERROR] * len(sends)
         took = time.perf_counter() - began
-        for result in results:  # each was answered when the group was
-            board.counts.sent(result)
+        for _ in results:  # each was answered when the group was
             board.counts.command("send", took)
+        answer = VERBS_BY_NAME["send"].answer
         return [
-            "OK" if result.sockets or result.queued else "ERROR " + send_failure(result)
+            f"ERROR {result}" if isinstance(result, Refused) else answer(result)[0]
             for result in results
         ]
 
@@ -5239,7 +5366,8 @@ def admin_events() -> object:
 
 def admin_action(handle: Callable[["Board", dict], str]) -> str:
     """A state-changing admin request: its JSON body checked, then handle(board, body)
-    gives the answer's message; refusals and errors answer {"error": true, …}."""
+    gives the answer's message. A refusal answers {"error": true, …}: 200 for Client Not
+    Found (as /sendMessage answers it), 400 for bad input, 503 when it cannot be known."""
     board = request_board()
     try:
         body = admin_json_body(board)
@@ -5252,34 +5380,32 @@ def admin_action(handle: Callable[["Board", dict], str]) -> str:
         return json_answer(400, True, "Body must be a JSON object")
     try:
         return json_answer(200, False, handle(board, data))
-    except ValueError as exc:
-        return json_answer(400, True, str(exc))
-    except LookupError as exc:
-        return json_answer(200, True, str(exc.args[0]))
+    except NotFound as exc:
+        return json_answer(200, True, str(exc))
     except BackplaneError as exc:
         return json_answer(503, True, str(exc))
+    except Refused as exc:
+        return json_answer(400, True, str(exc))
 
 
 def admin_target(data: dict) -> tuple:
-    """(client id, None) or (None, connection id) of an admin action; ValueError if neither."""
+    """(client id, None) or (None, connection id) of an admin action; BadRequest if neither."""
     conn = data.get("conn")
     if conn is not None:
         if not (isinstance(conn, str) and CONN_ID.fullmatch(conn)):
-            raise ValueError("conn must be a connection id (digits.digits)")
+            raise BadRequest("conn must be a connection id (digits.digits)")
         return None, conn
     if not is_valid_client_id(data.get("clientId")):
-        raise ValueError("clientId must be a valid client id (or give conn)")
+        raise BadRequest("clientId must be a valid client id (or give conn)")
     return data["clientId"], None
 
 
 def admin_message(data: dict) -> str:
+    """The form's message as wsboard's pages get it: {"message": …}."""
     message = data.get("message")
     if not isinstance(message, str):
-        raise ValueError("message must be a string")
-    try:
-        message.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("message must be valid Unicode (no lone surrogates)") from None
+        raise BadRequest("message must be a string")
+    check_text(message, "message")
     return json.dumps({"message": message}, separators=(",", ":"))
 
 
@@ -5287,30 +5413,17 @@ def do_send(board: "Board", data: dict) -> str:
     client_id, conn = admin_target(data)
     payload = admin_message(data)
     if conn is not None:
-        if not board.hub.send_to_connection(conn, payload):
-            raise LookupError("Client Not Found")
-        return "1"
-    result = board.hub.send([client_id], payload, board.cfg.offline_ok, count_all=False)
-    board.counts.sent(result)
-    if not (result.sockets or result.queued):
-        raise LookupError(send_failure(result))
-    return str(result.sockets)
+        return str(board.actions.send_to_connection(conn, payload))
+    return str(board.actions.send([client_id], payload, count_all=False).sockets)
 
 
 def do_kick(board: "Board", data: dict) -> str:
     client_id, conn = admin_target(data)
-    hub, code = board.hub, CloseCode.KICKED
-    if conn is not None:
-        count = hub.kick_connection(conn, code, "kicked")
-    else:
-        count = hub.kick(client_id, code, "kicked")
-    if not count:
-        raise LookupError("Client Not Found")
-    return str(count)
+    return str(board.actions.kick(client_id, conn))
 
 
 def do_broadcast(board: "Board", data: dict) -> str:
-    return str(board.hub.broadcast(admin_message(data)))
+    return str(board.actions.broadcast(admin_message(data)))
 
 
 @routes.post("/admin/send")
@@ -5341,33 +5454,28 @@ def json_answer(status: int, error: bool, message: str) -> str:
 
 
 def parse_admin_form(body: bytes, field: str, valid: Callable, rule: str) -> tuple:
-    """(body[field], body["message"]) from an admin form's JSON body, or raise
-    ValueError(reason)."""
+    """(body[field], body["message"]) from an admin form's JSON body, or BadRequest."""
     try:
         data = strict_json(body.decode("utf-8"))
     except (UnicodeDecodeError, BadRequest):
-        raise ValueError("Body must be a JSON object") from None
+        raise BadRequest("Body must be a JSON object") from None
     if not isinstance(data, dict):
-        raise ValueError("Body must be a JSON object")
+        raise BadRequest("Body must be a JSON object")
     target, message = data.get(field), data.get("message")
     if not valid(target):
-        raise ValueError(f"{field} must be {rule}")
+        raise BadRequest(f"{field} must be {rule}")
     if not isinstance(message, str):
-        raise ValueError("message must be a string")
-    try:
-        message.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("message must be valid Unicode (no lone surrogates)") from None
-    return target, message
+        raise BadRequest("message must be a string")
+    return target, check_text(message, "message")
 
 
 def parse_send_request(body: bytes) -> tuple:
-    """(client_id, message) from the admin form's JSON body, or raise ValueError(reason)."""
+    """(client_id, message) from the admin form's JSON body, or BadRequest."""
     return parse_admin_form(body, "clientId", is_valid_client_id, "a valid client id")
 
 
 def parse_publish_request(body: bytes) -> tuple:
-    """(channel, message) from the admin page's publish form, or raise ValueError(reason)."""
+    """(channel, message) from the admin page's publish form, or BadRequest."""
     return parse_admin_form(body, "channel", is_valid_channel, f"a channel name of {CHANNEL_RULE}")
 
 
@@ -5423,20 +5531,22 @@ def admin_json_body(board: "Board") -> bytes:
 @routes.post("/sendMessage")
 @admin_only
 def send_message() -> str:
+    """The seed's form: {"clientId", "message"} sends {"message": …} to the id; answers
+    {"error": false, "message": ""} or {"error": true, "message": "Client Not Found"},
+    both with 200 (a contract), and 4xx for a request it cannot read."""
     board = request_board()
     try:
         client_id, message = parse_send_request(admin_json_body(board))
+        payload = json.dumps({"message": message}, separators=(",", ":"))
+        board.actions.send([client_id], payload, count_all=False)
     except AnswerNow as refusal:
         return refusal.answer
-    except ValueError as exc:
+    except BadRequest as exc:
         log.warning("sendMessage refused: %s", exc)
         return json_answer(400, True, str(exc))
-    payload = json.dumps({"message": message}, separators=(",", ":"))
-    result = board.hub.send([client_id], payload, board.cfg.offline_ok, count_all=False)
-    board.counts.sent(result)
-    if result.sockets or result.queued:
-        return json_answer(200, False, "")
-    return json_answer(200, True, send_failure(result))
+    except Refused as exc:  # no such client, or with --redis not known: the seed's 200
+        return json_answer(200, True, str(exc))
+    return json_answer(200, False, "")
 
 
 @routes.post("/publish")
@@ -5447,16 +5557,16 @@ def publish() -> str:
     board = request_board()
     try:
         channel, message = parse_publish_request(admin_json_body(board))
+        payload = json.dumps({"message": message}, separators=(",", ":"))
+        count = board.actions.publish([channel], payload)
     except AnswerNow as refusal:
         return refusal.answer
-    except ValueError as exc:
+    except BadRequest as exc:
         log.warning("publish refused: %s", exc)
         return json_answer(400, True, str(exc))
-    payload = json.dumps({"message": message}, separators=(",", ":"))
-    try:
-        return json_answer(200, False, str(board.hub.publish([channel], payload)))
     except BackplaneError as exc:
         return json_answer(503, True, str(exc))
+    return json_answer(200, False, str(count))
 
 
 @routes.get(WEBSOCKET_PATH)
@@ -5830,35 +5940,37 @@ class PusherApp:
             return self.error(conn, f"Event data over {self.board.cfg.pusher_max_event} bytes")
         user_id = conn.member(channel) if channel.startswith(PRESENCE_PREFIX) else None
         try:
-            self.board.hub.publish([channel], text, conn.conn_id, event=name, user_id=user_id)
-        except BackplaneError as exc:
+            self.board.actions.publish([channel], text, conn.conn_id, event=name, user_id=user_id)
+        except Refused as exc:
             return self.error(conn, f"Not delivered: {exc}")
         return None
 
     # The HTTP API: what the server SDKs call.
 
     @staticmethod
-    def trigger(event: "PusherTrigger", hub: LocalHub) -> dict:
+    def trigger(event: "PusherTrigger", actions: "Actions") -> dict:
         """Publish an event checked by pusher_trigger_request; its channels' info when asked."""
-        hub.publish(event.channels, event.data, event.socket_id, event=event.name)
+        actions.publish(event.channels, event.data, event.socket_id, event=event.name)
         if not event.info:
             return {}
-        return {"channels": {c: PusherApp.channel_info(hub, c, event.info) for c in event.channels}}
+        return {
+            "channels": {c: PusherApp.channel_info(actions, c, event.info) for c in event.channels}
+        }
 
     @staticmethod
-    def channel_info(hub: LocalHub, channel: str, wanted: frozenset) -> dict:
+    def channel_info(actions: "Actions", channel: str, wanted: frozenset) -> dict:
         """The attributes wanted (checked by channel_info_wanted) of one channel."""
         answer = {}
         if "subscription_count" in wanted:
-            answer["subscription_count"] = hub.count(channel)[0]
+            answer["subscription_count"] = actions.count(channel)[0]
         if "user_count" in wanted:
-            answer["user_count"] = len(hub.presence(channel))
+            answer["user_count"] = len(actions.presence(channel))
         return answer
 
     def answer(self, method: str, resource: str, query: dict, body: bytes) -> dict:
         """The JSON object an authenticated API request gets. Raises BadRequest,
-        PayloadTooLarge, NotFound or BackplaneError."""
-        hub = self.board.hub
+        PayloadTooLarge, NoSuchCall or BackplaneError."""
+        actions = self.board.actions
         parts = resource.split("/")
         if method == "POST" and resource in ("events", "batch_events"):
             try:
@@ -5869,7 +5981,7 @@ class PusherApp:
                 raise BadRequest("Body must be a JSON object")
             max_event = self.board.cfg.pusher_max_event
             if resource == "events":
-                return self.trigger(pusher_trigger_request(request, max_event), hub)
+                return self.trigger(pusher_trigger_request(request, max_event), actions)
             batch = request.get("batch")
             if not isinstance(batch, list) or not 1 <= len(batch) <= PUSHER_MAX_BATCH:
                 raise BadRequest(f"batch must be a list of 1-{PUSHER_MAX_BATCH} events")
@@ -5881,22 +5993,22 @@ class PusherApp:
                     events.append(pusher_trigger_request(item, max_event))
                 except BadRequest as exc:
                     raise type(exc)(f"batch[{n}]: {exc}") from None
-            results = [self.trigger(event, hub) for event in events]
+            results = [self.trigger(event, actions) for event in events]
             return {"batch": results} if any(results) else {}
         if method == "GET" and parts == ["channels"]:
-            return {"channels": self.channel_list(hub, query)}
+            return {"channels": self.channel_list(actions, query)}
         if method == "GET" and len(parts) == 2 and parts[0] == "channels":
             channel = parts[1]
             if not is_valid_channel(channel):
                 raise BadRequest(f"Invalid channel name: {CHANNEL_RULE}")
             wanted = channel_info_wanted(query.get("info", ""), [channel])
-            occupied = hub.count(channel)[0] > 0
-            return {"occupied": occupied, **self.channel_info(hub, channel, wanted)}
+            occupied = actions.count(channel)[0] > 0
+            return {"occupied": occupied, **self.channel_info(actions, channel, wanted)}
         if method == "GET" and len(parts) == 3 and parts[0] == "channels" and parts[2] == "users":
             channel = parts[1]
             if not (is_valid_channel(channel) and channel.startswith(PRESENCE_PREFIX)):
                 raise BadRequest("Users are listed for presence- channels only")
-            return {"users": [{"id": m["id"]} for m in hub.presence(channel)]}
+            return {"users": [{"id": m["id"]} for m in actions.presence(channel)]}
         if (
             method == "POST"
             and len(parts) == 3
@@ -5905,32 +6017,28 @@ class PusherApp:
         ):
             if not is_valid_client_id(parts[1]):
                 raise BadRequest(f"user id must be {CLIENT_ID_RULE}")
-            hub.terminate_user(parts[1], PusherCode.UNAUTHORIZED, "connections terminated")
+            actions.terminate_user(parts[1], PusherCode.UNAUTHORIZED, "connections terminated")
             return {}
-        raise NotFound(f"No such API call: {method} {resource[:100]}")
+        raise NoSuchCall(f"No such API call: {method} {resource[:100]}")
 
     @staticmethod
-    def channel_list(hub: LocalHub, query: dict) -> dict:
+    def channel_list(actions: "Actions", query: dict) -> dict:
         prefix = query.get("filter_by_prefix", "")
         wanted = channel_info_wanted(query.get("info", ""), [])
         if "user_count" in wanted and not prefix.startswith(PRESENCE_PREFIX):
             raise BadRequest("user_count needs filter_by_prefix=presence-")
-        counts = hub.channels()  # every process's counts in one round trip, not one a channel
+        counts = actions.channels()  # every process's counts in one round trip
         names = sorted(name for name in counts if name.startswith(prefix))
         listed: dict = {name: {} for name in names}
         for name in names:
             if "subscription_count" in wanted:
                 listed[name]["subscription_count"] = counts[name]
             if "user_count" in wanted:
-                listed[name]["user_count"] = len(hub.presence(name))
+                listed[name]["user_count"] = len(actions.presence(name))
         return listed
 
 
-class PayloadTooLarge(BadRequest):
-    """An event's data over --pusher-max-event (HTTP 413)."""
-
-
-class NotFound(BadRequest):
+class NoSuchCall(BadRequest):
     """No such API call (HTTP 404)."""
 
 
@@ -5979,12 +6087,12 @@ def pusher_api(app_id: str, resource: str) -> str:
         return pusher_json(200, pusher.answer(request.method, resource, query, body))
     except PayloadTooLarge as exc:
         return pusher_json(413, {"error": str(exc)})
-    except NotFound as exc:
+    except NoSuchCall as exc:
         return pusher_json(404, {"error": str(exc)})
-    except BadRequest as exc:
-        return pusher_json(400, {"error": str(exc)})
     except BackplaneError as exc:
         return pusher_json(503, {"error": str(exc)})
+    except Refused as exc:
+        return pusher_json(400, {"error": str(exc)})
 
 
 ###############################################################################
@@ -5998,7 +6106,7 @@ def pusher_api(app_id: str, resource: str) -> str:
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5)  # fmt: skip
 GC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-SEND_ANSWERS = {"Client Not Found": "not_found", TIMEOUT: "timeout", UNAVAILABLE: "unavailable"}
+SEND_ANSWERS = {CLIENT_NOT_FOUND: "not_found", TIMEOUT: "timeout", UNAVAILABLE: "unavailable"}
 
 
 class Buckets:
@@ -6041,7 +6149,7 @@ class Counts:
         if result.sockets or result.queued:
             self.sends["ok"] += 1
         else:
-            self.sends[SEND_ANSWERS.get(send_failure(result), "not_found")] += 1
+            self.sends[SEND_ANSWERS.get(str(send_refusal(result)), "not_found")] += 1
 
     def command(self, verb: str, seconds: float) -> None:
         self.commands[verb] += 1
@@ -6456,6 +6564,7 @@ class Board:
         self.events = Events()
         self.conn_prefix = str(10**11 + secrets.randbelow(9 * 10**11))  # new every start
         self.hub = HUBS["redis" if cfg.redis else "local"](cfg, self.events, self.conn_prefix)
+        self.actions = Actions(self)
         self.pusher = PusherApp(self) if cfg.pusher_app_id else None
         self.refusals: collections.Counter = collections.Counter()
         self.counts = Counts()

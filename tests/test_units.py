@@ -222,7 +222,7 @@ def test_send_request_body_parses():
     ],
 )
 def test_bad_send_request_bodies_raise_with_a_reason(body):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(wsboard.BadRequest) as info:
         wsboard.parse_send_request(body)
     assert str(info.value)
 
