@@ -681,10 +681,18 @@ class BackplaneError(Refused):
 class Refusal(NamedTuple):
     """Why a request, handshake or control connection is turned away: one shape for all."""
 
-    status: int  # the HTTP status (0 on the control socket)
+    status: int  # the HTTP status it is (a control connection is told only the reason)
     reason: str  # told to the client and logged
     kind: str  # the counter it is counted under
     headers: tuple = ()
+
+
+class Closing(NamedTuple):
+    """A refusal a protocol tells inside the socket, after its 101 (Pusher's 4xxx codes)."""
+
+    code: int  # the close code
+    reason: str  # told to the client and logged
+    kind: str  # the counter it is counted under
 
 
 ###############################################################################
@@ -1237,12 +1245,14 @@ class BoardSocket(_GeventWebSocket):
         "end_detail",
         "rate_start",
         "rate_count",
-        "close_codes",
+        "protocol",
         "watcher",
         "heard_at",
     )
 
-    def __init__(self, sock: socket.socket, reader: SocketReader, cfg: Config) -> None:
+    def __init__(
+        self, sock: socket.socket, reader: SocketReader, cfg: Config, protocol: "SocketProtocol"
+    ) -> None:
         # The stock __init__ wants a handler and its stream; ours reads and writes the socket.
         self.environ = self.handler = None
         self.closed = False
@@ -1262,7 +1272,7 @@ class BoardSocket(_GeventWebSocket):
         self.end_detail = ""
         self.rate_start = 0.0
         self.rate_count = 0
-        self.close_codes: Callable[[int], int] | None = None  # a protocol's own codes (Pusher)
+        self.protocol = protocol  # what kind of socket it is: its close codes, its messages
         self.watcher: object = None  # the read watcher that starts its session's reads
         self.heard_at = time.monotonic()  # when its last message came (idle timeout)
 
@@ -1374,9 +1384,7 @@ class BoardSocket(_GeventWebSocket):
         self.backlog.clear()
         if head is not None:
             self.backlog.append(head)
-        code = CloseCode.TRY_AGAIN_LATER
-        if self.close_codes is not None:
-            code = self.close_codes(code)
+        code = self.protocol.close_code(CloseCode.TRY_AGAIN_LATER)
         self.backlog.append(close_frame(code, "too slow: send queue full"))
         self.backlog_bytes = sum(len(b) for b in self.backlog)
         self.ended(EndReason.QUEUE_FULL)
@@ -1545,8 +1553,8 @@ class BoardSocket(_GeventWebSocket):
         """Send a close frame with its code and reason (stock 0.10.1 drops the code)."""
         if self.closed:
             return
-        if self.close_codes is not None and code is not None:
-            code = self.close_codes(code)
+        if code is not None:
+            code = self.protocol.close_code(code)
         try:
             self.send_frame(close_payload(code, message), self.OPCODE_CLOSE)
         except (OSError, WebSocketError):
@@ -1648,10 +1656,8 @@ class WebSocketHandler(_GeventWebSocketHandler):
         environ = self.environ
         path = environ.get("PATH_INFO", "")
         board = self.board
-        pusher = board.pusher if path.startswith(PUSHER_PATH) else None
-        if (path != WEBSOCKET_PATH and pusher is None) or environ.get(
-            "HTTP_UPGRADE", ""
-        ).lower() != "websocket":
+        protocol = board.protocol_for(path)
+        if protocol is None or environ.get("HTTP_UPGRADE", "").lower() != "websocket":
             return WSGIHandler.run_application(self)
         hs = parse_handshake(
             environ,
@@ -1659,26 +1665,26 @@ class WebSocketHandler(_GeventWebSocketHandler):
             self.client_address,
             board.cfg.trusted_proxies,
             board.cfg.max_channels_per_socket,
-            client_id=board.new_conn_id() if pusher is not None else None,
+            client_id=protocol.given_id(board),
         )
         if isinstance(hs, Refusal):
             return self.refuse(hs)
-        refusal = access_refusal(hs, board.cfg, time.time(), signed=pusher is None)
-        if refusal is None and pusher is not None:
-            refusal = pusher.handshake_refusal(path, environ.get("QUERY_STRING", ""))
-            if refusal is not None and refusal.status >= 4000:  # Pusher says it in the socket
-                return self.upgrade(board, hs, pusher.framing, refusal)
+        refusal = access_refusal(hs, board.cfg, time.time(), signed=protocol.signed)
+        if refusal is None:
+            closing = protocol.closing(path, environ.get("QUERY_STRING", ""))
+            if closing is not None:  # a refusal this protocol tells inside the socket
+                return self.upgrade(board, hs, protocol, closing)
         refusal = refusal or board.hub.admit(hs)
         if refusal:
             return self.refuse(refusal)
-        self.upgrade(board, hs, pusher.framing if pusher is not None else None)
+        self.upgrade(board, hs, protocol)
 
     def upgrade(
         self,
         board: "Board",
         hs: Handshake,
-        framing: "Framing | None" = None,
-        refusal: Refusal | None = None,
+        protocol: "SocketProtocol",
+        closing: "Closing | None" = None,
     ) -> None:
         """Register the socket, then write its 101: a SEND the moment the client has its 101
         must find it. The session goes on in a fresh, shallow greenlet."""
@@ -1690,22 +1696,20 @@ class WebSocketHandler(_GeventWebSocketHandler):
         else:  # gunicorn's closes it then: the session takes the descriptor into its own
             sock = gevent.socket.socket(fileno=self.socket.detach())
         sock.settimeout(board.cfg.idle_timeout or None)  # writes have their own timeout
-        ws = BoardSocket(sock, SocketReader(sock, leftover), board.cfg)
+        ws = BoardSocket(sock, SocketReader(sock, leftover), board.cfg, protocol)
         conn = Connection(
             hs.client_id,
-            board.new_conn_id() if framing is None else hs.client_id,
+            protocol.conn_id(board, hs),
             hs.peer,
             hs.ip,
             ws,
-            framing or FRAMINGS[hs.subprotocol],
+            protocol.framing_for(hs),
             hs.origin or "",
         )
-        if framing is not None:
-            ws.close_codes = pusher_close_code
-        if refusal is not None:  # a protocol that refuses after the 101 (Pusher's 4xxx)
-            board.refused(refusal.kind, "websocket from %s: %s", hs.peer, refusal.reason)
-            ws.open([upgrade_response(hs.key, ""), *conn.framing.refusal(refusal)])
-            ws.close(refusal.status, refusal.reason)
+        if closing is not None:  # a protocol that refuses after the 101 (Pusher's 4xxx)
+            board.refused(closing.kind, "websocket from %s: %s", hs.peer, closing.reason)
+            ws.open([upgrade_response(hs.key, ""), *conn.framing.refusal(closing)])
+            ws.close(closing.code, closing.reason)
             self.status = "101 Switching Protocols"
             self.close_connection = True
             self.socket = None
@@ -2034,7 +2038,7 @@ class Framing:
         """Who is in a presence channel conn just joined: [{"id", "meta"}, ...]."""
         return compact_frame({"presence": {"channel": channel, "members": members}})
 
-    def refusal(self, refusal: Refusal) -> list:
+    def refusal(self, closing: "Closing") -> list:
         """Frames before the close, for a protocol that refuses after its 101."""
         return []
 
@@ -2075,6 +2079,59 @@ def compact_frame(value: object) -> bytes:
 
 
 FRAMINGS = {"": Framing(), SUBPROTOCOL: V1Framing()}  # by the subprotocol a socket agreed to
+
+
+class SocketProtocol:
+    """A kind of socket, looked up by its path in Board.protocols: how its upgrade is checked
+    and refused, how its frames are made, which close codes it sends, and what it does with
+    a message from the browser. A new transport is a subclass and one more entry there."""
+
+    signed = True  # with --secret, the URL's id must carry its token (access_refusal)
+
+    def matches(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def given_id(self, board: "Board") -> str | None:
+        """The socket's client id when the protocol gives it; None: the URL's id=."""
+        return None
+
+    def closing(self, path: str, query: str) -> "Closing | None":
+        """A refusal told inside the socket after its 101, or None."""
+        return None
+
+    def framing_for(self, hs: Handshake) -> Framing:
+        raise NotImplementedError
+
+    def conn_id(self, board: "Board", hs: Handshake) -> str:
+        return board.new_conn_id()
+
+    def close_code(self, code: int) -> int:
+        """The code this protocol closes with where wsboard would close with code."""
+        return code
+
+    def receive(self, board: "Board", conn: "Connection", message: object) -> None:
+        raise NotImplementedError
+
+
+class WebSocketProtocol(SocketProtocol):
+    """/websocket?id=…, plain or wsboard.v1: what a browser sends goes to the event sinks
+    (watchers, the webhook)."""
+
+    def matches(self, path: str) -> bool:
+        return path == WEBSOCKET_PATH
+
+    def framing_for(self, hs: Handshake) -> Framing:
+        return FRAMINGS[hs.subprotocol]
+
+    def receive(self, board: "Board", conn: "Connection", message: object) -> None:
+        events = board.events
+        if not events.wanted:
+            return
+        if isinstance(message, str):
+            events.emit("message", False, id=conn.client_id, conn=conn.conn_id, data=message)
+        else:
+            encoded = base64.b64encode(message).decode()
+            events.emit("message", False, id=conn.client_id, conn=conn.conn_id, binary=encoded)
 
 
 class Batch:
@@ -5745,8 +5802,8 @@ class PusherFraming(Framing):
         data = {"socket_id": conn.conn_id, "activity_timeout": self.activity_timeout}
         return [pusher_event("pusher:connection_established", json.dumps(data))]
 
-    def refusal(self, refusal: Refusal) -> list:
-        return [pusher_event("pusher:error", {"code": refusal.status, "message": refusal.reason})]
+    def refusal(self, closing: Closing) -> list:
+        return [pusher_event("pusher:error", {"code": closing.code, "message": closing.reason})]
 
     def presence_change(self, conn: "Connection", channel: str, change: dict) -> bytes:
         if "join" in change:
@@ -5826,8 +5883,11 @@ def pusher_trigger_request(body: dict, max_event: int) -> PusherTrigger:
     return PusherTrigger(name, data, list(dict.fromkeys(channels)), socket_id, wanted)
 
 
-class PusherApp:
-    """The one Pusher app this process serves: its sockets' frames in, its HTTP API."""
+class PusherApp(SocketProtocol):
+    """The one Pusher app this process serves, as the protocol of /app/KEY (its sockets'
+    frames in, Pusher's close codes) and its HTTP API."""
+
+    signed = False  # a Pusher socket's channels are signed one by one, not its id
 
     def __init__(self, board: "Board") -> None:
         cfg = board.cfg
@@ -5838,17 +5898,32 @@ class PusherApp:
             activity = max(1, min(activity, int(cfg.idle_timeout / 2)))
         self.framing = PusherFraming(activity)
 
-    def handshake_refusal(self, path: str, query: str) -> Refusal | None:
+    def matches(self, path: str) -> bool:
+        return path.startswith(PUSHER_PATH)
+
+    def given_id(self, board: "Board") -> str:
+        return board.new_conn_id()  # a Pusher socket's id is its socket id
+
+    def conn_id(self, board: "Board", hs: Handshake) -> str:
+        return hs.client_id
+
+    def framing_for(self, hs: Handshake) -> Framing:
+        return self.framing
+
+    def close_code(self, code: int) -> int:
+        return pusher_close_code(code)
+
+    def closing(self, path: str, query: str) -> Closing | None:
         """Why pusher-js may not connect here: Pusher answers after the 101, with a
-        pusher:error and a close code (status) that tells pusher-js not to retry."""
+        pusher:error and a close code that tells pusher-js not to retry."""
         if path[len(PUSHER_PATH) :] != self.key:
-            return Refusal(PusherCode.APP_NOT_FOUND, "App key not known here", "pusher")
+            return Closing(PusherCode.APP_NOT_FOUND, "App key not known here", "pusher")
         versions = parse_qs(query).get("protocol", [])
         if not versions:
-            return Refusal(PusherCode.NO_PROTOCOL, "No protocol version given", "pusher")
+            return Closing(PusherCode.NO_PROTOCOL, "No protocol version given", "pusher")
         version = versions[0]
         if bounded_int(version, 3) not in PUSHER_PROTOCOLS:
-            return Refusal(
+            return Closing(
                 PusherCode.UNSUPPORTED_PROTOCOL,
                 f"Unsupported protocol version {version[:10]!r}",
                 "pusher",
@@ -5869,7 +5944,7 @@ class PusherApp:
     def error(self, conn: Connection, message: str, code: int | None = None) -> None:
         self.write(conn, pusher_event("pusher:error", {"code": code, "message": message}))
 
-    def receive(self, conn: Connection, message: object) -> None:
+    def receive(self, board: "Board", conn: Connection, message: object) -> None:
         """One frame from a Pusher socket: answered, never raised."""
         if not isinstance(message, str):
             return self.error(conn, "Binary frames are not part of the Pusher protocol")
@@ -6566,6 +6641,8 @@ class Board:
         self.hub = HUBS["redis" if cfg.redis else "local"](cfg, self.events, self.conn_prefix)
         self.actions = Actions(self)
         self.pusher = PusherApp(self) if cfg.pusher_app_id else None
+        # Each kind of socket by its path; a new transport is one more entry.
+        self.protocols: list = [WebSocketProtocol(), *([self.pusher] if self.pusher else [])]
         self.refusals: collections.Counter = collections.Counter()
         self.counts = Counts()
         self.metrics = None  # prometheus_client's registry, made at the first scrape
@@ -6598,6 +6675,10 @@ class Board:
 
     def new_conn_id(self) -> str:
         return f"{self.conn_prefix}.{next(self.conn_numbers)}"
+
+    def protocol_for(self, path: str) -> SocketProtocol | None:
+        """The kind of socket served at path, or None: not a socket's path."""
+        return next((p for p in self.protocols if p.matches(path)), None)
 
     def begin_head(self, ip: str) -> bool:
         """Count a connection whose request head is still coming; False past the cap."""
@@ -6683,18 +6764,8 @@ class Board:
         self.end_session(conn, sock)
 
     def take_message(self, conn: Connection, message: object) -> None:
-        """A message from a browser: Pusher frames are answered, others go to the sinks."""
-        if self.pusher is not None and conn.framing is self.pusher.framing:
-            self.pusher.receive(conn, message)
-            return
-        events = self.events
-        if not events.wanted:
-            return
-        if isinstance(message, str):
-            events.emit("message", False, id=conn.client_id, conn=conn.conn_id, data=message)
-        else:
-            encoded = base64.b64encode(message).decode()
-            events.emit("message", False, id=conn.client_id, conn=conn.conn_id, binary=encoded)
+        """A message from a browser: its protocol says what becomes of it."""
+        conn.ws.protocol.receive(self, conn, message)
 
     def end_session(self, conn: Connection, sock: socket.socket) -> None:
         """Unregister, close, say why, and let the descriptor go (after a graceful close)."""
@@ -6727,11 +6798,11 @@ class Board:
     def control_refusal(self, sock: socket.socket) -> Refusal | None:
         cfg = self.cfg
         if self.control_connections >= cfg.max_control_connections:
-            return Refusal(0, "Too many control connections", "control")
+            return Refusal(503, "Too many control connections", "control")
         if cfg.control_uids or cfg.control_gids:
             pid, uid, gid = peer_credentials(sock)
             if not peer_allowed(uid, gid, cfg.control_uids, cfg.control_gids):
-                return Refusal(0, f"Permission denied (pid {pid} uid {uid} gid {gid})", "control")
+                return Refusal(403, f"Permission denied (pid {pid} uid {uid} gid {gid})", "control")
         return None
 
     def serve_control(self, sock: socket.socket, address: object) -> None:
