@@ -73,6 +73,7 @@ import stat
 import struct
 import sys
 import time
+import typing
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
@@ -2369,10 +2370,129 @@ class IdempotencyKeys:
 ###############################################################################
 # Hubs ########################################################################
 ###############################################################################
-# A hub is the only way to the sockets: the control protocol, the routes, the limits, the
-# heartbeat and the drain call these methods and nothing else. LocalHub holds this
-# process's sockets; a distributed hub implements the same methods (and the contract
-# tests in tests/test_hub.py) and is added to HUBS.
+# A hub is the only way to the sockets: the actions, the sessions, the limits, the
+# heartbeat, the drain and the metrics call what Hub lists and nothing else. LocalHub holds
+# this process's sockets; RedisHub reaches every process's. A new hub implements Hub (and
+# passes the contract tests in tests/test_hub.py) and is added to HUBS. A hub touches of a
+# socket only what SocketLike lists (the tests' RecordingSocket implements it).
+
+
+@typing.runtime_checkable
+class SocketLike(typing.Protocol):
+    """What a hub may touch of a socket (BoardSocket)."""
+
+    closed: bool  # it is closing or gone: skipped by every delivery
+    queued_bytes: int  # what waits for the kernel (listings show it)
+
+    def send_frame_bytes(self, frame: bytes) -> None: ...  # WebSocketError once closed
+
+    def write_frames(self, frames: list) -> None: ...
+
+    def end(self, reason: "EndReason", code: int, told: str = "", detail: str = "") -> None: ...
+
+    def ended(self, reason: "EndReason", detail: str = "") -> None: ...
+
+    def abort(self) -> None: ...
+
+
+@typing.runtime_checkable
+class Hub(typing.Protocol):
+    """What the rest of this file may call of a hub. Sends, publishes and listings raise
+    BackplaneError when their answer cannot be known; count_all=False lets a hub stop
+    counting sockets once one took a send (the plain SEND needs only OK)."""
+
+    cfg: Config
+    node: str  # what this process's connection ids begin with
+    registry: "Registry"  # this process's own sockets
+    delivered: "Delivered"  # frames handed to this process's sockets
+    groups_sends: bool  # a run of SEND lines is best carried out in one send_many
+
+    # Life.
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def unready_reason(self) -> str | None: ...
+
+    def expire(self, now: float) -> None: ...
+
+    # A socket's own life.
+    def admit(self, hs: Handshake) -> Refusal | None: ...
+
+    def attach(self, conn: "Connection", hs: Handshake) -> list: ...
+
+    def detach(self, conn: "Connection") -> None: ...
+
+    def subscribe(
+        self, conn: "Connection", channel: str, user: tuple | None = None
+    ) -> list | None: ...
+
+    def unsubscribe(self, conn: "Connection", channel: str) -> bool: ...
+
+    # Sending.
+    def send(
+        self,
+        ids: Sequence[str],
+        text: str,
+        keep_offline: bool,
+        key: str | None = None,
+        batch: "Batch | None" = None,
+        count_all: bool = True,
+    ) -> "SendResult": ...
+
+    def send_many(
+        self, sends: Sequence[tuple], batch: "Batch | None" = None, count_all: bool = True
+    ) -> list: ...
+
+    def send_to_connection(self, conn_id: str, text: str, batch: "Batch | None" = None) -> int: ...
+
+    def broadcast(self, text: str, batch: "Batch | None" = None) -> int: ...
+
+    def publish(
+        self,
+        channels: Sequence[str],
+        text: str,
+        except_conn: str | None = None,
+        batch: "Batch | None" = None,
+        event: str | None = None,
+        user_id: str | None = None,
+    ) -> int: ...
+
+    def kick(self, client_id: str, code: int, reason: str) -> int: ...
+
+    def kick_connection(self, conn_id: str, code: int, reason: str) -> int: ...
+
+    def terminate_user(self, user_id: str, code: int, reason: str) -> int: ...
+
+    # Channels, presence, metadata.
+    def join(
+        self, channel: str, client_id: str | None = None, conn_id: str | None = None
+    ) -> tuple: ...
+
+    def leave(
+        self, channel: str, client_id: str | None = None, conn_id: str | None = None
+    ) -> tuple: ...
+
+    def set_meta(self, client_id: str, meta: dict | None) -> int: ...
+
+    def presence(self, channel: str) -> list: ...
+
+    # What there is.
+    def online(self, ids: Sequence[str]) -> list: ...
+
+    def count(self, channel: str | None = None) -> tuple: ...
+
+    def clients(self) -> list: ...
+
+    def channel_clients(self, channel: str) -> list: ...
+
+    def channels(self) -> dict: ...
+
+    def stats(self) -> dict: ...
+
+    def local_connections(self) -> list: ...
+
+    def local_count(self) -> int: ...
 
 
 class ClientRow(NamedTuple):

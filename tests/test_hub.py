@@ -410,3 +410,29 @@ def test_presence_leaves_nothing_behind_when_every_socket_goes(hub_name):
     for conn in conns:
         detach(hub, conn)
     assert hub.presence("presence-room") == [] and hub.channels() == {}
+
+
+def protocol_members(protocol) -> set:
+    return {n for n in vars(protocol) if not n.startswith("_")} | set(protocol.__annotations__)
+
+
+def test_every_hub_implements_the_hub_contract(hub):
+    assert isinstance(hub, wsboard.Hub)
+    assert all(hasattr(hub, name) for name in protocol_members(wsboard.Hub))
+
+
+def test_a_hub_touches_only_what_socket_like_lists_and_boardsocket_offers_it():
+    import socket
+
+    recording, real = RecordingSocket(), None
+    assert isinstance(recording, wsboard.SocketLike)
+    one, other = socket.socketpair()
+    try:
+        real = wsboard.BoardSocket(
+            one, wsboard.SocketReader(one, b""), wsboard.Config(), wsboard.WebSocketProtocol()
+        )
+        assert isinstance(real, wsboard.SocketLike)
+        assert all(hasattr(real, name) for name in protocol_members(wsboard.SocketLike))
+    finally:
+        one.close()
+        other.close()
