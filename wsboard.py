@@ -3,38 +3,54 @@
 Browsers open ``ws://HOST:PORT/websocket?id=<client id>``; the app pushes to them over a
 local UNIX socket with a line protocol (``LIST WEBSOCKETS``, ``SEND MESSAGE <id> <text>``).
 
-The module reads top to bottom, in the order data flows; each section has a banner:
+The module reads top to bottom; each section has a banner and builds on those above it. A
+browser's socket is followed from the adapter and its session to the hubs; a control line
+from the hubs up through the actions and the verb table to its connection.
 
 - Configuration: the OPTIONS table (flag, WSBOARD_* variable, default), ``Config``.
-- Names and codes: client ids, ``CloseCode``, ``EndReason``, ``Refusal``.
-- Security: pure checks (tokens, origins, hosts, passwords, proxies, peers).
-- WebSocket adapter: frames, ``BoardSocket`` and ``WebSocketHandler`` (gevent-websocket's
-  defects mended), ``Handshake`` (an upgrade request parsed once).
+- Names and codes: client ids, ``CloseCode``, ``EndReason``, ``Refusal`` (a request turned
+  away) and ``Closing`` (a refusal told inside a socket), and the one error family every
+  operation raises: ``Refused`` (``BadRequest``, ``NotFound``, ``LimitReached``,
+  ``BackplaneError``) with the answer texts (``CLIENT_NOT_FOUND``, ``TIMEOUT`` ...).
+- Security: pure checks (tokens, origins, hosts, passwords, proxies, peers); the token scheme
+  itself is imported from ``wsboard_client``, its one home.
+- WebSocket adapter: ``BoardSocket`` and ``WebSocketHandler`` (gevent-websocket's defects
+  mended), ``Handshake`` (an upgrade request parsed once). The handler looks the path up in
+  ``Board.protocols`` and upgrades with that protocol.
+- A socket's session: ``start_session`` ... ``end_session``, driven by a read watcher (no
+  greenlet waits on an idle socket); each message goes to the socket's protocol.
 - Connections and delivery: ``Connection``, ``Registry``, the framings (plain, wsboard.v1),
-  ``Batch`` and ``deliver``.
+  ``SocketProtocol`` (a kind of socket: its handshake, framing, close codes and what it does
+  with a browser's message; a new transport is a subclass and one more entry of
+  ``Board.protocols``) and ``WebSocketProtocol`` (/websocket), ``Batch`` and ``deliver``.
 - Inbox and idempotency keys.
-- Hubs: the one way to the sockets. ``LocalHub`` is this process's; a new hub implements the
-  same methods and is added to ``HUBS``.
-- Scale-out on Redis: ``RedisHub``, a ``LocalHub`` whose commands reach every process
+- Hubs: ``Hub`` (what the rest of the file may call of a hub) and ``SocketLike`` (what a hub
+  may touch of a socket), both typing.Protocols; ``LocalHub`` is this process's. A new hub
+  implements ``Hub``, passes tests/test_hub.py and is added to ``HUBS``.
+- Scale-out on Redis: ``RedisHub``, a ``LocalHub`` whose operations reach every process
   through Redis (routes per id and channel, Lua scripts for presence and the inbox); see
-  docs/scaleout.md.
-- Events: ``Events`` tells its registered sinks (watchers, the webhook); a new sink is any
-  object with ``push(line, lifecycle)``, added with ``Events.add``.
-- Control protocol: ``parse_control_line`` (pure) and the ``VERBS`` table (a new verb is one
-  row; ``HELP`` is made from it), the JSON ops in ``JSON_OPS``.
+  docs/scaleout.md. It is still a subclass that calls its parent for what happens here; the
+  split into a generic backplane and a Redis transport (which a NATS or PostgreSQL
+  LISTEN/NOTIFY transport would replace alone) is not done yet.
+- Events: ``Events`` tells its registered sinks (watchers, the webhook, admin pages); a new
+  sink is any object with ``push(line, lifecycle)``, added with ``Events.add``.
+- Actions: ``Actions``, one method per operation (send, publish, kick, join, ...), for every
+  front end: it checks the domain input, counts, and returns a result or raises ``Refused``.
+  A new operation is a method here.
+- Control line protocol: ``parse_control_line`` (pure) and ``VERBS``, whose rows carry their
+  argument readers, usage, action and answer (a new verb is one row; ``HELP`` is made from
+  it); the JSON ops in ``JSON_OPS`` call the same actions.
 - Control connections: one greenlet per connection, batches, watchers.
 - Web routes: the Bottle routes (a new route goes here); each finds its ``Board`` in the
-  request. The admin page's JSON, Server-Sent Events and actions are here too.
-- The Pusher protocol: ``PusherFraming`` (Pusher's frames on wsboard's channels), the
-  signature checks (pure), ``PusherApp`` (a Pusher socket's frames, the HTTP API) and its
-  routes; see docs/pusher.md.
+  request and calls the actions. The admin page's JSON, Server-Sent Events and actions.
+- The Pusher protocol: ``PusherFraming``, the signature checks (pure), ``PusherApp`` (the
+  protocol of /app/KEY, and the HTTP API, which calls the same actions); see docs/pusher.md.
 - Metrics and health: ``Counts`` and ``Buckets`` (plain counters the hot paths add to),
   ``BoardCollector`` (prometheus_client reads them at each scrape), ``/healthz``, ``/readyz``,
   ``/metrics`` and the ``--metrics-port`` app.
-- The board: ``Board`` owns everything one process holds (config, hub, events, counters,
-  servers, background greenlets) and starts and stops it; ``app`` is the default one. A
-  socket's session is driven by a read watcher (``start_session``, ``read_session``): no
-  greenlet waits on an idle socket.
+- The board: ``Board`` owns everything one process holds (config, hub, actions, protocols,
+  events, counters, servers, background greenlets) and starts and stops it; ``app`` is the
+  default one.
 - Command line and gunicorn: ``main``, the subcommands, the worker's hooks.
 """
 
@@ -945,7 +961,7 @@ def directory_warning(path: str) -> str | None:
 # WebSocket adapter ###########################################################
 ###############################################################################
 # gevent-websocket 0.10.1 is unmaintained; its known defects are mended here and only
-# here (see README, "Design"): one writer per socket with a bounded backlog and a write
+# here (see docs/design.md): one writer per socket with a bounded backlog and a write
 # timeout, inbound size capped before the payload is read, close frames that carry their
 # code, a deadline on the whole request head, and refusals with a real HTTP status
 # before any 101.
@@ -1727,7 +1743,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
         # buffered reader): let all of it go.
         self.environ = self.headers = self.rfile = self.wsgi_input.rfile = None
         self.socket = None
-        board.start_session(conn, sock)
+        start_session(board, conn, sock)
 
     def log_request(self) -> None:
         status = self.status.decode() if isinstance(self.status, bytes) else str(self.status)
@@ -1796,6 +1812,75 @@ def redact(line: str) -> str:
     """A request line fit for the log: tokens and API signatures (replayable for ten
     minutes) hidden."""
     return re.sub(r"((?:token|auth_signature)=)[^&\s]*", r"\1***", line)
+
+
+###############################################################################
+# A socket's session ##########################################################
+###############################################################################
+# A WebSocket's life after its 101 (WebSocketHandler.upgrade registered it): an open socket
+# parks no greenlet. A read watcher on its descriptor starts a short one when bytes arrive,
+# which reads whole messages (gevent-websocket's parser, blocking only inside a message),
+# hands each to the socket's protocol and ends when none is left; an idle socket costs its
+# objects alone (~2 KB against ~9 KB with a parked greenlet; see docs/performance.md).
+
+
+def start_session(board: "Board", conn: "Connection", sock: socket.socket) -> None:
+    """The socket is registered and has its 101: say so, then wait for its bytes."""
+    log.info("connect %s %s (%d open)", conn.client_id, conn.peer, board.hub.local_count())
+    board.events.emit(
+        "connect", id=conn.client_id, conn=conn.conn_id, peer=conn.peer, origin=conn.origin
+    )
+    ws = conn.ws
+    ws.watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
+    if ws.stream.pending:  # bytes that came with the handshake: read them now
+        gevent.spawn_raw(read_session, board, conn, sock)
+    else:
+        ws.watcher.start(readable, board, conn, sock)
+
+
+def readable(board: "Board", conn: "Connection", sock: socket.socket) -> None:
+    """In the event loop: bytes (or EOF) are waiting; a greenlet reads them."""
+    conn.ws.watcher.stop()
+    gevent.spawn_raw(read_session, board, conn, sock)
+
+
+def read_session(board: "Board", conn: "Connection", sock: socket.socket) -> None:
+    """Read messages while there are any, each to the socket's protocol; then wait again,
+    or end the session."""
+    ws = conn.ws
+    try:
+        while (message := ws.receive()) is not None:
+            if message is not NOTHING:
+                ws.protocol.receive(board, conn, message)
+            if not ws.stream.pending:  # the watcher tells when more comes
+                ws.watcher.start(readable, board, conn, sock)
+                return
+    except Exception:  # a bug must cost one socket, never the server
+        log.exception("session of %s %s failed", conn.client_id, conn.peer)
+    end_session(board, conn, sock)
+
+
+def end_session(board: "Board", conn: "Connection", sock: socket.socket) -> None:
+    """Unregister, close, say why, and let the descriptor go (after a graceful close)."""
+    ws = conn.ws
+    ws.watcher.stop()
+    try:
+        board.hub.detach(conn)
+        ws.close()
+        board.counts.closes[ws.end_reason.name.lower()] += 1
+        log.info(
+            "disconnect %s %s after %.1fs: %s",
+            conn.client_id,
+            conn.peer,
+            time.time() - conn.connected_at,
+            ws.end_text,
+        )
+        board.events.emit(
+            "disconnect", id=conn.client_id, conn=conn.conn_id, peer=conn.peer, reason=ws.end_text
+        )
+    finally:
+        ws.watcher.close()
+        close_gracefully(sock, board.cfg.close_timeout)
 
 
 ###############################################################################
@@ -4522,7 +4607,7 @@ class Actions:
             raise NotFound()
         if not joined:
             limit = self.board.cfg.max_channels_per_socket
-            raise LimitReached(f"Too many channels (limit {limit})")
+            raise LimitReached(f"{TOO_MANY_CHANNELS} (limit {limit})")
         return joined
 
     def leave(self, channel: str, client_id: str | None = None, conn_id: str | None = None) -> int:
@@ -4592,36 +4677,44 @@ class Command(NamedTuple):
     args: tuple = ()
 
 
+# What a line can be refused with before it is carried out (answered ERROR <text>).
+UNKNOWN_COMMAND = "Unknown command"
+MISSING_ID, INVALID_ID = "Missing client id", "Invalid client id"
+MISSING_TEXT, BAD_UTF8 = "Missing message text", "Message is not valid UTF-8"
+MISSING_CHANNEL, INVALID_CHANNEL = "Missing channel", "Invalid channel name"
+
+
 def parse_client_id(raw: bytes) -> str | Command:
     """raw as a client id, or the error Command that refuses it."""
     if not raw:
-        return Command("error", ("Missing client id",))
+        return Command("error", (MISSING_ID,))
     try:
         client_id = raw.decode("ascii")
     except UnicodeDecodeError:
-        return Command("error", ("Invalid client id",))
-    return client_id if is_valid_client_id(client_id) else Command("error", ("Invalid client id",))
+        return Command("error", (INVALID_ID,))
+    return client_id if is_valid_client_id(client_id) else Command("error", (INVALID_ID,))
 
 
 def parse_text(raw: bytes) -> str | Command:
     """raw as a message's text, or the error Command that refuses it."""
     if not raw:
-        return Command("error", ("Missing message text",))
+        return Command("error", (MISSING_TEXT,))
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        return Command("error", ("Message is not valid UTF-8",))
+        return Command("error", (BAD_UTF8,))
 
 
 def parse_channel(raw: bytes) -> str | Command:
     """raw as a channel name, or the error Command that refuses it."""
     if not raw:
-        return Command("error", ("Missing channel",))
+        return Command("error", (MISSING_CHANNEL,))
     name = raw.decode("ascii", "replace")
-    return name if is_valid_channel(name) else Command("error", ("Invalid channel name",))
+    return name if is_valid_channel(name) else Command("error", (INVALID_CHANNEL,))
 
 
 MAX_ONLINE_IDS = 1000
+TOO_MANY_IDS = f"Too many ids (limit {MAX_ONLINE_IDS})"
 
 # Argument readers: each takes its raw bytes (a word, or for the last argument the rest of
 # the line) and gives its value or the error Command that refuses it.
@@ -4646,9 +4739,9 @@ def text_arg(raw: bytes) -> str | Command:
 def ids_arg(raw: bytes) -> list | Command:
     raw_ids = raw.split()
     if not raw_ids:
-        return Command("error", ("Missing client id",))
+        return Command("error", (MISSING_ID,))
     if len(raw_ids) > MAX_ONLINE_IDS:
-        return Command("error", (f"Too many ids (limit {MAX_ONLINE_IDS})",))
+        return Command("error", (TOO_MANY_IDS,))
     ids = [parse_client_id(raw_id) for raw_id in raw_ids]
     return next((i for i in ids if isinstance(i, Command)), ids)
 
@@ -4657,7 +4750,7 @@ def parse_args(readers: tuple, rest: bytes) -> tuple | Command:
     """The arguments after a verb: each reader but the last takes a word, the last takes the
     rest of the line. A verb without arguments takes nothing but spaces."""
     if not readers:
-        return () if not rest.strip(b" ") else Command("error", ("Unknown command",))
+        return () if not rest.strip(b" ") else Command("error", (UNKNOWN_COMMAND,))
     args = []
     for n, read in enumerate(readers):
         if n < len(readers) - 1:
@@ -4760,7 +4853,7 @@ def parse_control_line(line: bytes) -> Command:
         if verb is not None:
             args = parse_args(verb.args, line[len(key) + 1 :])
             return args if isinstance(args, Command) else Command(verb.name, args)
-    return Command("error", ("Unknown command",))
+    return Command("error", (UNKNOWN_COMMAND,))
 
 
 def help_line() -> str:
@@ -5034,6 +5127,32 @@ def run_json(ctx: "ControlConnection", line: bytes) -> dict:
 
 
 SHUTTING_DOWN = "Shutting down"  # a line that came after SIGTERM: it was not carried out
+LINE_TOO_LONG = "Line too long"  # then the connection is closed
+TOO_MANY_CONTROL = "Too many control connections"  # said to a connection past the limit
+PERMISSION_DENIED = "Permission denied"  # said to a peer not in --control-uids/--control-gids
+TOO_MANY_CHANNELS = "Too many channels"  # a JOIN past --max-channels-per-socket
+
+# Every ERROR a control connection can be answered with (those with a limit are told it in
+# brackets after the text); docs/protocol.md lists them all (tests/test_docs.py checks).
+CONTROL_REFUSALS = (
+    CLIENT_NOT_FOUND,
+    UNKNOWN_COMMAND,
+    MISSING_ID,
+    INVALID_ID,
+    MISSING_TEXT,
+    BAD_UTF8,
+    MISSING_CHANNEL,
+    INVALID_CHANNEL,
+    TOO_MANY_IDS,
+    TOO_MANY_CHANNELS,
+    LINE_TOO_LONG,
+    TOO_MANY_CONTROL,
+    PERMISSION_DENIED,
+    TIMEOUT,
+    UNAVAILABLE,
+    SHUTTING_DOWN,
+    INTERNAL_ERROR,
+)
 
 
 def shutting_down_answer(line: bytes) -> str:
@@ -5231,7 +5350,7 @@ class ControlConnection:
     def refuse_long_line(self) -> None:
         max_line = self.board.cfg.max_line
         log.warning("control error: line longer than %d bytes; closing", max_line)
-        self.write(f"ERROR Line too long (limit {max_line} bytes)\n".encode())
+        self.write(f"ERROR {LINE_TOO_LONG} (limit {max_line} bytes)\n".encode())
 
 
 ###############################################################################
@@ -6844,85 +6963,17 @@ class Board:
     def watcher_count(self) -> int:
         return sum(isinstance(s, ControlConnection) for s in self.events.sinks)
 
-    # A WebSocket's life, after its 101 (see WebSocketHandler.upgrade).
-
-    # An open socket parks no greenlet: a read watcher on its descriptor starts a short
-    # one when bytes arrive, which reads whole messages (gevent-websocket's parser, blocking
-    # only inside a message) and ends when none is left; an idle socket costs its objects
-    # alone (~2 KB against ~9 KB with a parked greenlet; see Performance in the README).
-
-    def start_session(self, conn: Connection, sock: socket.socket) -> None:
-        """The socket is registered and has its 101: say so, then wait for its bytes."""
-        log.info("connect %s %s (%d open)", conn.client_id, conn.peer, self.hub.local_count())
-        self.events.emit(
-            "connect", id=conn.client_id, conn=conn.conn_id, peer=conn.peer, origin=conn.origin
-        )
-        ws = conn.ws
-        ws.watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
-        if ws.stream.pending:  # bytes that came with the handshake: read them now
-            gevent.spawn_raw(self.read_session, conn, sock)
-        else:
-            ws.watcher.start(self.readable, conn, sock)
-
-    def readable(self, conn: Connection, sock: socket.socket) -> None:
-        """In the event loop: bytes (or EOF) are waiting; a greenlet reads them."""
-        conn.ws.watcher.stop()
-        gevent.spawn_raw(self.read_session, conn, sock)
-
-    def read_session(self, conn: Connection, sock: socket.socket) -> None:
-        """Read and take messages while there are any; then wait again, or end the session."""
-        ws = conn.ws
-        try:
-            while (message := ws.receive()) is not None:
-                if message is not NOTHING:
-                    self.take_message(conn, message)
-                if not ws.stream.pending:  # the watcher tells when more comes
-                    ws.watcher.start(self.readable, conn, sock)
-                    return
-        except Exception:  # a bug must cost one socket, never the server
-            log.exception("session of %s %s failed", conn.client_id, conn.peer)
-        self.end_session(conn, sock)
-
-    def take_message(self, conn: Connection, message: object) -> None:
-        """A message from a browser: its protocol says what becomes of it."""
-        conn.ws.protocol.receive(self, conn, message)
-
-    def end_session(self, conn: Connection, sock: socket.socket) -> None:
-        """Unregister, close, say why, and let the descriptor go (after a graceful close)."""
-        ws, events = conn.ws, self.events
-        ws.watcher.stop()
-        try:
-            self.hub.detach(conn)
-            ws.close()
-            self.counts.closes[ws.end_reason.name.lower()] += 1
-            log.info(
-                "disconnect %s %s after %.1fs: %s",
-                conn.client_id,
-                conn.peer,
-                time.time() - conn.connected_at,
-                ws.end_text,
-            )
-            events.emit(
-                "disconnect",
-                id=conn.client_id,
-                conn=conn.conn_id,
-                peer=conn.peer,
-                reason=ws.end_text,
-            )
-        finally:
-            ws.watcher.close()
-            close_gracefully(sock, self.cfg.close_timeout)
-
     # The control socket's connections.
 
     def control_refusal(self, sock: socket.socket) -> Refusal | None:
         cfg = self.cfg
         if self.control_connections >= cfg.max_control_connections:
-            return Refusal(503, "Too many control connections", "control")
+            return Refusal(503, TOO_MANY_CONTROL, "control")
         if cfg.control_uids or cfg.control_gids:
             pid, uid, gid = peer_credentials(sock)
             if not peer_allowed(uid, gid, cfg.control_uids, cfg.control_gids):
-                return Refusal(403, f"Permission denied (pid {pid} uid {uid} gid {gid})", "control")
+                told = f"{PERMISSION_DENIED} (pid {pid} uid {uid} gid {gid})"
+                return Refusal(403, told, "control")
         return None
 
     def serve_control(self, sock: socket.socket, address: object) -> None:

@@ -293,6 +293,7 @@ def test_a_client_close_is_answered_with_its_code(server):
 # Slow clients #################################################################
 
 
+@pytest.mark.slow  # waits out a timeout or a drain
 def test_a_control_client_that_never_reads_its_answers_is_dropped(server_factory):
     server = server_factory("--write-timeout", "1")
     lazy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -432,6 +433,7 @@ def test_a_port_in_use_is_a_clear_error_and_leaves_no_socket_file(server_factory
     assert not os.path.exists(second.control_path)
 
 
+@pytest.mark.slow  # waits out a timeout or a drain
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_closes_websockets_with_1001_removes_the_socket_and_exits_0(server, sig):
     tabs = [server.websocket("leaving") for _ in range(3)]
@@ -443,6 +445,7 @@ def test_a_stop_signal_closes_websockets_with_1001_removes_the_socket_and_exits_
         socket.create_connection(("127.0.0.1", server.port), timeout=1)
 
 
+@pytest.mark.slow  # waits out a timeout or a drain
 def test_shutdown_does_not_wait_forever_for_a_client_that_never_answers(server_factory):
     server = server_factory("--shutdown-timeout", "1")
     mute = server.websocket("mute")  # never reads, so never answers the close
@@ -508,6 +511,7 @@ def test_control_clients_are_isolated_from_each_other(server):
     assert Control(server.control_path).list() == []
 
 
+@pytest.mark.slow  # waits out a timeout or a drain
 def test_a_client_that_never_finishes_its_request_is_cut_off(server_factory):
     server = server_factory("--handshake-timeout", "1")
     silent = socket.create_connection(("127.0.0.1", server.port), timeout=10)
@@ -522,6 +526,7 @@ def test_a_client_that_never_finishes_its_request_is_cut_off(server_factory):
     assert idle.recv(1024) == b""  # connected, said nothing
 
 
+@pytest.mark.slow  # waits out a timeout or a drain
 def test_an_open_websocket_may_idle_longer_than_the_handshake_timeout(server_factory):
     server = server_factory("--handshake-timeout", "1")
     ws = server.websocket("patient")

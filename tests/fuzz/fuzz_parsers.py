@@ -137,7 +137,7 @@ def admin(data: bytes) -> None:
     for parse in (wsboard.parse_send_request, wsboard.parse_publish_request):
         try:
             parse(body.encode("latin-1"))
-        except ValueError:
+        except wsboard.BadRequest:
             pass
 
 
