@@ -5666,10 +5666,7 @@ def admin_action(handle: Callable[["Board", dict], str]) -> str:
     Found (as /sendMessage answers it), 400 for bad input, 503 when it cannot be known."""
     board = request_board()
     try:
-        body = admin_json_body(board)
-        data = strict_json(body.decode("utf-8"))
-    except AnswerNow as refusal:
-        return refusal.answer
+        data = strict_json(admin_json_body(board).decode("utf-8"))
     except (UnicodeDecodeError, BadRequest):
         return json_answer(400, True, "Body must be a JSON object")
     if not isinstance(data, dict):
@@ -5793,16 +5790,16 @@ def read_body(timeout: float) -> bytes:
     return body
 
 
-class AnswerNow(Exception):
-    """A JSON admin request refused: the answer to send as it is."""
-
-    def __init__(self, answer: str) -> None:
-        self.answer = answer
+def json_refusal(status: int, message: str, close: bool = False) -> bottle.HTTPResponse:
+    """An answer in /sendMessage's shape that ends the request where it is raised (and
+    the connection too, when close: its body did not come whole)."""
+    headers = {"Content-Type": "application/json", **({"Connection": "close"} if close else {})}
+    return bottle.HTTPResponse(json.dumps({"error": True, "message": message}), status, headers)
 
 
 def admin_json_body(board: "Board") -> bytes:
     """The body of a state-changing admin request, after the cross-site, encoding, size
-    and time checks; each failure is an AnswerNow with the {"error", "message"} shape."""
+    and time checks; each failure is raised as the answer (json_refusal)."""
     cross_site = cross_site_refusal(board, bottle.request.environ)
     if cross_site:
         board.refused(
@@ -5812,16 +5809,15 @@ def admin_json_body(board: "Board") -> bytes:
             bottle.request.remote_addr,
             cross_site.reason,
         )
-        raise AnswerNow(json_answer(cross_site.status, True, cross_site.reason))
+        raise json_refusal(cross_site.status, cross_site.reason)
     if bottle.request.get_header("Transfer-Encoding"):  # Bottle would spool it whole first
-        raise AnswerNow(json_answer(411, True, "Send the body with a Content-Length"))
+        raise json_refusal(411, "Send the body with a Content-Length")
     if bottle.request.content_length > MAX_FORM_BYTES:
-        raise AnswerNow(json_answer(413, True, f"Body larger than {MAX_FORM_BYTES} bytes"))
+        raise json_refusal(413, f"Body larger than {MAX_FORM_BYTES} bytes")
     try:
         return read_body(board.cfg.handshake_timeout)
     except BodyIncomplete:
-        bottle.response.set_header("Connection", "close")
-        raise AnswerNow(json_answer(408, True, "The body did not arrive whole in time")) from None
+        raise json_refusal(408, "The body did not arrive whole in time", close=True) from None
 
 
 @routes.post("/sendMessage")
@@ -5835,8 +5831,6 @@ def send_message() -> str:
         client_id, message = parse_send_request(admin_json_body(board))
         payload = json.dumps({"message": message}, separators=(",", ":"))
         board.actions.send([client_id], payload, count_all=False)
-    except AnswerNow as refusal:
-        return refusal.answer
     except BadRequest as exc:
         log.warning("sendMessage refused: %s", exc)
         return json_answer(400, True, str(exc))
@@ -5855,8 +5849,6 @@ def publish() -> str:
         channel, message = parse_publish_request(admin_json_body(board))
         payload = json.dumps({"message": message}, separators=(",", ":"))
         count = board.actions.publish([channel], payload)
-    except AnswerNow as refusal:
-        return refusal.answer
     except BadRequest as exc:
         log.warning("publish refused: %s", exc)
         return json_answer(400, True, str(exc))

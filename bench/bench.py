@@ -116,7 +116,12 @@ class Server:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="wsboard-bench-")
         self.control_path = os.path.join(self.dir, "control.sock")
-        command = server_commands(self.port, self.control_path)[name]
+        commands = server_commands(self.port, self.control_path)
+        if name.startswith("wsboard@"):  # another checkout's wsboard.py, for an A/B run
+            command = [*commands["wsboard"]]
+            command[1] = name.split("@", 1)[1]
+        else:
+            command = commands[name]
         self.proc = subprocess.Popen(
             ["taskset", "-c", "0", *command],
             stdout=subprocess.DEVNULL,
@@ -264,7 +269,7 @@ def pipelined(swarm: Swarm, control: Control, count: int) -> float:
 
 def gc_stats(control: Control, name: str) -> dict | None:
     """wsboard's own count and longest time of full collections; the peers have none."""
-    if name != "wsboard":
+    if not name.startswith("wsboard"):
         return None
     control.sock.sendall(b'{"op":"stats"}\n')
     return json.loads(control.line())["gc"]
@@ -472,7 +477,12 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="a one-minute smoke run: 1,000 connections, no waits"
     )
-    parser.add_argument("--servers", default="wsboard,websockets,node-ws,socketio")
+    parser.add_argument(
+        "--servers",
+        default="wsboard,websockets,node-ws,socketio",
+        help="comma-separated; wsboard@PATH runs the wsboard.py at PATH (another checkout, "
+        "for an A/B run against the code before)",
+    )
     parser.add_argument("--counts", help="connection counts, e.g. 1000,10000")
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})

@@ -593,3 +593,44 @@ def test_url_channels_are_bounded_and_checked():
     assert wsboard.parse_channels(["a", "b", "a"], 3) == ("a", "b")
     assert wsboard.parse_channels(["x"] * 4, 3).reason == "Too many channels (limit 3)"
     assert "Invalid channel name" in wsboard.parse_channels(["bad name"], 3).reason
+
+
+# A bug is never a polite answer #################################################
+
+
+def test_a_bug_inside_an_action_is_an_internal_error_on_every_front_end(monkeypatch):
+    board = wsboard.Board()
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug, not an answer")
+
+    for name in ("send", "send_group", "kick", "publish"):
+        monkeypatch.setattr(board.actions, name, broken)
+    ctx = wsboard.ControlConnection(board)
+    assert wsboard.run_command(parse_control_line(b"KICK a"), ctx) == ["ERROR Internal error"]
+    assert wsboard.run_command(parse_control_line(b"SEND MESSAGE a x"), ctx) == [
+        "ERROR Internal error"
+    ]
+    (line,) = wsboard.run_command(parse_control_line(b'{"op":"kick","id":"a"}'), ctx)
+    assert json.loads(line) == {"ok": False, "error": "Internal error"}
+    errors = io.StringIO()
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/sendMessage",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "8080",
+        "HTTP_HOST": "127.0.0.1:8080",
+        "REMOTE_ADDR": "127.0.0.1",
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": "31",
+        "wsgi.input": io.BytesIO(b'{"clientId":"a","message":"x"}'.ljust(31)),
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": errors,
+    }
+    status = []
+    board(environ, lambda s, headers, exc_info=None: status.append(s))
+    assert status[0].startswith("500") and "a bug, not an answer" in errors.getvalue()
+    kick = {**environ, "PATH_INFO": "/admin/kick", "wsgi.input": io.BytesIO(b'{"clientId":"a"}')}
+    kick["CONTENT_LENGTH"] = "16"
+    board(kick, lambda s, headers, exc_info=None: status.append(s))
+    assert status[1].startswith("500")  # a LookupError from a bug was a polite 200 before

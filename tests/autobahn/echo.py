@@ -19,15 +19,23 @@ from geventwebsocket.exceptions import WebSocketError  # noqa: E402
 import wsboard  # noqa: E402  (patches with gevent first)
 
 
-class EchoBoard(wsboard.Board):
-    """A board whose sessions echo what they receive instead of reporting it (its reads
-    are the server's own: the read watcher, the short reading greenlet, the close)."""
+class EchoProtocol(wsboard.WebSocketProtocol):
+    """/websocket, whose sockets echo what they receive instead of reporting it (their
+    reads are the server's own: the read watcher, the short reading greenlet, the close)."""
 
-    def take_message(self, conn: wsboard.Connection, message: object) -> None:
+    def receive(self, board: wsboard.Board, conn: wsboard.Connection, message: object) -> None:
         try:
             conn.ws.send(message, binary=not isinstance(message, str))
         except WebSocketError:
             pass
+
+
+class EchoBoard(wsboard.Board):
+    """A board whose one kind of socket is the echo."""
+
+    def configure(self, cfg: wsboard.Config) -> None:
+        super().configure(cfg)
+        self.protocols = [EchoProtocol()]
 
 
 def main() -> None:
