@@ -25,7 +25,7 @@ EIO_PONG = masked_text(b"3")  # Engine.IO's answer to its "2" ping
 
 
 class Client:
-    __slots__ = ("sock", "buffer", "received", "last_at", "upgraded", "client_id")
+    __slots__ = ("sock", "buffer", "received", "last_at", "upgraded", "client_id", "open")
 
     def __init__(self, sock: socket.socket, client_id: str) -> None:
         self.sock = sock
@@ -34,6 +34,7 @@ class Client:
         self.last_at = 0.0
         self.upgraded = False
         self.client_id = client_id
+        self.open = True  # until the server closes it
 
 
 class Swarm:
@@ -52,20 +53,21 @@ class Swarm:
         self.total = 0  # messages received by all clients, kept rather than summed
         self.pings = 0  # pings answered, so a measurement can start right after a round
         self.busy = 0.0  # seconds spent reading what arrived, polling not counted
+        self.lost = 0  # clients the server closed
 
     def connect(self, count: int, prefix: str = "c", timeout: float = 120.0) -> float:
         """Open count more clients, at most 256 handshakes in flight; return handshakes/s."""
         started = time.perf_counter()
         deadline = time.monotonic() + timeout
         pending: dict[int, Client] = {}
-        opened = 0
+        opened, first = 0, len(self.clients)
         while opened < count or pending:
             while opened < count and len(pending) < 256:
                 sock = socket.socket()
                 sock.bind((SOURCES[opened % len(SOURCES)], 0))
                 sock.connect(("127.0.0.1", self.port))
                 sock.setblocking(False)
-                client_id = f"{prefix}{len(self.clients) + opened}"
+                client_id = f"{prefix}{first + opened}"
                 key = base64.b64encode(os.urandom(16)).decode()
                 sock.send(
                     f"GET {self.path}{client_id} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
@@ -86,8 +88,10 @@ class Swarm:
                 if sep:
                     if not head.startswith(b"HTTP/1.1 101"):
                         raise RuntimeError(f"handshake refused: {head[:80]!r}")
-                    client.buffer, client.upgraded = rest, True
+                    client.buffer, client.upgraded = b"", True
                     self.clients[fd] = pending.pop(fd)
+                    if rest:  # a ping sent right after the 101 came with it: answer it now
+                        self._frames(client, rest, time.perf_counter())
                     if self.socketio:
                         client.sock.send(EIO_CONNECT)
             if time.monotonic() > deadline:
@@ -101,7 +105,13 @@ class Swarm:
             return
         if not data:
             self.poller.unregister(client.sock.fileno())
+            client.open = False
+            self.lost += 1
             return
+        self._frames(client, data, now)
+
+    def _frames(self, client: Client, data: bytes, now: float) -> None:
+        """Take the whole frames of what arrived; keep a partial one for the next read."""
         buffer = client.buffer + data if client.buffer else data
         pos, size = 0, len(buffer)
         while size - pos >= 2:  # walk an index: slicing per frame would be quadratic

@@ -16,6 +16,8 @@ where the processes are left free to use both cores (that is the point of more p
 """
 
 import argparse
+import collections
+import json
 import os
 import shutil
 import socket
@@ -25,9 +27,10 @@ import sys
 import tempfile
 import time
 
+from fleet import Fleet
 from loadgen import Swarm
 
-from bench import ROOT, Control, Server, fanout, free_port, p99, pipelined, send_latency
+from bench import MESSAGE, ROOT, Control, Server, fanout, free_port, p99, pipelined, send_latency
 
 
 class Redis:
@@ -56,6 +59,19 @@ class Redis:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as f:  # taskset execs: this is redis-server
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def used_memory(self) -> int:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"INFO memory\r\n")
+            data = b""
+            while b"used_memory:" not in data or not data.endswith(b"\r\n"):
+                data += sock.recv(65536)
+        return int(data.split(b"used_memory:")[1].split(b"\r\n")[0])
 
     def stop(self) -> None:
         self.proc.kill()
@@ -200,13 +216,206 @@ def broadcast_over_processes(redis: Redis, count: int, rounds: int) -> None:
     print(f"\n4 processes / 1 process: {four / one:.2f}x")
 
 
+class Gunicorn:
+    """gunicorn -c gunicorn.conf.py -w N wsboard:app on Redis: N workers, one control socket."""
+
+    def __init__(self, workers: int, redis: Redis, prefix: str, log_level: str = "warning"):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="wsboard-bench-")
+        self.control_path = os.path.join(self.dir, "control.sock")
+        env = {
+            **os.environ, "WSBOARD_PORT": str(self.port), "WSBOARD_CONTROL": self.control_path,
+            "WSBOARD_REDIS": redis.url, "WSBOARD_REDIS_PREFIX": prefix,
+            "WSBOARD_LOG_LEVEL": log_level, "WSBOARD_MAX_CONNECTIONS": "18000",
+            "WSBOARD_MAX_CONNECTIONS_PER_IP": "50000", "WSBOARD_MAX_HANDSHAKES_PER_IP": "1024",
+        }  # fmt: skip
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", f"0-{(os.cpu_count() or 1) - 1}",  # not the bench's own core
+             sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-w", str(workers),
+             "wsboard:app"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+            stderr=open(os.path.join(self.dir, "log"), "wb"),
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while self.backplane_processes() < workers or len(self.workers()) < workers:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn did not start: {self.log()}")
+            time.sleep(0.2)
+
+    def ask(self, line: str) -> bytes:
+        control = Control(self.control_path)
+        try:
+            control.sock.sendall(line.encode() + b"\n")
+            return control.line()
+        finally:
+            control.sock.close()
+
+    def backplane_processes(self) -> int:
+        try:
+            stats = json.loads(self.ask('{"op":"stats"}'))
+        except (OSError, EOFError, ValueError):
+            return 0
+        return stats.get("backplane", {}).get("processes") or 0
+
+    def workers(self) -> list:
+        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+            return [int(pid) for pid in f.read().split()]
+
+    def rss_kb(self) -> int:
+        total = 0
+        for pid in self.workers():
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return total
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for pid in self.workers():
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    log = Server.log
+    stop = Server.stop
+
+
+def where(server: Gunicorn) -> dict:
+    """Client id -> the number of the process that holds it (connection ids begin with it)."""
+    clients = json.loads(server.ask('{"op":"list"}'))["clients"]
+    return {c["id"]: c["conn"].split(".")[0] for c in clients}
+
+
+def fleet_fanout(fleet: Fleet, control: Control, rounds: int) -> tuple:
+    """BROADCAST to every open client of the fleet, rounds times after a warm-up round."""
+    loops, ends = [], []
+    for round_number in range(rounds + 1):
+        live = fleet.arm_all(1)
+        started = time.perf_counter()
+        control.sock.sendall(f"BROADCAST {MESSAGE}\n".encode())
+        answer = control.line()
+        answered = time.perf_counter()
+        assert answer == f"OK {live}".encode(), (answer, live)
+        last = fleet.last_receive()
+        if round_number:
+            loops.append(answered - started)
+            ends.append(last - started)
+        time.sleep(0.2)
+    return loops, ends
+
+
+def fleet_sends(fleet: Fleet, control: Control, targets: list) -> list:
+    """SEND latency to each (member, index) target: the command until its receive."""
+    latencies = []
+    for member, index in targets:
+        client_id = fleet.arm_one(member, index, 1)
+        started = time.perf_counter()
+        control.sock.sendall(f"SEND MESSAGE {client_id} {MESSAGE}\n".encode())
+        assert control.line() == b"OK"
+        latencies.append(fleet.received_at(member) - started)
+    return latencies
+
+
+def fleet_pipelined(fleet: Fleet, control: Control, member: int, index: int, count: int) -> float:
+    client_id = fleet.arm_one(member, index, count, timeout=120)
+    batch = f"SEND MESSAGE {client_id} {MESSAGE}\n".encode() * count
+    started = time.perf_counter()
+    control.sock.sendall(batch)  # 20,000 answers fit in the socket's buffer meanwhile
+    for _ in range(count):
+        assert control.line() == b"OK"
+    answered = time.perf_counter()
+    return count / (max(answered, fleet.received_at(member)) - started)
+
+
+def processes_on_one_control_socket(
+    redis: Redis, per_process: int, layouts: list, rounds: int, sends: int, piped: int
+) -> None:
+    """gunicorn with N workers on Redis, per_process sockets each, all reached through the one
+    control socket the master bound; a load generator process per 10,000 sockets."""
+    rows, costs = [], []
+    for workers in layouts:
+        server = Gunicorn(workers, redis, f"gw{workers}")
+        members = workers * max(1, per_process // 10000)
+        fleet = Fleet(server.port, members)
+        try:
+            empty_kb = server.rss_kb()
+            total = workers * per_process
+            redis_cpu, redis_bytes = redis.cpu_seconds(), redis.used_memory()
+            rate = fleet.connect(total // members)
+            redis_handshake = (redis.cpu_seconds() - redis_cpu) / total
+            redis_socket = (redis.used_memory() - redis_bytes) / total
+            time.sleep(5)
+            held = where(server)
+            if len(held) != total:  # every client had its 101: say what became of the others
+                missing = [i for m in range(members) for i in fleet.ids(m) if i not in held]
+                print(f"{workers} workers: {len(missing):,} of {total:,} clients not listed, "
+                      f"e.g. {missing[:3]}; fleet {fleet.info()}; log: {server.log()[-1500:]}",
+                      flush=True)  # fmt: skip
+                raise RuntimeError("clients went missing")
+            spread = sorted(collections.Counter(held.values()).values(), reverse=True)
+            kb = (server.rss_kb() - empty_kb) / total
+            cpu = server.cpu_seconds()
+            time.sleep(10)
+            idle = (server.cpu_seconds() - cpu) / 10 * 100
+            control = Control(server.control_path)
+            control.sock.sendall(b'{"op":"stats"}\n')
+            mine = json.loads(control.line())["backplane"]["node"]
+            loops, ends = fleet_fanout(fleet, control, rounds)
+            # Targets spread over every member; each is local or not to this connection.
+            ids = [fleet.ids(m) for m in range(members)]
+            local, remote = [], []
+            for i in range(sends):
+                member = i % members
+                index = (i * 7919) % len(ids[member])
+                node = held[ids[member][index]]
+                (local if str(node) == str(mine) else remote).append((member, index))
+            local_ms = fleet_sends(fleet, control, local) if local else []
+            remote_ms = fleet_sends(fleet, control, remote) if remote else []
+            piped_local = piped_remote = None
+            redis_send = None
+            if local:
+                piped_local = fleet_pipelined(fleet, control, *local[0], piped)
+            if remote:
+                redis_cpu = redis.cpu_seconds()
+                piped_remote = fleet_pipelined(fleet, control, *remote[0], piped)
+                redis_send = (redis.cpu_seconds() - redis_cpu) / piped
+            rows.append((workers, total, spread, kb, server.rss_kb(), idle, rate, loops, ends,
+                         local_ms, remote_ms, piped_local, piped_remote))  # fmt: skip
+            costs.append((workers, redis_handshake, redis_socket, redis_send))
+        finally:
+            fleet.close()
+            server.stop()
+    print(f"\n## 4. gunicorn workers on Redis behind one control socket ({per_process:,} each)\n")
+    print("| workers | sockets | per worker | KB/conn | RSS MB | idle CPU % | handshakes/s | "
+          "BROADCAST OK ms | BROADCAST e2e ms (p99) | SEND p50/p99 ms, holder | SEND "
+          "p50/p99 ms, another worker | pipelined msg/s, holder | another worker |")  # fmt: skip
+    print("|" + "---|" * 13)
+    for (workers, total, spread, kb, rss, idle, rate, loops, ends, local_ms, remote_ms,
+         piped_local, piped_remote) in rows:  # fmt: skip
+        e2e = f"{statistics.median(ends) * 1e3:.1f} ({p99(ends) * 1e3:.1f})"
+        print(f"| {workers} | {total:,} | {'/'.join(f'{n:,}' for n in spread)} | {kb:.2f} | "
+              f"{rss / 1024:.0f} | {idle:.1f} | {rate:,.0f} | "
+              f"{statistics.median(loops) * 1e3:.1f} | {e2e} | "
+              f"{ms(local_ms) if local_ms else '—'} | {ms(remote_ms) if remote_ms else '—'} | "
+              f"{f'{piped_local:,.0f}' if piped_local else '—'} | "
+              f"{f'{piped_remote:,.0f}' if piped_remote else '—'} |")  # fmt: skip
+    print("\n| workers | Redis CPU per handshake us | Redis memory per socket bytes | "
+          "Redis CPU per cross-process SEND us (pipelined) |")  # fmt: skip
+    print("|---|---|---|---|")
+    for workers, handshake, memory, send in costs:
+        send_us = f"{send * 1e6:.1f}" if send is not None else "—"
+        print(f"| {workers} | {handshake * 1e6:.1f} | {memory:,.0f} | {send_us} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sends", type=int, default=2000)
     parser.add_argument("--pipelined", type=int, default=20000)
-    parser.add_argument("--parts", default="1,2,3")
+    parser.add_argument("--parts", default="1,2,3,4")
+    parser.add_argument("--workers", default="1,2,4", help="gunicorn worker counts of part 4")
+    parser.add_argument("--per-process", type=int, default=10000, help="sockets a worker, part 4")
     parser.add_argument("--blocks", type=int, default=4, help="blocks of part 1, taking turns")
     parser.add_argument(
         "--spread", type=int, default=4500,
@@ -217,7 +426,7 @@ def main() -> None:
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if 4 * args.spread + 500 > hard:
+    if "3" in args.parts.split(",") and 4 * args.spread + 500 > hard:
         sys.exit(f"part 3 needs {4 * args.spread + 500} descriptors; the hard limit is {hard}")
     os.sched_setaffinity(0, {1})
     redis = Redis(os.environ.get("REDIS_CORES", "0"))
@@ -231,6 +440,11 @@ def main() -> None:
             cross_process(redis, args.count, args.sends, args.pipelined)
         if "3" in parts:
             broadcast_over_processes(redis, args.spread, args.rounds)
+        if "4" in parts:
+            layouts = [int(n) for n in args.workers.split(",")]
+            processes_on_one_control_socket(
+                redis, args.per_process, layouts, args.rounds, args.sends, args.pipelined
+            )
     finally:
         redis.stop()
     sys.stdout.flush()
