@@ -416,10 +416,11 @@ def test_every_line_with_a_real_verb_and_any_tail_gets_exactly_one_answer(head, 
 # /sendMessage in-process, through the real WSGI app ###########################
 
 
-def post_send_message(board, body: bytes, length: int | None = None) -> tuple:
-    environ = {
+def json_post(path: str, body: bytes, length: int | None = None) -> dict:
+    """The WSGI environ of a local JSON POST to path."""
+    return {
         "REQUEST_METHOD": "POST",
-        "PATH_INFO": "/sendMessage",
+        "PATH_INFO": path,
         "SERVER_NAME": "127.0.0.1",
         "SERVER_PORT": "8080",
         "HTTP_HOST": "127.0.0.1:8080",
@@ -430,6 +431,10 @@ def post_send_message(board, body: bytes, length: int | None = None) -> tuple:
         "wsgi.url_scheme": "http",
         "wsgi.errors": io.StringIO(),
     }
+
+
+def post_send_message(board, body: bytes, length: int | None = None) -> tuple:
+    environ = json_post("/sendMessage", body, length)
     status = []
     chunks = board(environ, lambda s, headers, exc_info=None: status.append(s))
     return int(status[0].split()[0]), json.loads(b"".join(chunks))
@@ -613,24 +618,10 @@ def test_a_bug_inside_an_action_is_an_internal_error_on_every_front_end(monkeypa
     ]
     (line,) = wsboard.run_command(parse_control_line(b'{"op":"kick","id":"a"}'), ctx)
     assert json.loads(line) == {"ok": False, "error": "Internal error"}
-    errors = io.StringIO()
-    environ = {
-        "REQUEST_METHOD": "POST",
-        "PATH_INFO": "/sendMessage",
-        "SERVER_NAME": "127.0.0.1",
-        "SERVER_PORT": "8080",
-        "HTTP_HOST": "127.0.0.1:8080",
-        "REMOTE_ADDR": "127.0.0.1",
-        "CONTENT_TYPE": "application/json",
-        "CONTENT_LENGTH": "31",
-        "wsgi.input": io.BytesIO(b'{"clientId":"a","message":"x"}'.ljust(31)),
-        "wsgi.url_scheme": "http",
-        "wsgi.errors": errors,
-    }
+    send = json_post("/sendMessage", b'{"clientId":"a","message":"x"}')
+    kick = json_post("/admin/kick", b'{"clientId":"a"}')
     status = []
-    board(environ, lambda s, headers, exc_info=None: status.append(s))
-    assert status[0].startswith("500") and "a bug, not an answer" in errors.getvalue()
-    kick = {**environ, "PATH_INFO": "/admin/kick", "wsgi.input": io.BytesIO(b'{"clientId":"a"}')}
-    kick["CONTENT_LENGTH"] = "16"
-    board(kick, lambda s, headers, exc_info=None: status.append(s))
+    for environ in (send, kick):
+        board(environ, lambda s, headers, exc_info=None: status.append(s))
+    assert status[0].startswith("500") and "a bug, not an answer" in send["wsgi.errors"].getvalue()
     assert status[1].startswith("500")  # a LookupError from a bug was a polite 200 before
