@@ -5538,10 +5538,10 @@ def client_json(row: ClientRow) -> dict:
 def admin_state(board: "Board", text: str, offset: int, limit: int) -> dict:
     """What the admin page shows: counters, one page of clients, channels, refusals.
     Raises BackplaneError."""
-    hub = board.hub
-    clients = hub.clients()
+    hub, actions = board.hub, board.actions
+    clients = actions.clients()
     matched = [row for row in clients if client_matches(row, text)] if text else clients
-    channels = sorted(hub.channels().items(), key=lambda item: (-item[1], item[0]))
+    channels = sorted(actions.channels().items(), key=lambda item: (-item[1], item[0]))
     return {
         "stats": {
             "sockets": len(clients),
@@ -5565,7 +5565,7 @@ def admin_state(board: "Board", text: str, offset: int, limit: int) -> dict:
                 "name": name,
                 "sockets": count,
                 "members": (
-                    [m["id"] for m in hub.presence(name)]
+                    [m["id"] for m in actions.presence(name)]
                     if name.startswith(PRESENCE_PREFIX)
                     else None
                 ),
