@@ -10,7 +10,8 @@ runs gevent's monkey-patching for the server): a Django, Flask or plain script c
         for event in board.watch():         # connects, disconnects, messages, until closed
             print(event)
 
-Every call waits at most ``timeout`` seconds for its answer. Failures are exceptions:
+Every call, its connect, write and reads together, takes at most ``timeout`` seconds (above
+0, a day at most), however slowly an answer trickles in. Failures are exceptions:
 ``Unreachable`` (no server at the path), ``PermissionDenied``, ``Timeout`` (no answer in time,
 or with --redis a process that did not confirm), ``BackplaneUnavailable`` (with --redis, Redis
 cannot be reached) and ``CommandError`` (the server refused the command); "no such client" is
