@@ -901,7 +901,7 @@ def test_subscription_counts_of_every_channel_take_one_round_trip_over_redis(
     )
     assert status == 200 and len(answer["channels"]) == 500
     assert answer["channels"]["c7"] == {"subscription_count": 1}
-    assert publishes() - before < 20  # one question to all and their answers, not one a channel
+    assert publishes() - before < 100  # a question to all and its answers; one a channel: 1,000
     reader.close()
 
 
