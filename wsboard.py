@@ -27,11 +27,14 @@ from the hubs up through the actions and the verb table to its connection.
 - Hubs: ``Hub`` (what the rest of the file may call of a hub) and ``SocketLike`` (what a hub
   may touch of a socket), both typing.Protocols; ``LocalHub`` is this process's. A new hub
   implements ``Hub``, passes tests/test_hub.py and is added to ``HUBS``.
-- Scale-out on Redis: ``RedisHub``, a ``LocalHub`` whose operations reach every process
-  through Redis (routes per id and channel, Lua scripts for presence and the inbox); see
-  docs/scaleout.md. It is still a subclass that calls its parent for what happens here; the
-  split into a generic backplane and a Redis transport (which a NATS or PostgreSQL
-  LISTEN/NOTIFY transport would replace alone) is not done yet.
+- Scale-out: ``Backplane``, the hub of one process among many, composed of this process's
+  ``LocalHub`` (which hands it presence and routing through ``LocalHooks``) and a
+  ``Transport`` (a typing.Protocol: publish to a route, subscriptions per route, a home for
+  presence, the shared inbox and idempotency keys). The backplane is generic: requests,
+  ``Answers``, ``Tally``, the message kinds between processes (``HANDLERS``). A new bus
+  (NATS, PostgreSQL LISTEN/NOTIFY) is one class implementing ``Transport``, paired with
+  ``Backplane`` in ``HUBS`` as ``redis_hub`` pairs ``RedisTransport`` (the connection, the
+  pub/sub link, the outbox, the Lua scripts, ``RedisInbox``); see docs/scaleout.md.
 - Events: ``Events`` tells its registered sinks (watchers, the webhook, admin pages); a new
   sink is any object with ``push(line, lifecycle)``, added with ``Events.add``.
 - Actions: ``Actions``, one method per operation (send, publish, kick, join, ...), for every
@@ -2457,7 +2460,7 @@ class IdempotencyKeys:
 ###############################################################################
 # A hub is the only way to the sockets: the actions, the sessions, the limits, the
 # heartbeat, the drain and the metrics call what Hub lists and nothing else. LocalHub holds
-# this process's sockets; RedisHub reaches every process's. A new hub implements Hub (and
+# this process's sockets; a Backplane reaches every process's. A new hub implements Hub (and
 # passes the contract tests in tests/test_hub.py) and is added to HUBS. A hub touches of a
 # socket only what SocketLike lists (the tests' RecordingSocket implements it).
 
@@ -2500,6 +2503,8 @@ class Hub(typing.Protocol):
     def unready_reason(self) -> str | None: ...
 
     def expire(self, now: float) -> None: ...
+
+    def sync(self) -> None: ...  # what this hub changed is in force everywhere (bounded)
 
     # A socket's own life.
     def admit(self, hs: Handshake) -> Refusal | None: ...
@@ -2593,22 +2598,45 @@ class ClientRow(NamedTuple):
     meta: dict | None = None
 
 
-class LocalHub:
-    """The sockets of this process, their inbox and the idempotency keys, in memory."""
+class LocalHooks(typing.Protocol):
+    """Where a hub that composes a LocalHub takes over from it (the backplane does). A
+    LocalHub is its own hooks: the defaults below say what they do in one process."""
 
-    def __init__(self, cfg: Config, events: "Events | None" = None, node: str = "") -> None:
+    def settle(self, conn: "Connection") -> None: ...  # conn can be reached from everywhere
+
+    def member_joined(self, channel: str, member: dict) -> None: ...  # first socket of an id
+
+    def member_left(self, channel: str, client_id: str) -> None: ...  # its last one, after grace
+
+    def members_frames(self, conn: "Connection", channel: str) -> list: ...  # conn's member list
+
+
+class LocalHub:
+    """The sockets of this process, their inbox and the idempotency keys, in memory. hooks:
+    the hub composing this one, where it takes over (LocalHooks); inbox: a shared one."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        events: "Events | None" = None,
+        node: str = "",
+        hooks: LocalHooks | None = None,
+        inbox: object = None,
+    ) -> None:
         self.cfg = cfg
         self.node = node or "1"  # what connection ids begin with: "<node>.<n>"
         self.events = events if events is not None else Events()
+        self.hooks: LocalHooks = hooks if hooks is not None else self
         self.registry = Registry()
         self.meta: dict[str, dict] = {}  # what the backend attached to an id, while it is here
         self.leaving: dict[tuple, gevent.Greenlet] = {}  # (channel, id) -> its delayed leave
         self.forgetting: dict[str, gevent.Greenlet] = {}  # id -> its metadata's delayed drop
-        self.inbox = (
-            Inbox(cfg.inbox, cfg.inbox_bytes, cfg.inbox_ttl, cfg.inbox_ids, cfg.inbox_total_bytes)
-            if cfg.inbox
-            else None
-        )
+        self.awaiting: dict = {}  # (conn, channel) -> presence changes held behind its list
+        if inbox is None and cfg.inbox:
+            inbox = Inbox(
+                cfg.inbox, cfg.inbox_bytes, cfg.inbox_ttl, cfg.inbox_ids, cfg.inbox_total_bytes
+            )
+        self.inbox = inbox
         self.keys = IdempotencyKeys(cfg.idempotency_window)
         self.delivered = Delivered()
 
@@ -2635,13 +2663,13 @@ class LocalHub:
         self._keep_meta(conn.client_id)
         limit = self.cfg.max_channels_per_socket  # hs.channels is bounded by it too
         joined = [channel for channel in hs.channels if self.registry.join(conn, channel, limit)]
-        self._settle(conn)
+        self.hooks.settle(conn)
         frames = conn.framing.opening(self.inbox, conn, hs, time.time())
         for channel in joined:
             frames += self._joined(conn, channel)
         return frames
 
-    def _settle(self, conn: Connection | None = None) -> None:
+    def settle(self, conn: Connection) -> None:
         """Wait until a socket just registered can be reached from everywhere (here: it is)."""
 
     def start(self) -> None:
@@ -2652,6 +2680,13 @@ class LocalHub:
 
     def stop(self) -> None:
         """End it, after the sockets have gone."""
+
+    def drop_timers(self) -> None:
+        """Forget the delayed leaves and metadata drops (a composing hub's stop tells them)."""
+        for timer in [*self.leaving.values(), *self.forgetting.values()]:
+            timer.kill(block=False)
+        self.leaving.clear()
+        self.forgetting.clear()
 
     def unready_reason(self) -> str | None:
         """Why this hub cannot serve now (for /readyz), or None."""
@@ -2693,7 +2728,7 @@ class LocalHub:
         if not self.registry.count_for_id(client_id):
             self.meta.pop(client_id, None)
 
-    def _member(self, member: str, channel: str) -> dict:
+    def member(self, member: str, channel: str) -> dict:
         """A presence member as listings show it: its id, and the metadata the backend
         attached to that id or (for a Pusher user) the user_info it joined with."""
         meta = self.meta.get(member)
@@ -2701,19 +2736,25 @@ class LocalHub:
             meta = self.registry.member_info(channel, member)
         return {"id": member, "meta": meta}
 
-    def _tell_members(self, channel: str, change: dict, but: Connection | None = None) -> None:
+    def tell_members(self, channel: str, change: dict) -> None:
+        """Tell channel's listeners here of a member's change, but not the sockets of the
+        member that came (its own list says it); held behind a member list still coming."""
         frames: dict = {}  # encoded once per framing
+        joined = change.get("join", {}).get("id")
         for conn in self.registry.presence_listeners(channel):
-            if conn is not but:
-                frame = frames.get(conn.framing)
-                if frame is None:
-                    frame = frames[conn.framing] = conn.framing.presence_change(
-                        conn, channel, change
-                    )
-                try:
-                    conn.ws.send_frame_bytes(frame)
-                except WebSocketError:
-                    pass
+            if conn.member(channel) == joined:
+                continue
+            frame = frames.get(conn.framing)
+            if frame is None:
+                frame = frames[conn.framing] = conn.framing.presence_change(conn, channel, change)
+            held = self.awaiting.get((conn, channel))
+            if held is not None:
+                held.append(frame)
+                continue
+            try:
+                conn.ws.send_frame_bytes(frame)
+            except WebSocketError:
+                pass
 
     def _joined(self, conn: Connection, channel: str) -> list:
         """After conn joined channel: tell the others when its id is new there; return the
@@ -2725,25 +2766,23 @@ class LocalHub:
         if timer is not None:  # back within the grace: it never left
             timer.kill(block=False)
         elif self.registry.presence_sockets(channel, member) == 1:  # its first
-            self._member_joined(channel, conn)
+            self.hooks.member_joined(channel, self.member(member, channel))
         if not conn.framing.tells_presence:
             return []
-        return self._members_frames(conn, channel)
+        return self.hooks.members_frames(conn, channel)
 
-    def _member_joined(self, channel: str, conn: Connection) -> None:
-        """conn's member became one of channel's here: tell the others and the sinks."""
-        joined = self._member(conn.member(channel), channel)
-        self._tell_members(channel, {"join": joined}, but=conn)
-        self.events.emit("join", channel=channel, id=joined["id"], meta=joined["meta"])
+    def member_joined(self, channel: str, member: dict) -> None:
+        """An id became one of channel's members: tell the others and the sinks."""
+        self.tell_members(channel, {"join": member})
+        self.events.emit("join", channel=channel, id=member["id"], meta=member["meta"])
 
-    def _member_left(self, channel: str, client_id: str) -> None:
-        self._tell_members(channel, {"leave": {"id": client_id}})
+    def member_left(self, channel: str, client_id: str) -> None:
+        self.tell_members(channel, {"leave": {"id": client_id}})
         self.events.emit("leave", channel=channel, id=client_id)
 
-    def _members_frames(self, conn: Connection, channel: str) -> list:
+    def members_frames(self, conn: Connection, channel: str) -> list:
         """What a socket that is told presence gets first on joining a presence channel."""
-        members = [self._member(i, channel) for i in self.registry.presence_ids(channel)]
-        return [conn.framing.presence_members(conn, channel, members)]
+        return [conn.framing.presence_members(conn, channel, self.presence(channel))]
 
     def _left(self, client_id: str, channel: str) -> None:
         if self.registry.presence_sockets(channel, client_id):
@@ -2752,7 +2791,7 @@ class LocalHub:
 
     def _leave_now(self, client_id: str, channel: str) -> None:
         if not self.registry.presence_sockets(channel, client_id):
-            self._member_left(channel, client_id)
+            self.hooks.member_left(channel, client_id)
 
     def set_meta(self, client_id: str, meta: dict | None) -> int:
         """Attach meta to an id with open sockets (None takes it off); return its sockets."""
@@ -2767,7 +2806,7 @@ class LocalHub:
 
     def presence(self, channel: str) -> list:
         """The members of a presence channel: its ids, with their metadata."""
-        return [self._member(i, channel) for i in self.registry.presence_ids(channel)]
+        return [self.member(i, channel) for i in self.registry.presence_ids(channel)]
 
     # Delivery.
 
@@ -2866,11 +2905,11 @@ class LocalHub:
             if user is not None and conn.users:
                 conn.users.pop(channel, None)
             return None
-        self._settle(conn)  # its route is in force before it is told it is in
+        self.hooks.settle(conn)  # its route is in force before it is told it is in
         if already:
-            return (
-                self._members_frames(conn, channel) if channel.startswith(PRESENCE_PREFIX) else []
-            )
+            if not channel.startswith(PRESENCE_PREFIX):
+                return []
+            return self.hooks.members_frames(conn, channel)
         return self._joined(conn, channel)
 
     def unsubscribe(self, conn: Connection, channel: str) -> bool:
@@ -2933,9 +2972,15 @@ class LocalHub:
 
     def count(self, channel: str | None = None) -> tuple:
         """(open sockets, distinct ids among them), everywhere or in channel."""
+        sockets, ids = self.count_with_ids(channel)
+        return sockets, len(ids)
+
+    def count_with_ids(self, channel: str | None = None) -> list:
+        """[open sockets, their distinct ids], everywhere or in channel: a backplane adds up
+        the sockets of every process and counts the ids once."""
         registry = self.registry
         conns = registry.open_connections() if channel is None else registry.members(channel)
-        return len(conns), len({c.client_id for c in conns})
+        return [len(conns), list({c.client_id for c in conns})]
 
     def channel_clients(self, channel: str) -> list:
         return [self._row(c) for c in self.registry.members(channel)]
@@ -2998,17 +3043,865 @@ class LocalHub:
 
 
 ###############################################################################
-# Scale-out on Redis ##########################################################
+# Scale-out: the backplane ####################################################
 ###############################################################################
-# With --redis every process shares one id space. Routing rides on Redis pub/sub: each
-# process subscribes to a route for every client id and every channel it holds sockets
-# of, so a SEND is one PUBLISH that only the holders hear, and PUBLISH's count says how
-# many answers to wait for; each holder answers with the sockets that took the message,
-# so OK means delivered. A process that dies loses its subscriptions with its connection
-# and drops out of routing at once; one that hangs is cut off by the others after
-# --node-timeout. Listings ask every live process and wait for all of them, or say
-# Timeout. Presence counts and the inbox live in Redis, each change one Lua script, so
-# one atomic step; what Redis loses is put back by the live processes when it returns.
+# With --redis every process shares one id space, and its hub is a Backplane: this
+# process's LocalHub (``here``, which hands over presence and routing through LocalHooks)
+# composed with a transport that carries messages between processes. Routing rides on
+# subscriptions: each process listens on a route for every client id and every channel it
+# holds sockets of (the Registry's watch says when one comes or goes), so a SEND is one
+# message that only the holders hear; the transport says how many heard it, so how many
+# answers to wait for, and each holder answers with the sockets that took it, so OK means
+# delivered. A process that dies drops out of routing with its connection; one that hangs
+# is cut off by the others after --node-timeout. Listings ask every live process and wait
+# for all of them, or say Timeout.
+#
+# The backplane is generic: requests and their Answers, the Tally of a send, the message
+# kinds between processes (HANDLERS) and who else holds an id. What it needs of a bus is
+# the Transport protocol; RedisTransport (the next section) is the one there is. A NATS or
+# PostgreSQL LISTEN/NOTIFY transport would implement Transport alone (publish to a route and
+# say how many heard it, one subscription per route, and a home for presence counts, the
+# shared inbox and idempotency keys) and be paired with Backplane in HUBS, as redis_hub does.
+
+
+class Answers:
+    """The answers to one request: as many as the transport said processes heard it."""
+
+    __slots__ = ("expected", "values", "done", "error", "reply")
+
+    def __init__(self) -> None:
+        self.expected = -1
+        self.values: list = []
+        self.done = gevent.event.Event()
+        self.error = ""  # TIMEOUT or UNAVAILABLE when the request's fate is not known
+        self.reply: object = None  # what the bus answered (how many heard it, a script's list)
+
+    def heard(self, reply: object) -> None:
+        self.reply = reply
+        self.expect(reply[0] if isinstance(reply, list) else reply)
+
+    def fail(self, error: str) -> None:
+        self.error = self.error or error
+        self.done.set()
+
+    def expect(self, heard: int) -> None:
+        self.expected = heard
+        if len(self.values) >= heard:
+            self.done.set()
+
+    def add(self, value: object) -> None:
+        self.values.append(value)
+        if 0 <= self.expected <= len(self.values):
+            self.done.set()
+
+    @property
+    def complete(self) -> bool:
+        return 0 <= self.expected <= len(self.values)
+
+    def unknown(self) -> str:
+        """Why what was asked is not known (TIMEOUT, UNAVAILABLE), or "" when it is."""
+        return self.error or ("" if self.complete else TIMEOUT)
+
+
+class Tally:
+    """What one send reached, counted as its answers come in: a SendResult at the end."""
+
+    __slots__ = ("sockets", "queued", "seq", "missing", "unconfirmed", "trouble")
+
+    def __init__(self) -> None:
+        self.sockets = self.queued = 0
+        self.seq: dict = {}
+        self.missing: list = []
+        self.unconfirmed: list = []
+        self.trouble = TIMEOUT
+
+    def miss(self, client_id: str, trouble: str = "") -> None:
+        """client_id got nothing; trouble: its fate is not known, and why."""
+        self.missing.append(client_id)
+        if trouble:
+            self.unconfirmed.append(client_id)
+            self.trouble = trouble
+
+    def result(self) -> SendResult:
+        return SendResult(
+            self.sockets, self.queued, self.seq, self.missing, False, tuple(self.unconfirmed),
+            self.trouble,
+        )  # fmt: skip
+
+
+class Transport(typing.Protocol):
+    """What a Backplane asks of the bus between processes. A route is a name: "all", "ev",
+    "n:<node>", ID_ROUTE + id or CHANNEL_ROUTE + channel; a message is a dict. The transport
+    calls its backplane back: heard(message, batch) for each message, in order, and
+    burst_done() after each burst; link_came_up() and link_went_down(); wanted_routes()
+    when it subscribes anew. Calls that must know an answer raise BackplaneError."""
+
+    up: bool  # messages flow both ways now
+    inbox: "RedisInbox | None"  # the shared inbox, when --inbox is on
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...  # this process leaves: its memberships end, told once
+
+    def stats(self) -> dict: ...  # state, processes, since, reconnects, error, routes, ...
+
+    # Routes and messages.
+    def route_changed(self, route: str, wanted: bool) -> None: ...
+
+    def wait_routes(self) -> None: ...  # until the routes asked for so far are in force
+
+    def routes_settled(self) -> bool: ...  # no route change is on its way
+
+    def publish(self, route: str, message: dict, answers: Answers | None = None) -> None: ...
+
+    def listeners_later(self, route: str, answers: Answers) -> None: ...  # in publish order
+
+    def listeners(self, routes: list) -> list: ...  # how many processes hear each, now
+
+    def beat(self) -> None: ...  # this process lives; those that stopped beating are ended
+
+    # What lives in the shared store.
+    def send_numbered(
+        self, client_id: str, text: str, keep_offline: bool, head: dict, answers: Answers
+    ) -> None: ...
+
+    def claim(self, key: str) -> SendResult | None: ...
+
+    def settle_key(self, key: str, result: SendResult) -> None: ...
+
+    def member_changed(self, kind: str, channel: str, client_id: str, meta: object) -> None: ...
+
+    def rejoin(self, memberships: dict) -> None: ...  # {"channel id": meta} held here
+
+    def sync(self) -> None: ...  # the membership changes queued so far are in force
+
+    def set_watching(self, watched: bool) -> None: ...
+
+    def watchers(self) -> set: ...
+
+
+class EventRelay:
+    """The sink that hands this process's events to the others' watchers. The webhook is
+    told only by the process where an event happened, so it gets each event once."""
+
+    def __init__(self, backplane: "Backplane") -> None:
+        self.backplane = backplane
+
+    def push(self, line: str, lifecycle: bool) -> None:
+        backplane = self.backplane
+        backplane.transport.publish(
+            "ev", {"k": "ev", "o": backplane.node, "l": lifecycle, "e": line}
+        )
+
+
+class Backplane:
+    """The hub of one process among many: its sockets (a LocalHub) reached from every
+    process through a transport (see the banner). Implements Hub and LocalHooks."""
+
+    FIXED = ("all", "ev")  # routes every process hears, beside its own n:<node>
+    groups_sends = True  # a run of SEND lines costs one round trip to the bus, not one each
+
+    def __init__(
+        self,
+        cfg: Config,
+        transport: "Callable[[Backplane], Transport]",
+        events: "Events | None" = None,
+        node: str = "",
+    ) -> None:
+        self.cfg = cfg
+        self.node = node or str(10**11 + secrets.randbelow(9 * 10**11))
+        self.events = events if events is not None else Events()
+        self.transport: Transport = transport(self)
+        self.inbox = self.transport.inbox
+        self.here = LocalHub(cfg, self.events, self.node, hooks=self, inbox=self.inbox)
+        self.registry = self.here.registry
+        self.registry.watch = self._route_changed
+        self.delivered = self.here.delivered
+        # Events go to the other processes only while one of them has a watcher.
+        self.relay = EventRelay(self)
+        self.events.changed = self._watchers_changed
+        self.watched_here = False
+        self.watch_notice_at = 0.0
+        self.requests = itertools.count(1)
+        self.answers: dict[str, Answers] = {}
+        self.others: dict = {}  # id held here -> how many other processes hold it (None: unknown)
+        self.counted_at: dict = {}  # id -> when others[id] was last counted
+        self.heard_here: dict = {}  # id -> when another process last said it gained it
+        self.announcing: dict = {}  # id -> Event set once its "here" is answered
+        self.fresh: list = []  # ids that got their first socket here, not yet announced
+        self.replies: list = []  # (origin, request, value) to send after the reader's batch
+        self.floors: dict = {}  # Connection -> last seq its opening gave it, while it resumes
+        self.heart: gevent.Greenlet | None = None
+
+    # Life.
+
+    def start(self) -> None:
+        self.transport.start()
+        self.heart = gevent.spawn(self._heartbeat)
+
+    def stop(self) -> None:
+        """Leave: end this process's memberships (their leaves are told) and its record."""
+        self.here.drop_timers()
+        if self.heart is not None:
+            self.heart.kill(block=True, timeout=1)
+        self.transport.stop()
+
+    def unready_reason(self) -> str | None:
+        return None if self.transport.up else "backplane down"
+
+    def expire(self, now: float) -> None:
+        """Keys and inboxes expire in the shared store by themselves."""
+
+    def sync(self) -> None:
+        """Wait (bounded) until the memberships queued so far are in force and everything
+        published before now has been heard here."""
+        self.transport.sync()
+        try:
+            self._query("n:" + self.node, "channels")
+        except BackplaneError:
+            pass
+
+    # A socket's own life: this process's part is the local hub's. Opening frames from the
+    # shared inbox: later messages at or below the floor came with them.
+
+    def admit(self, hs: Handshake) -> Refusal | None:
+        return self.here.admit(hs)
+
+    def attach(self, conn: Connection, hs: Handshake) -> list:
+        frames = self.here.attach(conn, hs)
+        if self.inbox is not None and conn.client_id in self.inbox.opened:
+            # Read after its route was in force: what is heard now up to that number, it has.
+            self.floors[conn] = self.inbox.opened.pop(conn.client_id)
+            gevent.spawn_later(5 * self.cfg.redis_timeout, self.floors.pop, conn, None)
+        return frames
+
+    def detach(self, conn: Connection) -> None:
+        self.floors.pop(conn, None)
+        self.here.detach(conn)
+
+    def subscribe(self, conn: Connection, channel: str, user: tuple | None = None) -> list | None:
+        return self.here.subscribe(conn, channel, user)
+
+    def unsubscribe(self, conn: Connection, channel: str) -> bool:
+        return self.here.unsubscribe(conn, channel)
+
+    def local_connections(self) -> list:
+        return self.here.local_connections()
+
+    def local_count(self) -> int:
+        return self.here.local_count()
+
+    # Routes: which ids and channels this process holds, as the transport's subscriptions.
+
+    def _route_changed(self, route: str, wanted: bool) -> None:
+        self.transport.route_changed(route, wanted)
+        if route.startswith(ID_ROUTE):
+            client_id = route[len(ID_ROUTE) :]
+            if wanted:
+                self.others[client_id] = None  # not known until announced
+                self.fresh.append(client_id)
+            else:
+                self.others.pop(client_id, None)
+                self.counted_at.pop(client_id, None)
+                if self.transport.up:
+                    self.transport.publish(route, {"k": "gone", "o": self.node, "i": client_id})
+
+    def wanted_routes(self) -> list:
+        return [
+            *self.FIXED,
+            "n:" + self.node,
+            *(ID_ROUTE + i for i in self.registry.ids()),
+            *(CHANNEL_ROUTE + c for c in self.registry.channel_names()),
+        ]
+
+    def settle(self, conn: Connection) -> None:
+        """A socket was just registered: wait (bounded) until the bus routes its id and
+        channels here, so a SEND from any process the moment it has its 101 finds it."""
+        fresh, self.fresh = self.fresh, []
+        if not self.transport.up:
+            return
+        self.transport.wait_routes()
+        for client_id in fresh:
+            self._announce(client_id)
+        if conn.client_id in self.announcing:  # another socket's doing
+            self.announcing[conn.client_id].wait(self.cfg.redis_timeout)
+
+    # The transport's calls back.
+
+    def heard(self, message: dict, batch: Batch) -> None:
+        """A message from the bus (run on the transport's reader, in order)."""
+        handler = self.HANDLERS.get(message.get("k"))
+        if handler is not None:
+            handler(self, message, batch)
+
+    def burst_done(self) -> None:
+        """The reader has nothing more buffered: its held frames are out, answer now."""
+        self._send_replies()
+
+    def link_came_up(self) -> None:
+        self.counted_at.clear()  # every id is recounted, its route now in force
+        gevent.spawn(self._rejoin)
+
+    def link_went_down(self) -> None:
+        for answers in self.answers.values():
+            answers.fail(TIMEOUT)  # asked, perhaps carried out: not known
+        for client_id in self.others:
+            self.others[client_id] = None  # who else holds it is learnt anew when the link is back
+
+    def _rejoin(self) -> None:
+        """The link is (back) up: the bus's view of this process is made true again."""
+        try:
+            self.transport.rejoin(self._memberships())
+            self.transport.beat()
+            self._recount()
+            self._recount_watchers()
+        except BackplaneError:
+            pass
+
+    def _memberships(self) -> dict:
+        """{"channel id": meta} of every presence membership here, with those whose leave
+        waits out the grace."""
+        here, registry = self.here, self.registry
+        pairs = [(c, i) for c in registry.presence_channels() for i in registry.presence_ids(c)]
+        pairs += list(here.leaving)
+        return {f"{c} {i}": here.member(i, c)["meta"] for c, i in pairs}
+
+    def _heartbeat(self) -> None:
+        """This process says it lives, and what others hold and watch is counted anew."""
+        while True:
+            gevent.sleep(self.cfg.node_timeout / 5)
+            if not self.transport.up:
+                continue
+            try:
+                self.transport.beat()
+                self._recount()
+                self._recount_watchers()
+            except BackplaneError:
+                pass
+            except Exception:
+                log.exception("backplane heartbeat failed")
+
+    # Sending and asking.
+
+    def _ask(self, route: str, message: dict) -> tuple:
+        """Publish a request to route; (answers, complete) once every process that heard it
+        has answered, or the timeout is over."""
+        if not self.transport.up:
+            raise BackplaneError(UNAVAILABLE)
+        request = str(next(self.requests))
+        message["o"], message["r"] = self.node, request
+        answers = self.answers[request] = Answers()
+        try:
+            self.transport.publish(route, message, answers)
+            answers.done.wait(self.cfg.redis_timeout)
+        finally:
+            del self.answers[request]
+        if answers.error:
+            raise BackplaneError(answers.error)
+        return answers.values, answers.complete
+
+    def _ask_all(self, route: str, message: dict) -> list:
+        values, complete = self._ask(route, message)
+        if not complete:
+            raise BackplaneError(TIMEOUT)
+        return values
+
+    def _answer(self, message: dict, value: object) -> None:
+        """Answer a request once the frames it made have left the reader's batch."""
+        self.replies.append((message["o"], message["r"], value))
+
+    def _send_replies(self) -> None:
+        replies, self.replies = self.replies, []
+        elsewhere: dict = {}  # origin -> [[request, value]]: one message each per burst
+        for origin, request, value in replies:
+            if origin == self.node:
+                answers = self.answers.get(request)
+                if answers is not None:
+                    answers.add(value)
+            else:
+                elsewhere.setdefault(origin, []).append([request, value])
+        for origin, answered in elsewhere.items():
+            self.transport.publish("n:" + origin, {"k": "a", "rs": answered})
+
+    def send(
+        self,
+        ids: Iterable[str],
+        text: str,
+        keep_offline: bool,
+        key: str | None = None,
+        batch: Batch | None = None,
+        count_all: bool = True,
+    ) -> SendResult:
+        if key is not None:
+            earlier = self.transport.claim(key)
+            if earlier is not None:
+                return earlier._replace(duplicate=True)
+        (result,) = self.send_many([(ids, text, keep_offline)], batch, count_all)
+        if key is not None:
+            self.transport.settle_key(key, result)
+        return result
+
+    def send_many(
+        self, sends: Sequence[tuple], batch: Batch | None = None, count_all: bool = True
+    ) -> list:
+        """Several sends, (ids, text, keep_offline) each, in order, their bus part in one
+        round trip: what a control connection's run of SEND lines becomes. count_all=False:
+        once a socket here took it, the answer need not wait to count the others."""
+        sends = [(list(dict.fromkeys(ids)), text, keep) for ids, text, keep in sends]
+        if self.inbox is not None:
+            return self._send_numbered(sends)
+        return self._send_here_first(sends, batch, count_all)
+
+    def _send_here_first(self, sends: list, batch: Batch | None, count_all: bool) -> list:
+        """This process's sockets get it at once. The bus is told only when some other process
+        may hold the id (self.others says), or none here does; those copies are marked so
+        that this process, hearing its own, does not deliver twice."""
+        tallies, waits = [], []
+        for ids, text, _ in sends:
+            tally = Tally()
+            tallies.append(tally)
+            for client_id in ids:
+                conns = self.registry.sockets_of(client_id)
+                took = deliver(conns, text, None, batch, count=self.delivered) if conns else 0
+                tally.sockets += took
+                if conns and self.others.get(client_id) == 0:  # nobody else has it
+                    if not took:
+                        tally.miss(client_id)
+                    continue
+                if not self.transport.up:
+                    if not took:
+                        tally.miss(client_id, UNAVAILABLE)
+                    continue
+                message = {"k": "s", "o": self.node, "i": client_id, "t": text, "h": 1}
+                answers = None
+                if took and not count_all:
+                    message["q"] = 1  # no answer wanted
+                else:
+                    request = message["r"] = str(next(self.requests))
+                    answers = self.answers[request] = Answers()
+                    waits.append((tally, client_id, took, request, answers))
+                self.transport.publish(ID_ROUTE + client_id, message, answers)
+        for tally, client_id, took, _, answers in self._awaited(waits):
+            elsewhere = sum(answers.values)
+            tally.sockets += elsewhere
+            if not took and not elsewhere:
+                tally.miss(client_id, answers.unknown())
+        return [tally.result() for tally in tallies]
+
+    def _send_numbered(self, sends: list) -> list:
+        """With the inbox: the transport numbers, keeps and publishes each message in one
+        step, and this process delivers its own copies when it hears them, in number order."""
+        if not self.transport.up:
+            return [self._send_here(ids, text, None) for ids, text, _ in sends]
+        tallies, waits = [], []
+        for ids, text, keep_offline in sends:
+            tally = Tally()
+            tallies.append(tally)
+            for client_id in ids:
+                request = str(next(self.requests))
+                answers = self.answers[request] = Answers()
+                waits.append((tally, client_id, 0, request, answers))
+                head = {"k": "s", "o": self.node, "r": request, "i": client_id, "t": text}
+                self.transport.send_numbered(client_id, text, keep_offline, head, answers)
+        for tally, client_id, _, _, answers in self._awaited(waits):
+            heard, seq = answers.reply[:2] if isinstance(answers.reply, list) else (0, 0)
+            if seq:
+                tally.seq[client_id] = seq
+            took = sum(answers.values)
+            tally.sockets += took
+            if took:
+                continue
+            if answers.reply is not None and not heard and seq:
+                tally.queued += 1  # kept for when it comes
+            else:
+                tally.miss(client_id, answers.unknown())
+        return [tally.result() for tally in tallies]
+
+    def _awaited(self, waits: list) -> Iterator[tuple]:
+        """Each (tally, id, took, request, answers) once its answers are in, or the one
+        deadline for all of them is past; the requests are forgotten after."""
+        deadline = time.monotonic() + self.cfg.redis_timeout
+        try:
+            for wait in waits:
+                wait[4].done.wait(max(0.0, deadline - time.monotonic()))
+                yield wait
+        finally:
+            for wait in waits:
+                del self.answers[wait[3]]
+
+    def _send_here(self, ids: list, text: str, batch: Batch | None) -> SendResult:
+        """The bus cannot be reached: this process's sockets still get it (unnumbered)."""
+        tally = Tally()
+        for client_id in ids:
+            conns = self.registry.sockets_of(client_id)
+            took = deliver(conns, text, None, batch, count=self.delivered) if conns else 0
+            tally.sockets += took
+            if not took:
+                tally.miss(client_id, UNAVAILABLE)
+        return tally.result()
+
+    def send_to_connection(self, conn_id: str, text: str, batch: Batch | None = None) -> int:
+        message = {"k": "sc", "cn": conn_id, "t": text}
+        return sum(self._ask_all("n:" + conn_id.partition(".")[0], message))
+
+    def broadcast(self, text: str, batch: Batch | None = None) -> int:
+        if not self.transport.up:  # refused whole, so that a retry doubles nothing
+            raise BackplaneError(UNAVAILABLE)
+        here = self.here.broadcast(text, batch)
+        return here + sum(self._ask_all("all", {"k": "b", "t": text, "h": 1}))
+
+    def publish(
+        self,
+        channels: Sequence[str],
+        text: str,
+        except_conn: str | None = None,
+        batch: Batch | None = None,
+        event: str | None = None,
+        user_id: str | None = None,
+    ) -> int:
+        # One channel: only the processes with members hear it. Several: every process, so
+        # a socket in two of them still gets it once.
+        if not self.transport.up:
+            raise BackplaneError(UNAVAILABLE)
+        here = self.here.publish(channels, text, except_conn, batch, event, user_id)
+        route = CHANNEL_ROUTE + channels[0] if len(channels) == 1 else "all"
+        message = {"k": "pub", "c": list(channels), "t": text, "x": except_conn, "h": 1}
+        if event is not None:
+            message["e"] = event
+        if user_id is not None:
+            message["u"] = user_id
+        return here + sum(self._ask_all(route, message))
+
+    def _target_route(self, client_id: str | None, conn_id: str | None) -> str:
+        return "n:" + conn_id.partition(".")[0] if conn_id else ID_ROUTE + client_id
+
+    def join(self, channel: str, client_id: str | None = None, conn_id: str | None = None) -> tuple:
+        message = {"k": "j", "c": channel, "i": client_id, "cn": conn_id}
+        values = self._ask_all(self._target_route(client_id, conn_id), message)
+        return sum(v[0] for v in values), sum(v[1] for v in values)
+
+    def leave(
+        self, channel: str, client_id: str | None = None, conn_id: str | None = None
+    ) -> tuple:
+        message = {"k": "l", "c": channel, "i": client_id, "cn": conn_id}
+        values = self._ask_all(self._target_route(client_id, conn_id), message)
+        return sum(v[0] for v in values), sum(v[1] for v in values)
+
+    def kick(self, client_id: str, code: int, reason: str) -> int:
+        message = {"k": "k", "i": client_id, "code": code, "why": reason}
+        return sum(self._ask_all(ID_ROUTE + client_id, message))
+
+    def kick_connection(self, conn_id: str, code: int, reason: str) -> int:
+        message = {"k": "kc", "cn": conn_id, "code": code, "why": reason}
+        return sum(self._ask_all("n:" + conn_id.partition(".")[0], message))
+
+    def set_meta(self, client_id: str, meta: dict | None) -> int:
+        return sum(self._ask_all(ID_ROUTE + client_id, {"k": "m", "i": client_id, "meta": meta}))
+
+    def terminate_user(self, user_id: str, code: int, reason: str) -> int:
+        if not self.transport.up:
+            raise BackplaneError(UNAVAILABLE)
+        here = self.here.terminate_user(user_id, code, reason)
+        message = {"k": "tu", "i": user_id, "code": code, "why": reason, "h": 1}
+        return here + sum(self._ask_all("all", message))
+
+    # What there is: asked of every process that can have it.
+
+    def _query(self, route: str, name: str, *args: object) -> list:
+        return self._ask_all(route, {"k": "q", "q": name, "a": list(args)})
+
+    def clients(self) -> list:
+        rows = [ClientRow(*row) for rows in self._query("all", "clients") for row in rows]
+        return sorted(rows, key=lambda row: row.since)
+
+    def channel_clients(self, channel: str) -> list:
+        rows = self._query(CHANNEL_ROUTE + channel, "channel", channel)
+        return sorted((ClientRow(*row) for part in rows for row in part), key=lambda r: r.since)
+
+    def online(self, ids: Sequence[str]) -> list:
+        found = {i for part in self._query("all", "online", list(ids)) for i in part}
+        return [i for i in dict.fromkeys(ids) if i in found]
+
+    def count(self, channel: str | None = None) -> tuple:
+        route = "all" if channel is None else CHANNEL_ROUTE + channel
+        parts = self._query(route, "count", channel)
+        return sum(p[0] for p in parts), len({i for p in parts for i in p[1]})
+
+    def channels(self) -> dict:
+        counts: collections.Counter = collections.Counter()
+        for part in self._query("all", "channels"):
+            counts.update(part)
+        return dict(counts)
+
+    def presence(self, channel: str) -> list:
+        members: dict = {}
+        for part in self._query(CHANNEL_ROUTE + channel, "presence", channel):
+            for member in part:
+                if members.get(member["id"], {}).get("meta") is None:
+                    members[member["id"]] = member
+        return list(members.values())
+
+    def stats(self) -> dict:
+        link = self.transport.stats()
+        return {
+            "sockets": len(self.registry.open_connections()),
+            "inbox_ids": 0,
+            "inbox_bytes": 0,
+            "backplane": {
+                "state": link["state"],
+                "node": self.node,
+                **{k: link[k] for k in ("processes", "since", "reconnects", "error", "routes")},
+                "ids_elsewhere_too": sum(1 for n in self.others.values() if n),
+                "ids_not_counted": sum(1 for n in self.others.values() if n is None),
+                "waiting": link["waiting"],
+                "dropped": link["dropped"],
+            },
+        }
+
+    # What other processes ask of this one (run on the transport's reader, in order).
+
+    def _ours(self, message: dict) -> bool:
+        """A copy of what this process already delivered here itself."""
+        return "h" in message and message["o"] == self.node
+
+    def _on_send(self, message: dict, batch: Batch) -> None:
+        if self._ours(message):
+            took = 0
+        else:
+            conns, seq = self.registry.sockets_of(message["i"]), message.get("s")
+            if conns and seq is not None and self.floors:
+                conns = [c for c in conns if seq > self.floors.get(c, 0)]
+            took = deliver(conns, message["t"], seq, batch, count=self.delivered) if conns else 0
+        if "q" not in message:
+            self._answer(message, took)
+
+    def _on_send_to_connection(self, message: dict, batch: Batch) -> None:
+        self._answer(message, self.here.send_to_connection(message["cn"], message["t"], batch))
+
+    def _on_broadcast(self, message: dict, batch: Batch) -> None:
+        took = 0 if self._ours(message) else self.here.broadcast(message["t"], batch)
+        self._answer(message, took)
+
+    def _on_publish(self, message: dict, batch: Batch) -> None:
+        if self._ours(message):
+            self._answer(message, 0)
+            return
+        event, user_id = message.get("e"), message.get("u")
+        sockets = self.here.publish(message["c"], message["t"], message["x"], batch, event, user_id)
+        self._answer(message, sockets)
+
+    # Who else holds an id: a process that gains one says so ("here", answered by every
+    # holder, before its socket's 101) and one that loses it says "gone"; the heartbeat
+    # recounts from the bus. Sends to an id nobody else holds never touch the bus.
+
+    def _on_here(self, message: dict, batch: Batch) -> None:
+        client_id = message["i"]
+        held = client_id in self.others
+        if held and message["o"] != self.node:
+            if self.others[client_id] is not None:
+                self.others[client_id] += 1
+            self.heard_here[client_id] = time.monotonic()
+        self._answer(message, int(held and message["o"] != self.node))
+
+    def _on_gone(self, message: dict, batch: Batch) -> None:
+        client_id = message["i"]
+        if message["o"] != self.node and self.others.get(client_id):
+            self.others[client_id] -= 1
+
+    def _announce(self, client_id: str) -> None:
+        """Tell the other holders of client_id that this process has it too, and learn how
+        many they are; until then (or if that fails) every send to it asks the bus."""
+        done = self.announcing[client_id] = gevent.event.Event()
+        try:
+            # Our route is in force: if the bus counts no other listener, nobody is to be told
+            # (one that subscribes later counts us, and says "here" itself).
+            counted = Answers()
+            self.transport.listeners_later(ID_ROUTE + client_id, counted)
+            counted.done.wait(self.cfg.redis_timeout)
+            if counted.error or counted.reply is None:
+                return
+            others = 0
+            if counted.reply > 1:
+                values, complete = self._ask(ID_ROUTE + client_id, {"k": "here", "i": client_id})
+                if not complete:
+                    return
+                others = sum(values)
+            if client_id in self.others:
+                self.others[client_id] = others
+                self.counted_at[client_id] = time.monotonic()
+        except BackplaneError:
+            pass
+        finally:
+            done.set()
+            if self.announcing.get(client_id) is done:
+                del self.announcing[client_id]
+
+    def _recount(self) -> None:
+        """Who else holds each id, from the bus's own count of listeners (less this process):
+        puts right what a lost notice made wrong. A "here" heard meanwhile is kept."""
+        settled = time.monotonic() - 1.0  # an id counted just now may not be subscribed yet
+        busy = set(self.announcing) | set(self.fresh)  # their routes may not be in force yet
+        ids = [i for i, at in self.counted_at.items() if at < settled and i not in busy]
+        if self.transport.routes_settled():
+            ids += [
+                i
+                for i, n in self.others.items()
+                if n is None and i not in self.counted_at and i not in busy
+            ]
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            asked = time.monotonic()
+            counts = self.transport.listeners([ID_ROUTE + i for i in chunk])
+            for client_id, listeners in zip(chunk, counts, strict=True):
+                if client_id not in self.others:
+                    continue
+                others = max(0, listeners - 1)
+                if self.heard_here.get(client_id, 0) > asked:
+                    others = max(others, self.others[client_id] or 0)
+                self.others[client_id] = others
+                self.counted_at[client_id] = asked
+        self.heard_here.clear()
+
+    def _on_join(self, message: dict, batch: Batch) -> None:
+        found = self.here.join(message["c"], message["i"], message["cn"])
+        self._answer(message, list(found))
+
+    def _on_leave(self, message: dict, batch: Batch) -> None:
+        found = self.here.leave(message["c"], message["i"], message["cn"])
+        self._answer(message, list(found))
+
+    def _on_kick(self, message: dict, batch: Batch) -> None:
+        self._answer(message, self.here.kick(message["i"], message["code"], message["why"]))
+
+    def _on_terminate_user(self, message: dict, batch: Batch) -> None:
+        if self._ours(message):
+            self._answer(message, 0)
+            return
+        took = self.here.terminate_user(message["i"], message["code"], message["why"])
+        self._answer(message, took)
+
+    def _on_kick_connection(self, message: dict, batch: Batch) -> None:
+        code, why = message["code"], message["why"]
+        self._answer(message, self.here.kick_connection(message["cn"], code, why))
+
+    def _on_meta(self, message: dict, batch: Batch) -> None:
+        self._answer(message, self.here.set_meta(message["i"], message["meta"]))
+
+    QUERIES = {
+        "clients": lambda here: [list(row) for row in here.clients()],
+        "channel": lambda here, channel: [list(r) for r in here.channel_clients(channel)],
+        "online": lambda here, ids: here.online(ids),
+        "count": lambda here, channel: here.count_with_ids(channel),
+        "channels": lambda here: here.channels(),
+        "presence": lambda here, channel: here.presence(channel),
+    }
+
+    def _on_query(self, message: dict, batch: Batch) -> None:
+        self._answer(message, self.QUERIES[message["q"]](self.here, *message["a"]))
+
+    def _on_answer(self, message: dict, batch: Batch) -> None:
+        for request, value in message["rs"]:
+            answers = self.answers.get(request)
+            if answers is not None:
+                answers.add(value)
+
+    def _on_presence(self, message: dict, batch: Batch) -> None:
+        self.here.tell_members(message["c"], message["change"])
+
+    def _on_event(self, message: dict, batch: Batch) -> None:
+        if message["o"] != self.node:
+            self.events.tell(message["e"], message["l"])
+
+    def _watchers_changed(self) -> None:
+        watched = self.events.watched
+        if watched == self.watched_here:
+            return
+        self.watched_here = watched
+        try:
+            self.transport.set_watching(watched)
+        except BackplaneError:
+            pass  # the heartbeat says it again
+        if watched and self.transport.up:  # once answered, every process sends its events here
+            try:
+                self._ask("all", {"k": "watching"})
+            except BackplaneError:
+                pass
+
+    def _on_watching(self, message: dict, batch: Batch) -> None:
+        if message["o"] != self.node:
+            self.watch_notice_at = time.monotonic()
+            self.events.add(self.relay)
+        self._answer(message, 1)
+
+    def _recount_watchers(self) -> None:
+        asked = time.monotonic()
+        if self.watched_here:
+            self.transport.set_watching(True)
+        if self.transport.watchers() - {self.node}:
+            self.events.add(self.relay)
+        elif self.watch_notice_at < asked:  # no watcher came meanwhile
+            self.events.remove(self.relay)
+
+    HANDLERS = {
+        "s": _on_send,
+        "sc": _on_send_to_connection,
+        "b": _on_broadcast,
+        "pub": _on_publish,
+        "j": _on_join,
+        "l": _on_leave,
+        "k": _on_kick,
+        "kc": _on_kick_connection,
+        "tu": _on_terminate_user,
+        "m": _on_meta,
+        "q": _on_query,
+        "a": _on_answer,
+        "p": _on_presence,
+        "ev": _on_event,
+        "here": _on_here,
+        "gone": _on_gone,
+        "watching": _on_watching,
+    }
+
+    # Presence across processes: the transport keeps this process's memberships in the
+    # shared store, in order; a member joins or leaves when the first process gains it or
+    # the last one loses it, and that process alone tells the event sinks (LocalHooks).
+
+    def member_joined(self, channel: str, member: dict) -> None:
+        self.transport.member_changed("join", channel, member["id"], member["meta"])
+
+    def member_left(self, channel: str, client_id: str) -> None:
+        self.transport.member_changed("leave", channel, client_id, None)
+
+    def members_frames(self, conn: Connection, channel: str) -> list:
+        """The member list needs every process: it follows soon, and until it is sent the
+        socket's presence changes wait behind it."""
+        self.here.awaiting[(conn, channel)] = []
+        gevent.spawn(self._send_members, conn, channel)
+        return []
+
+    def _send_members(self, conn: Connection, channel: str) -> None:
+        try:
+            members = self.presence(channel)
+        except BackplaneError:
+            members = self.here.presence(channel)
+        held = self.here.awaiting.pop((conn, channel), [])
+        frames = [conn.framing.presence_members(conn, channel, members), *held]
+        try:
+            if not conn.ws.closed:
+                conn.ws.write_frames(frames)
+        except WebSocketError:
+            pass
+
+
+###############################################################################
+# Scale-out: the Redis transport ##############################################
+###############################################################################
+# The backplane's bus on Redis. Routes are pub/sub channels (under --redis-prefix): one
+# pub/sub link, read by one greenlet, subscribes this process to its routes, and PUBLISH's
+# count says how many processes heard a message. Every publish of this process takes one
+# lane (the outbox, pipelined), so every process hears them in the order they were made.
+# Presence counts and the inbox live in Redis, each change one Lua script, so one atomic
+# step; what Redis loses is put back by the live processes when it returns (rejoin).
 
 # The inbox: KEYS box meta, box list, the id's route; ARGV text, keep when nobody heard
 # (1/0), size, ttl, an epoch for a new box, the message without its "s" and closing brace.
@@ -3117,19 +4010,19 @@ class RedisInbox:
     a client resumes on whichever process it reaches. Bounded per id by --inbox and by age
     (the box expires --inbox-ttl after its last message); Redis's maxmemory bounds the rest."""
 
-    def __init__(self, hub: "RedisHub") -> None:
-        self.hub = hub
+    def __init__(self, transport: "RedisTransport") -> None:
+        self.transport = transport
         self.opened: dict = {}  # id -> the last number its latest opening read (see attach)
 
     def _open(self, client_id: str, take: bool) -> list:
-        hub = self.hub
-        keys = [hub.key("im", client_id), hub.key("ib", client_id)]
-        args = [secrets.token_hex(4), int(hub.cfg.inbox_ttl), int(take)]
-        return hub.call(hub.scripts["inbox_open"], keys, args)
+        transport = self.transport
+        keys = [transport.key("im", client_id), transport.key("ib", client_id)]
+        args = [secrets.token_hex(4), int(transport.cfg.inbox_ttl), int(take)]
+        return transport.call(transport.scripts["inbox_open"], keys, args)
 
     def _items(self, raw: list, now: float) -> list:
         """(seq, text) of raw items no older than the ttl."""
-        ttl, items = self.hub.cfg.inbox_ttl, []
+        ttl, items = self.transport.cfg.inbox_ttl, []
         for entry in raw:
             seq, text, at = json.loads(entry)
             if now - at <= ttl:
@@ -3159,98 +4052,19 @@ class RedisInbox:
         return box, [(seq, text) for seq, text in items if seq > last], last + 1 < first_kept
 
 
-class Answers:
-    """The answers to one request: as many as PUBLISH said processes heard it."""
-
-    __slots__ = ("expected", "values", "done", "error", "reply")
-
-    def __init__(self) -> None:
-        self.expected = -1
-        self.values: list = []
-        self.done = gevent.event.Event()
-        self.error = ""  # TIMEOUT or UNAVAILABLE when the request's fate is not known
-        self.reply: object = None  # what Redis answered (PUBLISH's count, a script's list)
-
-    def heard(self, reply: object) -> None:
-        self.reply = reply
-        self.expect(reply[0] if isinstance(reply, list) else reply)
-
-    def fail(self, error: str) -> None:
-        self.error = self.error or error
-        self.done.set()
-
-    def expect(self, heard: int) -> None:
-        self.expected = heard
-        if len(self.values) >= heard:
-            self.done.set()
-
-    def add(self, value: object) -> None:
-        self.values.append(value)
-        if 0 <= self.expected <= len(self.values):
-            self.done.set()
-
-    @property
-    def complete(self) -> bool:
-        return 0 <= self.expected <= len(self.values)
-
-    def unknown(self) -> str:
-        """Why what was asked is not known (TIMEOUT, UNAVAILABLE), or "" when it is."""
-        return self.error or ("" if self.complete else TIMEOUT)
-
-
-class Tally:
-    """What one send reached, counted as its answers come in: a SendResult at the end."""
-
-    __slots__ = ("sockets", "queued", "seq", "missing", "unconfirmed", "trouble")
-
-    def __init__(self) -> None:
-        self.sockets = self.queued = 0
-        self.seq: dict = {}
-        self.missing: list = []
-        self.unconfirmed: list = []
-        self.trouble = TIMEOUT
-
-    def miss(self, client_id: str, trouble: str = "") -> None:
-        """client_id got nothing; trouble: its fate is not known, and why."""
-        self.missing.append(client_id)
-        if trouble:
-            self.unconfirmed.append(client_id)
-            self.trouble = trouble
-
-    def result(self) -> SendResult:
-        return SendResult(
-            self.sockets, self.queued, self.seq, self.missing, False, tuple(self.unconfirmed),
-            self.trouble,
-        )  # fmt: skip
-
-
-class EventRelay:
-    """The sink that hands this process's events to the others' watchers. The webhook is
-    told only by the process where an event happened, so it gets each event once."""
-
-    def __init__(self, hub: "RedisHub") -> None:
-        self.hub = hub
-
-    def push(self, line: str, lifecycle: bool) -> None:
-        self.hub.post("ev", {"k": "ev", "o": self.hub.node, "l": lifecycle, "e": line})
-
-
 OUTBOX_SIZE = 100_000  # publishes (or membership changes) that may wait for Redis
 
 
-class RedisHub(LocalHub):
-    """LocalHub's sockets, reached from every process through Redis (see the banner)."""
+class RedisTransport:
+    """A Backplane's bus on Redis (see the banner): implements Transport."""
 
-    FIXED = ("all", "ev")  # routes every process hears, beside its own n:<node>
-    groups_sends = True  # a run of SEND lines costs one round trip to Redis, not one each
-
-    def __init__(self, cfg: Config, events: "Events | None" = None, node: str = "") -> None:
-        super().__init__(cfg, events)
+    def __init__(self, backplane: Backplane) -> None:
         if redis is None:
             raise ConfigError("--redis needs the redis package: pip install 'wsboard[redis]'")
-        self.node = node or str(10**11 + secrets.randbelow(9 * 10**11))
-        self.registry.watch = self._route_changed
-        self.inbox = RedisInbox(self) if cfg.inbox else None
+        self.backplane = backplane
+        self.cfg = cfg = backplane.cfg
+        self.node = backplane.node
+        self.events = backplane.events  # presence changes are told where Redis confirms them
         self.pool = redis.BlockingConnectionPool.from_url(
             cfg.redis,
             max_connections=16,
@@ -3274,25 +4088,11 @@ class RedisHub(LocalHub):
                 ("beat", BEAT),
             )
         }
-        # Events go to the other processes only while one of them has a watcher.
-        self.relay = EventRelay(self)
-        self.events.changed = self._watchers_changed
-        self.watched_here = False
-        self.watch_notice_at = 0.0
-        self.requests = itertools.count(1)
-        self.answers: dict[str, Answers] = {}
-        self.others: dict = {}  # id held here -> how many other processes hold it (None: unknown)
-        self.counted_at: dict = {}  # id -> when others[id] was last counted
-        self.heard_here: dict = {}  # id -> when another process last said it gained it
-        self.announcing: dict = {}  # id -> Event set once its "here" is answered
-        self.fresh: list = []  # ids that got their first socket here, not yet announced
-        self.replies: list = []  # (origin, request, value) to send after the reader's batch
-        self.floors: dict = {}  # Connection -> last seq its opening gave it, while it resumes
-        self.awaiting: dict = {}  # (Connection, channel) -> presence frames held for it
+        self.inbox = RedisInbox(self) if cfg.inbox else None
         # The pub/sub link: one connection, read by one greenlet, written by the link's
         # greenlet before it is up and by the subscriber's after.
         self.link = None
-        self.link_up = False
+        self.up = False
         self.link_client_id = 0
         self.link_since = 0.0
         self.link_error = ""
@@ -3306,7 +4106,7 @@ class RedisHub(LocalHub):
         self.last_batch.set()
         self.batches = itertools.count(1)
         # Bounded: while Redis is away nothing may pile up without end (what does not fit is
-        # dropped and counted; memberships are put right by _rejoin).
+        # dropped and counted; memberships are put right by rejoin).
         self.outbox: gevent.queue.Queue = gevent.queue.Queue(OUTBOX_SIZE)
         self.presence_queue: gevent.queue.Queue = gevent.queue.Queue(OUTBOX_SIZE)
         self.dropped = 0
@@ -3353,10 +4153,18 @@ class RedisHub(LocalHub):
             if self.warned():
                 log.warning("redis is not keeping up: %d publishes dropped so far", self.dropped)
 
-    def post(self, route: str, message: dict) -> None:
-        """Publish without waiting for anything (answers, events, notices)."""
+    def publish(self, route: str, message: dict, answers: Answers | None = None) -> None:
+        """PUBLISH through the outbox; answers hears how many processes heard it."""
         data = json.dumps(message, separators=(",", ":"))
-        self._enqueue(("PUBLISH", (self.key(route), data), None))
+        self._enqueue(("PUBLISH", (self.key(route), data), answers))
+
+    def listeners_later(self, route: str, answers: Answers) -> None:
+        """How many processes subscribe to route, asked behind what was published before."""
+        self._enqueue(("NUMSUB", (self.key(route),), answers))
+
+    def listeners(self, routes: list) -> list:
+        counts = self.call("PUBSUB", "NUMSUB", *(self.key(r) for r in routes))
+        return [int(n) for n in counts[1::2]]
 
     # Start and stop.
 
@@ -3366,15 +4174,11 @@ class RedisHub(LocalHub):
             gevent.spawn(self._subscriber),
             gevent.spawn(self._publisher),
             gevent.spawn(self._presence_writer),
-            gevent.spawn(self._heartbeat),
         ]
 
     def stop(self) -> None:
-        """Leave: end this process's memberships (their leaves are told) and its record."""
+        """End this process's memberships (their leaves are told) and its record."""
         self.stopping = True
-        for timer in [*self.leaving.values(), *self.forgetting.values()]:
-            timer.kill(block=False)
-        self.leaving.clear()
         gevent.killall(self.greenlets, block=True, timeout=1)
         self.greenlets = []
         try:
@@ -3385,32 +4189,33 @@ class RedisHub(LocalHub):
             pass
         if self.link is not None:
             self.link.disconnect()
-        self.link_up = False
+        self.up = False
         self.pool.disconnect()
 
-    # Routes: which ids and channels this process holds, as Redis subscriptions.
+    def stats(self) -> dict:
+        return {
+            "state": "up" if self.up else "down",
+            "processes": self.nodes_seen,
+            "since": round(self.link_since, 3) if self.up else None,
+            "reconnects": max(0, self.reconnects - 1),
+            "error": "" if self.up else self.link_error,
+            "routes": len(self.subscribed),
+            "waiting": self.outbox.qsize(),
+            "dropped": self.dropped,
+        }
 
-    def _route_changed(self, route: str, wanted: bool) -> None:
+    # Routes as subscriptions of the link.
+
+    def route_changed(self, route: str, wanted: bool) -> None:
         self.changes[route] = wanted
         self.changed.set()
-        if route.startswith(ID_ROUTE):
-            client_id = route[len(ID_ROUTE) :]
-            if wanted:
-                self.others[client_id] = None  # not known until announced
-                self.fresh.append(client_id)
-            else:
-                self.others.pop(client_id, None)
-                self.counted_at.pop(client_id, None)
-                if self.link_up:
-                    self.post(route, {"k": "gone", "o": self.node, "i": client_id})
 
-    def _wanted_routes(self) -> list:
-        return [
-            *self.FIXED,
-            "n:" + self.node,
-            *(ID_ROUTE + i for i in self.registry.ids()),
-            *(CHANNEL_ROUTE + c for c in self.registry.channel_names()),
-        ]
+    def wait_routes(self) -> None:
+        event = self.next_batch if self.changes else self.last_batch
+        event.wait(self.cfg.redis_timeout)
+
+    def routes_settled(self) -> bool:
+        return not self.inflight and not self.changes
 
     def _subscriber(self) -> None:
         """Ask Redis for the routes that changed, many in one command, then a PING whose
@@ -3444,19 +4249,6 @@ class RedisHub(LocalHub):
         self.last_batch = done
         link.send_command("PING", token)
 
-    def _settle(self, conn: Connection | None = None) -> None:
-        """A socket was just registered: wait (bounded) until Redis routes its id and
-        channels here, so a SEND from any process the moment it has its 101 finds it."""
-        fresh, self.fresh = self.fresh, []
-        if not self.link_up:
-            return
-        event = self.next_batch if self.changes else self.last_batch
-        event.wait(self.cfg.redis_timeout)
-        for client_id in fresh:
-            self._announce(client_id)
-        if conn is not None and conn.client_id in self.announcing:  # another socket's doing
-            self.announcing[conn.client_id].wait(self.cfg.redis_timeout)
-
     # The link: connect, subscribe, read until it breaks, start again.
 
     def _link_forever(self) -> None:
@@ -3486,7 +4278,7 @@ class RedisHub(LocalHub):
             link.send_command("CLIENT", "ID")
             self.link_client_id = int(link.read_response())
         self.changes.clear()
-        routes = self._wanted_routes()
+        routes = self.backplane.wanted_routes()
         self.subscribed = set(routes)
         done = gevent.event.Event()
         self._send_batch(link, routes, [], done)
@@ -3497,35 +4289,34 @@ class RedisHub(LocalHub):
         self._read(link, done)
 
     def _up_or_cut(self, link: object) -> None:
-        if self.link is link and not self.link_up:
+        if self.link is link and not self.up:
             log.warning("redis link not confirmed in time; starting it again")
             link.disconnect()
 
     def _link_down(self) -> None:
-        was_up, self.link_up, link, self.link = self.link_up, False, self.link, None
+        was_up, self.up, link, self.link = self.up, False, self.link, None
         if link is not None:
             link.disconnect()
         for event in self.inflight.values():
             event.set()
         self.inflight.clear()
-        for answers in self.answers.values():
-            answers.fail(TIMEOUT)  # asked, perhaps carried out: not known
-        for client_id in self.others:
-            self.others[client_id] = None  # who else holds it is learnt anew when the link is back
+        self.backplane.link_went_down()
         if was_up and not self.stopping:
             log.warning("redis link down: %s; local sockets are still served", self.link_error)
 
     def _read(self, link: object, first: gevent.event.Event) -> None:
         batch = Batch()
+        backplane = self.backplane
         while True:
             response = link.read_response(disconnect_on_error=False)
             kind = response[0]
             if kind == b"message":
                 try:
                     message = json.loads(response[2])
-                    handler = self.HANDLERS.get(message.get("k"))
-                    if handler is not None:
-                        handler(self, message, batch)
+                    if message.get("k") == "probe":
+                        self.probe_seen = max(self.probe_seen, message["n"])
+                    else:
+                        backplane.heard(message, batch)
                 except Exception:  # one bad message costs itself, never the link
                     log.exception("redis message failed: %r", response[2][:200])
             elif kind == b"pong":
@@ -3536,188 +4327,36 @@ class RedisHub(LocalHub):
                     self._link_up()
             if not link.can_read(0):  # nothing more buffered: let the held frames out
                 batch.release()
-                self._send_replies()
+                backplane.burst_done()
 
     def _link_up(self) -> None:
         self.probe_seen = self.probe_sent
-        self.link_up = True
+        self.up = True
         self.link_since = time.time()
         self.reconnects += 1
         log.info("redis link up (node %s, client %d)", self.node, self.link_client_id)
-        self.counted_at.clear()  # every id is recounted, its route now in force
-        gevent.spawn(self._rejoin)
+        self.backplane.link_came_up()
 
-    # Sending and asking.
+    # What lives in Redis: numbered sends, idempotency keys, presence, watchers.
 
-    def _ask(self, route: str, message: dict) -> tuple:
-        """Publish a request to route; (answers, complete) once every process that heard it
-        has answered, or the timeout is over."""
-        if not self.link_up:
-            raise BackplaneError(UNAVAILABLE)
-        request = str(next(self.requests))
-        message["o"], message["r"] = self.node, request
-        answers = self.answers[request] = Answers()
-        try:
-            self._enqueue(("PUBLISH", (self.key(route), json.dumps(message)), answers))
-            answers.done.wait(self.cfg.redis_timeout)
-        finally:
-            del self.answers[request]
-        if answers.error:
-            raise BackplaneError(answers.error)
-        return answers.values, answers.complete
+    def send_numbered(
+        self, client_id: str, text: str, keep_offline: bool, head: dict, answers: Answers
+    ) -> None:
+        """Number, keep and publish text to client_id's route in one script; answers hears
+        [how many heard it, its number, the box's epoch]."""
+        keys = [self.key("im", client_id), self.key("ib", client_id)]
+        keys.append(self.key(ID_ROUTE + client_id))
+        args = [
+            text,
+            int(keep_offline),
+            self.cfg.inbox,
+            int(self.cfg.inbox_ttl),
+            secrets.token_hex(4),
+            json.dumps(head)[:-1],  # the script adds "s", the number it gives
+        ]
+        self._enqueue(("inbox_send", (keys, args), answers))
 
-    def _ask_all(self, route: str, message: dict) -> list:
-        values, complete = self._ask(route, message)
-        if not complete:
-            raise BackplaneError(TIMEOUT)
-        return values
-
-    def _answer(self, message: dict, value: object) -> None:
-        """Answer a request once the frames it made have left the reader's batch."""
-        self.replies.append((message["o"], message["r"], value))
-
-    def _send_replies(self) -> None:
-        replies, self.replies = self.replies, []
-        elsewhere: dict = {}  # origin -> [[request, value]]: one message each per burst
-        for origin, request, value in replies:
-            if origin == self.node:
-                answers = self.answers.get(request)
-                if answers is not None:
-                    answers.add(value)
-            else:
-                elsewhere.setdefault(origin, []).append([request, value])
-        for origin, answered in elsewhere.items():
-            self.post("n:" + origin, {"k": "a", "rs": answered})
-
-    def send(
-        self,
-        ids: Iterable[str],
-        text: str,
-        keep_offline: bool,
-        key: str | None = None,
-        batch: Batch | None = None,
-        count_all: bool = True,
-    ) -> SendResult:
-        if key is not None:
-            earlier = self._claim(key)
-            if earlier is not None:
-                return earlier._replace(duplicate=True)
-        (result,) = self.send_many([(ids, text, keep_offline)], batch, count_all)
-        if key is not None:
-            self._settle_key(key, result)
-        return result
-
-    def send_many(
-        self, sends: Sequence[tuple], batch: Batch | None = None, count_all: bool = True
-    ) -> list:
-        """Several sends, (ids, text, keep_offline) each, in order, their Redis part in one
-        pipeline: what a control connection's run of SEND lines becomes. count_all=False:
-        once a socket here took it, the answer need not wait to count the others."""
-        sends = [(list(dict.fromkeys(ids)), text, keep) for ids, text, keep in sends]
-        if self.inbox is not None:
-            return self._send_numbered(sends)
-        return self._send_here_first(sends, batch, count_all)
-
-    def _send_here_first(self, sends: list, batch: Batch | None, count_all: bool) -> list:
-        """This process's sockets get it at once. Redis is told only when some other process
-        may hold the id (self.others says), or none here does; those copies are marked so
-        that this process, hearing its own, does not deliver twice."""
-        tallies, waits = [], []
-        for ids, text, _ in sends:
-            tally = Tally()
-            tallies.append(tally)
-            for client_id in ids:
-                conns = self.registry.sockets_of(client_id)
-                took = deliver(conns, text, None, batch, count=self.delivered) if conns else 0
-                tally.sockets += took
-                if conns and self.others.get(client_id) == 0:  # nobody else has it
-                    if not took:
-                        tally.miss(client_id)
-                    continue
-                if not self.link_up:
-                    if not took:
-                        tally.miss(client_id, UNAVAILABLE)
-                    continue
-                message = {"k": "s", "o": self.node, "i": client_id, "t": text, "h": 1}
-                answers = None
-                if took and not count_all:
-                    message["q"] = 1  # no answer wanted
-                else:
-                    request = message["r"] = str(next(self.requests))
-                    answers = self.answers[request] = Answers()
-                    waits.append((tally, client_id, took, request, answers))
-                route = self.key(ID_ROUTE + client_id)
-                self._enqueue(("PUBLISH", (route, json.dumps(message)), answers))
-        for tally, client_id, took, _, answers in self._awaited(waits):
-            elsewhere = sum(answers.values)
-            tally.sockets += elsewhere
-            if not took and not elsewhere:
-                tally.miss(client_id, answers.unknown())
-        return [tally.result() for tally in tallies]
-
-    def _send_numbered(self, sends: list) -> list:
-        """With the inbox: a script numbers, keeps and publishes each message in one step,
-        and this process delivers its own copies when it hears them, in number order."""
-        if not self.link_up:
-            return [self._send_here(ids, text, None) for ids, text, _ in sends]
-        tallies, waits = [], []
-        for ids, text, keep_offline in sends:
-            tally = Tally()
-            tallies.append(tally)
-            for client_id in ids:
-                request = str(next(self.requests))
-                answers = self.answers[request] = Answers()
-                waits.append((tally, client_id, 0, request, answers))
-                head = {"k": "s", "o": self.node, "r": request, "i": client_id, "t": text}
-                keys = [self.key("im", client_id), self.key("ib", client_id)]
-                keys.append(self.key(ID_ROUTE + client_id))
-                args = [
-                    text,
-                    int(keep_offline),
-                    self.cfg.inbox,
-                    int(self.cfg.inbox_ttl),
-                    secrets.token_hex(4),
-                    json.dumps(head)[:-1],  # the script adds "s", the number it gives
-                ]
-                self._enqueue(("inbox_send", (keys, args), answers))
-        for tally, client_id, _, _, answers in self._awaited(waits):
-            heard, seq = answers.reply[:2] if isinstance(answers.reply, list) else (0, 0)
-            if seq:
-                tally.seq[client_id] = seq
-            took = sum(answers.values)
-            tally.sockets += took
-            if took:
-                continue
-            if answers.reply is not None and not heard and seq:
-                tally.queued += 1  # kept for when it comes
-            else:
-                tally.miss(client_id, answers.unknown())
-        return [tally.result() for tally in tallies]
-
-    def _awaited(self, waits: list) -> Iterator[tuple]:
-        """Each (tally, id, took, request, answers) once its answers are in, or the one
-        deadline for all of them is past; the requests are forgotten after."""
-        deadline = time.monotonic() + self.cfg.redis_timeout
-        try:
-            for wait in waits:
-                wait[4].done.wait(max(0.0, deadline - time.monotonic()))
-                yield wait
-        finally:
-            for wait in waits:
-                del self.answers[wait[3]]
-
-    def _send_here(self, ids: list, text: str, batch: Batch | None) -> SendResult:
-        """Redis cannot be reached: this process's sockets still get it (unnumbered)."""
-        tally = Tally()
-        for client_id in ids:
-            conns = self.registry.sockets_of(client_id)
-            took = deliver(conns, text, None, batch, count=self.delivered) if conns else 0
-            tally.sockets += took
-            if not took:
-                tally.miss(client_id, UNAVAILABLE)
-        return tally.result()
-
-    def _claim(self, key: str) -> SendResult | None:
+    def claim(self, key: str) -> SendResult | None:
         """Take key for this send, or the result of the send that took it first (waiting,
         bounded, while that one is still going on); None: go ahead."""
         name, pending = self.key("key", key), int(self.cfg.redis_timeout * 5000)
@@ -3739,7 +4378,7 @@ class RedisHub(LocalHub):
                 raise
             return None  # no Redis: no other process can be sent to anyway
 
-    def _settle_key(self, key: str, result: SendResult) -> None:
+    def settle_key(self, key: str, result: SendResult) -> None:
         name = self.key("key", key)
         try:
             if result.sockets or result.queued:
@@ -3751,412 +4390,15 @@ class RedisHub(LocalHub):
         except BackplaneError:
             pass
 
-    def send_to_connection(self, conn_id: str, text: str, batch: Batch | None = None) -> int:
-        message = {"k": "sc", "cn": conn_id, "t": text}
-        return sum(self._ask_all("n:" + conn_id.partition(".")[0], message))
+    def member_changed(self, kind: str, channel: str, client_id: str, meta: object) -> None:
+        """An id joined ("join") or left ("leave") a presence channel here: queued for the
+        presence writer, which keeps Redis's counts in order."""
+        self._enqueue((kind, channel, client_id, meta), self.presence_queue)
 
-    def broadcast(self, text: str, batch: Batch | None = None) -> int:
-        if not self.link_up:  # refused whole, so that a retry doubles nothing
-            raise BackplaneError(UNAVAILABLE)
-        here = LocalHub.broadcast(self, text, batch)
-        return here + sum(self._ask_all("all", {"k": "b", "t": text, "h": 1}))
-
-    def publish(
-        self,
-        channels: Sequence[str],
-        text: str,
-        except_conn: str | None = None,
-        batch: Batch | None = None,
-        event: str | None = None,
-        user_id: str | None = None,
-    ) -> int:
-        # One channel: only the processes with members hear it. Several: every process, so
-        # a socket in two of them still gets it once.
-        if not self.link_up:
-            raise BackplaneError(UNAVAILABLE)
-        here = LocalHub.publish(self, channels, text, except_conn, batch, event, user_id)
-        route = CHANNEL_ROUTE + channels[0] if len(channels) == 1 else "all"
-        message = {"k": "pub", "c": list(channels), "t": text, "x": except_conn, "h": 1}
-        if event is not None:
-            message["e"] = event
-        if user_id is not None:
-            message["u"] = user_id
-        return here + sum(self._ask_all(route, message))
-
-    def _target_route(self, client_id: str | None, conn_id: str | None) -> str:
-        return "n:" + conn_id.partition(".")[0] if conn_id else ID_ROUTE + client_id
-
-    def join(self, channel: str, client_id: str | None = None, conn_id: str | None = None) -> tuple:
-        message = {"k": "j", "c": channel, "i": client_id, "cn": conn_id}
-        values = self._ask_all(self._target_route(client_id, conn_id), message)
-        return sum(v[0] for v in values), sum(v[1] for v in values)
-
-    def leave(
-        self, channel: str, client_id: str | None = None, conn_id: str | None = None
-    ) -> tuple:
-        message = {"k": "l", "c": channel, "i": client_id, "cn": conn_id}
-        values = self._ask_all(self._target_route(client_id, conn_id), message)
-        return sum(v[0] for v in values), sum(v[1] for v in values)
-
-    def kick(self, client_id: str, code: int, reason: str) -> int:
-        message = {"k": "k", "i": client_id, "code": code, "why": reason}
-        return sum(self._ask_all(ID_ROUTE + client_id, message))
-
-    def kick_connection(self, conn_id: str, code: int, reason: str) -> int:
-        message = {"k": "kc", "cn": conn_id, "code": code, "why": reason}
-        return sum(self._ask_all("n:" + conn_id.partition(".")[0], message))
-
-    def set_meta(self, client_id: str, meta: dict | None) -> int:
-        return sum(self._ask_all(ID_ROUTE + client_id, {"k": "m", "i": client_id, "meta": meta}))
-
-    def terminate_user(self, user_id: str, code: int, reason: str) -> int:
-        if not self.link_up:
-            raise BackplaneError(UNAVAILABLE)
-        here = LocalHub.terminate_user(self, user_id, code, reason)
-        message = {"k": "tu", "i": user_id, "code": code, "why": reason, "h": 1}
-        return here + sum(self._ask_all("all", message))
-
-    # What there is: asked of every process that can have it.
-
-    def _query(self, route: str, name: str, *args: object) -> list:
-        return self._ask_all(route, {"k": "q", "q": name, "a": list(args)})
-
-    def clients(self) -> list:
-        rows = [ClientRow(*row) for rows in self._query("all", "clients") for row in rows]
-        return sorted(rows, key=lambda row: row.since)
-
-    def channel_clients(self, channel: str) -> list:
-        rows = self._query(CHANNEL_ROUTE + channel, "channel", channel)
-        return sorted((ClientRow(*row) for part in rows for row in part), key=lambda r: r.since)
-
-    def online(self, ids: Sequence[str]) -> list:
-        found = {i for part in self._query("all", "online", list(ids)) for i in part}
-        return [i for i in dict.fromkeys(ids) if i in found]
-
-    def count(self, channel: str | None = None) -> tuple:
-        route = "all" if channel is None else CHANNEL_ROUTE + channel
-        parts = self._query(route, "count", channel)
-        return sum(p[0] for p in parts), len({i for p in parts for i in p[1]})
-
-    def channels(self) -> dict:
-        counts: collections.Counter = collections.Counter()
-        for part in self._query("all", "channels"):
-            counts.update(part)
-        return dict(counts)
-
-    def presence(self, channel: str) -> list:
-        members: dict = {}
-        for part in self._query(CHANNEL_ROUTE + channel, "presence", channel):
-            for member in part:
-                if members.get(member["id"], {}).get("meta") is None:
-                    members[member["id"]] = member
-        return list(members.values())
-
-    def stats(self) -> dict:
-        return {
-            "sockets": len(self.registry.open_connections()),
-            "inbox_ids": 0,
-            "inbox_bytes": 0,
-            "backplane": {
-                "state": "up" if self.link_up else "down",
-                "node": self.node,
-                "processes": self.nodes_seen,
-                "since": round(self.link_since, 3) if self.link_up else None,
-                "reconnects": max(0, self.reconnects - 1),
-                "error": "" if self.link_up else self.link_error,
-                "routes": len(self.subscribed),
-                "ids_elsewhere_too": sum(1 for n in self.others.values() if n),
-                "ids_not_counted": sum(1 for n in self.others.values() if n is None),
-                "waiting": self.outbox.qsize(),
-                "dropped": self.dropped,
-            },
-        }
-
-    def expire(self, now: float) -> None:
-        """Keys and inboxes expire in Redis by themselves."""
-
-    def unready_reason(self) -> str | None:
-        return None if self.link_up else "backplane down"
-
-    # What other processes ask of this one (run on the link's reader, in order).
-
-    def _ours(self, message: dict) -> bool:
-        """A copy of what this process already delivered here itself."""
-        return "h" in message and message["o"] == self.node
-
-    def _on_send(self, message: dict, batch: Batch) -> None:
-        if self._ours(message):
-            took = 0
-        else:
-            conns, seq = self.registry.sockets_of(message["i"]), message.get("s")
-            if conns and seq is not None and self.floors:
-                conns = [c for c in conns if seq > self.floors.get(c, 0)]
-            took = deliver(conns, message["t"], seq, batch, count=self.delivered) if conns else 0
-        if "q" not in message:
-            self._answer(message, took)
-
-    def _on_send_to_connection(self, message: dict, batch: Batch) -> None:
-        self._answer(message, LocalHub.send_to_connection(self, message["cn"], message["t"], batch))
-
-    def _on_broadcast(self, message: dict, batch: Batch) -> None:
-        took = 0 if self._ours(message) else LocalHub.broadcast(self, message["t"], batch)
-        self._answer(message, took)
-
-    def _on_publish(self, message: dict, batch: Batch) -> None:
-        if self._ours(message):
-            self._answer(message, 0)
-            return
-        event, user_id = message.get("e"), message.get("u")
-        sockets = LocalHub.publish(
-            self, message["c"], message["t"], message["x"], batch, event, user_id
-        )
-        self._answer(message, sockets)
-
-    # Who else holds an id: a process that gains one says so ("here", answered by every
-    # holder, before its socket's 101) and one that loses it says "gone"; the heartbeat
-    # recounts from Redis. Sends to an id nobody else holds never touch Redis.
-
-    def _on_here(self, message: dict, batch: Batch) -> None:
-        client_id = message["i"]
-        held = client_id in self.others
-        if held and message["o"] != self.node:
-            if self.others[client_id] is not None:
-                self.others[client_id] += 1
-            self.heard_here[client_id] = time.monotonic()
-        self._answer(message, int(held and message["o"] != self.node))
-
-    def _on_gone(self, message: dict, batch: Batch) -> None:
-        client_id = message["i"]
-        if message["o"] != self.node and self.others.get(client_id):
-            self.others[client_id] -= 1
-
-    def _announce(self, client_id: str) -> None:
-        """Tell the other holders of client_id that this process has it too, and learn how
-        many they are; until then (or if that fails) every send to it asks Redis."""
-        done = self.announcing[client_id] = gevent.event.Event()
-        try:
-            # Our route is in force: if Redis counts no other subscriber, nobody is to be told
-            # (one that subscribes later counts us, and says "here" itself).
-            counted = Answers()
-            self._enqueue(("NUMSUB", (self.key(ID_ROUTE + client_id),), counted))
-            counted.done.wait(self.cfg.redis_timeout)
-            if counted.error or counted.reply is None:
-                return
-            others = 0
-            if int(counted.reply[1]) > 1:
-                values, complete = self._ask(ID_ROUTE + client_id, {"k": "here", "i": client_id})
-                if not complete:
-                    return
-                others = sum(values)
-            if client_id in self.others:
-                self.others[client_id] = others
-                self.counted_at[client_id] = time.monotonic()
-        except BackplaneError:
-            pass
-        finally:
-            done.set()
-            if self.announcing.get(client_id) is done:
-                del self.announcing[client_id]
-
-    def _recount(self) -> None:
-        """Who else holds each id, from Redis's own count of subscribers (less this process):
-        puts right what a lost notice made wrong. A "here" heard meanwhile is kept."""
-        settled = time.monotonic() - 1.0  # an id counted just now may not be subscribed yet
-        busy = set(self.announcing) | set(self.fresh)  # their routes may not be in force yet
-        ids = [i for i, at in self.counted_at.items() if at < settled and i not in busy]
-        if not self.inflight and not self.changes:
-            ids += [
-                i
-                for i, n in self.others.items()
-                if n is None and i not in self.counted_at and i not in busy
-            ]
-        for start in range(0, len(ids), 1000):
-            chunk = ids[start : start + 1000]
-            asked = time.monotonic()
-            counts = self.call("PUBSUB", "NUMSUB", *(self.key(ID_ROUTE + i) for i in chunk))
-            for client_id, subscribers in zip(chunk, counts[1::2], strict=True):
-                if client_id not in self.others:
-                    continue
-                others = max(0, int(subscribers) - 1)
-                if self.heard_here.get(client_id, 0) > asked:
-                    others = max(others, self.others[client_id] or 0)
-                self.others[client_id] = others
-                self.counted_at[client_id] = asked
-        self.heard_here.clear()
-
-    def _on_join(self, message: dict, batch: Batch) -> None:
-        found = LocalHub.join(self, message["c"], message["i"], message["cn"])
-        self._answer(message, list(found))
-
-    def _on_leave(self, message: dict, batch: Batch) -> None:
-        found = LocalHub.leave(self, message["c"], message["i"], message["cn"])
-        self._answer(message, list(found))
-
-    def _on_kick(self, message: dict, batch: Batch) -> None:
-        self._answer(message, LocalHub.kick(self, message["i"], message["code"], message["why"]))
-
-    def _on_terminate_user(self, message: dict, batch: Batch) -> None:
-        if self._ours(message):
-            self._answer(message, 0)
-            return
-        took = LocalHub.terminate_user(self, message["i"], message["code"], message["why"])
-        self._answer(message, took)
-
-    def _on_kick_connection(self, message: dict, batch: Batch) -> None:
-        code, why = message["code"], message["why"]
-        self._answer(message, LocalHub.kick_connection(self, message["cn"], code, why))
-
-    def _on_meta(self, message: dict, batch: Batch) -> None:
-        self._answer(message, LocalHub.set_meta(self, message["i"], message["meta"]))
-
-    QUERIES = {
-        "clients": lambda hub: [list(row) for row in LocalHub.clients(hub)],
-        "channel": lambda hub, channel: [list(r) for r in LocalHub.channel_clients(hub, channel)],
-        "online": lambda hub, ids: LocalHub.online(hub, ids),
-        "count": lambda hub, channel: hub._local_count(channel),
-        "channels": lambda hub: LocalHub.channels(hub),
-        "presence": lambda hub, channel: LocalHub.presence(hub, channel),
-    }
-
-    def _local_count(self, channel: str | None) -> list:
-        """[sockets, their ids] here: ids are counted once over every process."""
-        registry = self.registry
-        conns = registry.open_connections() if channel is None else registry.members(channel)
-        return [len(conns), list({c.client_id for c in conns})]
-
-    def _on_query(self, message: dict, batch: Batch) -> None:
-        self._answer(message, self.QUERIES[message["q"]](self, *message["a"]))
-
-    def _on_answer(self, message: dict, batch: Batch) -> None:
-        for request, value in message["rs"]:
-            answers = self.answers.get(request)
-            if answers is not None:
-                answers.add(value)
-
-    def _on_presence(self, message: dict, batch: Batch) -> None:
-        self._tell_members(message["c"], message["change"])
-
-    def _on_event(self, message: dict, batch: Batch) -> None:
-        if message["o"] != self.node:
-            self.events.tell(message["e"], message["l"])
-
-    def _watchers_changed(self) -> None:
-        watched = self.events.watched
-        if watched == self.watched_here:
-            return
-        self.watched_here = watched
-        try:
-            self.call("SADD" if watched else "SREM", self.key("watching"), self.node)
-        except BackplaneError:
-            pass  # the heartbeat says it again
-        if watched and self.link_up:  # once answered, every process sends its events here
-            try:
-                self._ask("all", {"k": "watching"})
-            except BackplaneError:
-                pass
-
-    def _on_watching(self, message: dict, batch: Batch) -> None:
-        if message["o"] != self.node:
-            self.watch_notice_at = time.monotonic()
-            self.events.add(self.relay)
-        self._answer(message, 1)
-
-    def _recount_watchers(self) -> None:
-        asked = time.monotonic()
-        if self.watched_here:
-            self.call("SADD", self.key("watching"), self.node)
-        watchers = {n.decode() for n in self.call("SMEMBERS", self.key("watching"))}
-        if watchers - {self.node}:
-            self.events.add(self.relay)
-        elif self.watch_notice_at < asked:  # no watcher came meanwhile
-            self.events.remove(self.relay)
-
-    def _on_probe(self, message: dict, batch: Batch) -> None:
-        self.probe_seen = max(self.probe_seen, message["n"])
-
-    HANDLERS = {
-        "s": _on_send,
-        "sc": _on_send_to_connection,
-        "b": _on_broadcast,
-        "pub": _on_publish,
-        "j": _on_join,
-        "l": _on_leave,
-        "k": _on_kick,
-        "kc": _on_kick_connection,
-        "tu": _on_terminate_user,
-        "m": _on_meta,
-        "q": _on_query,
-        "a": _on_answer,
-        "p": _on_presence,
-        "ev": _on_event,
-        "probe": _on_probe,
-        "here": _on_here,
-        "gone": _on_gone,
-        "watching": _on_watching,
-    }
-
-    # Opening frames from the shared inbox: later messages below the floor came with them.
-
-    def attach(self, conn: Connection, hs: Handshake) -> list:
-        frames = super().attach(conn, hs)
-        if self.inbox is not None and conn.client_id in self.inbox.opened:
-            # Read after its route was in force: what is heard now up to that number, it has.
-            self.floors[conn] = self.inbox.opened.pop(conn.client_id)
-            gevent.spawn_later(5 * self.cfg.redis_timeout, self.floors.pop, conn, None)
-        return frames
-
-    def detach(self, conn: Connection) -> None:
-        self.floors.pop(conn, None)
-        super().detach(conn)
-
-    # Presence across processes: this process's memberships are kept in Redis, in order,
-    # by one greenlet; a member joins or leaves when the first process gains it or the
-    # last one loses it, and that process alone tells the event sinks.
-
-    def _member_joined(self, channel: str, conn: Connection) -> None:
-        joined = self._member(conn.member(channel), channel)
-        self._enqueue(("join", channel, joined["id"], joined["meta"]), self.presence_queue)
-
-    def _member_left(self, channel: str, client_id: str) -> None:
-        self._enqueue(("leave", channel, client_id, None), self.presence_queue)
-
-    def _members_frames(self, conn: Connection, channel: str) -> list:
-        """The member list needs every process: it follows soon, and until it is sent the
-        socket's presence changes wait behind it."""
-        self.awaiting[(conn, channel)] = []
-        gevent.spawn(self._send_members, conn, channel)
-        return []
-
-    def _send_members(self, conn: Connection, channel: str) -> None:
-        try:
-            members = self.presence(channel)
-        except BackplaneError:
-            members = LocalHub.presence(self, channel)
-        held = self.awaiting.pop((conn, channel), [])
-        frames = [conn.framing.presence_members(conn, channel, members), *held]
-        try:
-            if not conn.ws.closed:
-                conn.ws.write_frames(frames)
-        except WebSocketError:
-            pass
-
-    def _tell_members(self, channel: str, change: dict, but: Connection | None = None) -> None:
-        frames: dict = {}  # encoded once per framing
-        joined = change.get("join", {}).get("id")
-        for conn in self.registry.presence_listeners(channel):
-            if conn.member(channel) == joined:  # a socket is not told that its own member came
-                continue
-            frame = frames.get(conn.framing)
-            if frame is None:
-                frame = frames[conn.framing] = conn.framing.presence_change(conn, channel, change)
-            held = self.awaiting.get((conn, channel))
-            if held is not None:
-                held.append(frame)
-                continue
-            try:
-                conn.ws.send_frame_bytes(frame)
-            except WebSocketError:
-                pass
+    def sync(self) -> None:
+        done = gevent.event.Event()
+        self.presence_queue.put(("sync", done, "", None))
+        done.wait(self.cfg.redis_timeout)
 
     def _presence_keys(self, channel: str, node: str | None = None) -> list:
         return [self.key("pn", node or self.node), self.key("pc", channel), self.key("all")]
@@ -4173,17 +4415,6 @@ class RedisHub(LocalHub):
         args = [f"{channel} {client_id}", client_id, message, int(quiet)]
         return self.call(self.scripts[kind], self._presence_keys(channel), args)
 
-    def sync(self) -> None:
-        """Wait (bounded) until the memberships queued so far are in Redis and everything
-        published before now has been heard here."""
-        done = gevent.event.Event()
-        self.presence_queue.put(("sync", done, "", None))
-        done.wait(self.cfg.redis_timeout)
-        try:
-            self._query("n:" + self.node, "channels")
-        except BackplaneError:
-            pass
-
     def _presence_writer(self) -> None:
         while True:
             kind, channel, client_id, meta = self.presence_queue.get()
@@ -4195,78 +4426,37 @@ class RedisHub(LocalHub):
                     fields = {"meta": meta} if kind == "join" else {}
                     self.events.emit(kind, channel=channel, id=client_id, **fields)
             except BackplaneError:
-                pass  # put right by _rejoin when the link is back
+                pass  # put right by rejoin when the link is back
 
-    def _local_memberships(self) -> set:
-        members = {
-            f"{channel} {client_id}"
-            for channel in self.registry.presence_channels()
-            for client_id in self.registry.presence_ids(channel)
-        }
-        return members | {f"{channel} {client_id}" for channel, client_id in self.leaving}
-
-    def _rejoin(self) -> None:
-        """The link is (back) up: make Redis's view of this process's memberships true. When
+    def rejoin(self, memberships: dict) -> None:
+        """Make Redis's view of this process's memberships ({"channel id": meta}) true. When
         Redis lost everything (restarted empty) they are put back without telling anyone."""
-        try:
-            self.call("SET", self.key("boot"), secrets.token_hex(8), "NX")
-            boot = self.call("GET", self.key("boot"))
-            quiet = self.boot is not None and boot != self.boot  # Redis began anew
-            self.boot = boot
-            recorded = {m.decode() for m in self.call("SMEMBERS", self.key("pn", self.node))}
-            here = self._local_memberships()
-            for member in here - recorded:
-                channel, _, client_id = member.partition(" ")
-                meta = self._member(client_id, channel)["meta"]
-                if self._presence_change("join", channel, client_id, meta, quiet) and not quiet:
-                    self.events.emit("join", channel=channel, id=client_id, meta=meta)
-            for member in recorded - here:
-                channel, _, client_id = member.partition(" ")
-                if self._presence_change("leave", channel, client_id, None):
-                    self.events.emit("leave", channel=channel, id=client_id)
-            self._beat()
-            self._recount()
-            self._recount_watchers()
-        except BackplaneError:
-            pass
+        self.call("SET", self.key("boot"), secrets.token_hex(8), "NX")
+        boot = self.call("GET", self.key("boot"))
+        quiet = self.boot is not None and boot != self.boot  # Redis began anew
+        self.boot = boot
+        recorded = {m.decode() for m in self.call("SMEMBERS", self.key("pn", self.node))}
+        for member in memberships.keys() - recorded:
+            channel, _, client_id = member.partition(" ")
+            meta = memberships[member]
+            if self._presence_change("join", channel, client_id, meta, quiet) and not quiet:
+                self.events.emit("join", channel=channel, id=client_id, meta=meta)
+        for member in recorded - memberships.keys():
+            channel, _, client_id = member.partition(" ")
+            if self._presence_change("leave", channel, client_id, None):
+                self.events.emit("leave", channel=channel, id=client_id)
+
+    def set_watching(self, watched: bool) -> None:
+        self.call("SADD" if watched else "SREM", self.key("watching"), self.node)
+
+    def watchers(self) -> set:
+        return {n.decode() for n in self.call("SMEMBERS", self.key("watching"))}
 
     # Heartbeats: this process says it lives, checks that its link really hears, and
     # ends the processes that stopped beating.
 
-    def _heartbeat(self) -> None:
-        while True:
-            gevent.sleep(self.cfg.node_timeout / 5)
-            if not self.link_up:
-                continue
-            try:
-                self._check_probe()
-                self._beat()
-                self._recount()
-                self._recount_watchers()
-            except BackplaneError:
-                pass
-            except Exception:
-                log.exception("redis heartbeat failed")
-
-    def _check_probe(self) -> None:
-        """A link can look open and hear nothing (a half-open TCP connection, a Redis that
-        dropped us): a message published to ourselves must come back in time."""
-        if (
-            self.probe_sent > self.probe_seen
-            and time.monotonic() - self.probe_at > self.cfg.redis_timeout
-        ):
-            log.warning("redis link hears nothing (probe %d lost); reconnecting", self.probe_sent)
-            link = self.link
-            if link is not None:
-                link.disconnect()
-            return
-        self.probe_sent += 1
-        self.probe_at = time.monotonic()
-        self.call(
-            "PUBLISH", self.key("n", self.node), json.dumps({"k": "probe", "n": self.probe_sent})
-        )
-
-    def _beat(self) -> None:
+    def beat(self) -> None:
+        self._check_probe()
         record = self.key("node", self.node)
         self.call(
             "HSET",
@@ -4290,6 +4480,24 @@ class RedisHub(LocalHub):
                 self._reap(node)
                 self.call("DEL", lock)
 
+    def _check_probe(self) -> None:
+        """A link can look open and hear nothing (a half-open TCP connection, a Redis that
+        dropped us): a message published to ourselves must come back in time."""
+        if (
+            self.probe_sent > self.probe_seen
+            and time.monotonic() - self.probe_at > self.cfg.redis_timeout
+        ):
+            log.warning("redis link hears nothing (probe %d lost); reconnecting", self.probe_sent)
+            link = self.link
+            if link is not None:
+                link.disconnect()
+            return
+        self.probe_sent += 1
+        self.probe_at = time.monotonic()
+        self.call(
+            "PUBLISH", self.key("n", self.node), json.dumps({"k": "probe", "n": self.probe_sent})
+        )
+
     def _reap(self, node: str) -> None:
         """node stopped beating: cut its link (so nothing is routed to it) and end its
         memberships; their leaves are told once, from here."""
@@ -4305,7 +4513,7 @@ class RedisHub(LocalHub):
         for channel, client_id in zip(left[::2], left[1::2], strict=True):
             self.events.emit("leave", channel=channel.decode(), id=client_id.decode())
 
-    # The outbox: answers and events, many per round trip, in order.
+    # The outbox: requests, answers and events, many per round trip, in order.
 
     def _publisher(self) -> None:
         while True:
@@ -4340,12 +4548,21 @@ class RedisHub(LocalHub):
                 log.error("redis refused a command: %s", reply)
                 if answers is not None:
                     answers.fail(UNAVAILABLE)
-            elif answers is not None:
-                answers.heard(reply if command != "NUMSUB" else 0)
-                answers.reply = reply
+            elif answers is None:
+                pass
+            elif command == "NUMSUB":  # [route, listeners]: nothing else is awaited
+                answers.heard(0)
+                answers.reply = int(reply[1])
+            else:
+                answers.heard(reply)
 
 
-HUBS: dict = {"local": LocalHub, "redis": RedisHub}
+def redis_hub(cfg: Config, events: "Events | None" = None, node: str = "") -> Backplane:
+    """The hub of --redis: a Backplane on a RedisTransport."""
+    return Backplane(cfg, RedisTransport, events, node)
+
+
+HUBS: dict = {"local": LocalHub, "redis": redis_hub}
 
 
 ###############################################################################

@@ -468,10 +468,10 @@ def new_prefix() -> str:
 
 
 def start_hub(hub):
-    """Start a hub; a RedisHub must also have its link up."""
+    """Start a hub; a Backplane must also have its transport up."""
     hub.start()
-    if isinstance(hub, wsboard.RedisHub):
-        wait_until(lambda: hub.link_up, timeout=10, what="the redis link")
+    if isinstance(hub, wsboard.Backplane):
+        wait_until(lambda: hub.transport.up, timeout=10, what="the backplane's link")
     return hub
 
 
