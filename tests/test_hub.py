@@ -436,3 +436,40 @@ def test_a_hub_touches_only_what_socket_like_lists_and_boardsocket_offers_it():
     finally:
         one.close()
         other.close()
+
+
+def attributes_used(cls, name: str) -> set:
+    """Every attribute that cls's code reads of the object it calls name (self.name, name)."""
+    import inspect
+    import re
+
+    source = inspect.getsource(cls)
+    return set(re.findall(rf"\b(?:self\.)?{name}\.([a-z_]+)", source))
+
+
+def test_the_backplane_and_its_transport_meet_only_where_transport_says():
+    """The seam a NATS or LISTEN/NOTIFY bus would plug into: the backplane calls of its
+    transport only what Transport lists, and RedisTransport calls back only what the
+    Transport docstring names (besides the settings the backplane holds)."""
+    transport_members = protocol_members(wsboard.Transport)
+    assert attributes_used(wsboard.Backplane, "transport") <= transport_members
+    assert all(hasattr(wsboard.RedisTransport, n) for n in transport_members - {"up", "inbox"})
+    callbacks = {"heard", "burst_done", "link_came_up", "link_went_down", "wanted_routes"}
+    assert attributes_used(wsboard.RedisTransport, "backplane") <= callbacks | {
+        "cfg",
+        "node",
+        "events",
+    }
+    assert all(hasattr(wsboard.Backplane, n) for n in callbacks)
+    hooks = protocol_members(wsboard.LocalHooks)
+    assert all(hasattr(wsboard.Backplane, n) and hasattr(wsboard.LocalHub, n) for n in hooks)
+
+
+def test_a_redis_hub_is_a_backplane_whose_local_part_calls_it_back(hub_name):
+    hub = make_hub(hub_name)
+    if hub_name == "local":
+        assert hub.hooks is hub
+        return
+    assert isinstance(hub, wsboard.Backplane) and isinstance(hub.transport, wsboard.RedisTransport)
+    assert hub.here.hooks is hub and hub.here.registry is hub.registry
+    assert hub.here.inbox is hub.inbox
