@@ -23,7 +23,8 @@ from the hubs up through the actions and the verb table to its connection.
   ``SocketProtocol`` (a kind of socket: its handshake, framing, close codes and what it does
   with a browser's message; a new transport is a subclass and one more entry of
   ``Board.protocols``) and ``WebSocketProtocol`` (/websocket), ``Batch`` and ``deliver``.
-- Inbox and idempotency keys.
+- Inbox, channel history and idempotency keys: ``Inbox`` (per id), ``History`` (per
+  channel: offsets within an epoch, what a resume from ``since=`` gets).
 - Hubs: ``Hub`` (what the rest of the file may call of a hub) and ``SocketLike`` (what a hub
   may touch of a socket), both typing.Protocols; ``LocalHub`` is this process's. A new hub
   implements ``Hub``, passes tests/test_hub.py and is added to ``HUBS``.
@@ -94,7 +95,7 @@ import sys
 import time
 import typing
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
@@ -203,6 +204,13 @@ def _count_or_off(text: str) -> int:
     value = _number(int, text)
     if value < 0:
         raise ValueError("must be 0 (off) or more")
+    return value
+
+
+def _history_size(text: str) -> int:
+    value = _count_or_off(text)
+    if value > MAX_HISTORY_LIMIT:
+        raise ValueError(f"at most {MAX_HISTORY_LIMIT:,} publications a channel")
     return value
 
 
@@ -409,6 +417,13 @@ OPTIONS = (
            "ids with an inbox at most (the least recently used goes first)"),
     Option("inbox_total_bytes", "67108864", _positive_int,
            "bytes all inboxes keep together at most (the least recently used id's go first)"),
+    Option("history", "0", _history_size,
+           "publications kept per channel, numbered by offset, so a socket that reconnects "
+           "(with since=) gets what its channels had meanwhile; 0: off"),
+    Option("history_ttl", "300", _seconds, "seconds a channel's history keeps a publication"),
+    Option("history_bytes", "67108864", _positive_int,
+           "bytes all channels' histories keep together at most (the least recently published "
+           "channel's go first)"),
     Option("offline_ok", "no", _yes_no,
            "with an inbox, SEND MESSAGE to an id with no open socket keeps the message and "
            "answers OK instead of ERROR Client Not Found"),
@@ -485,6 +500,10 @@ class Config:
             )
         if self.pusher_secret and len(self.pusher_secret) < PASSWORD_MIN:
             raise ConfigError(f"--pusher-secret: at least {PASSWORD_MIN} characters")
+        if self.history and self.redis:
+            raise ConfigError(
+                "--history is kept by one process for now: it cannot be used with --redis yet"
+            )
 
     def __repr__(self) -> str:
         def shown(name: str) -> str:
@@ -667,6 +686,7 @@ CLIENT_NOT_FOUND = "Client Not Found"  # the seed's answer: no open socket has t
 TIMEOUT = "Timeout"  # with --redis: a process that holds the target did not confirm in time
 UNAVAILABLE = "Backplane Unavailable"  # with --redis: Redis cannot be reached
 INTERNAL_ERROR = "Internal error"  # a bug: logged with its traceback, never a polite success
+HISTORY_OFF = "History is off for this channel"  # POSITION or history without --history
 
 
 class Refused(Exception):
@@ -1084,6 +1104,7 @@ def format_peer(address: object) -> str:
 
 
 RESUME_RULE = "epoch is 1-16 hex digits and last 1-16 digits"
+SINCE_RULE = "<channel>:<epoch>:<offset>, the epoch 1-16 hex digits, the offset 1-16 digits"
 
 
 def resume_point(epoch: str, last: str) -> "tuple | Refusal":
@@ -1112,6 +1133,7 @@ class Handshake(NamedTuple):
     epoch: str
     last: int
     channels: tuple = ()  # joined before the 101, in the order the URL names them
+    since: tuple = ()  # (channel, epoch, offset) each: where a resume of that channel starts
 
 
 def parse_channels(names: Sequence[str], limit: int) -> "tuple | Refusal":
@@ -1123,6 +1145,29 @@ def parse_channels(names: Sequence[str], limit: int) -> "tuple | Refusal":
             shown = name[:40] + ("…" if len(name) > 40 else "")
             return Refusal(400, f"Invalid channel name {shown!r}: {CHANNEL_RULE}", "bad_channel")
     return tuple(dict.fromkeys(names))
+
+
+def parse_since(values: Sequence[str], limit: int) -> "tuple | Refusal":
+    """The since= positions of an upgrade, (channel, epoch, offset) each, or the Refusal of
+    a malformed one."""
+    if len(values) > limit:
+        return Refusal(400, f"Too many since positions (limit {limit})", "handshake")
+    positions: dict = {}
+    for value in values:
+        channel, _, rest = value.partition(":")
+        epoch, _, offset_text = rest.partition(":")
+        offset = bounded_int(offset_text, 16)
+        if not (
+            is_valid_channel(channel)
+            and re.fullmatch(r"[0-9a-f]{1,16}", epoch)
+            and offset is not None
+        ):
+            shown = value[:60] + ("…" if len(value) > 60 else "")
+            return Refusal(400, f"Invalid since {shown!r}: {SINCE_RULE}", "handshake")
+        if channel in positions:
+            return Refusal(400, f"since names channel {channel!r} twice", "handshake")
+        positions[channel] = (channel, epoch, offset)
+    return tuple(positions.values())
 
 
 def parse_handshake(
@@ -1164,6 +1209,9 @@ def parse_handshake(
     if isinstance(resume, Refusal):
         return resume
     epoch, last = resume
+    since = parse_since(query.get("since", []) if client_id is None else [], max_channels)
+    if isinstance(since, Refusal):
+        return since
     return Handshake(
         client_id=ids[0],
         ip=ip,
@@ -1177,6 +1225,7 @@ def parse_handshake(
         epoch=epoch,
         last=last,
         channels=channels,
+        since=since,
     )
 
 
@@ -2107,6 +2156,7 @@ class Topic(NamedTuple):
     channel: str | None = None
     event: str | None = None
     user_id: str | None = None  # who sent a client event on a presence channel
+    offsets: dict | None = None  # channel -> offset, for its channels that keep history
 
 
 class Framing:
@@ -2131,7 +2181,14 @@ class Framing:
         """Frames before the close, for a protocol that refuses after its 101."""
         return []
 
-    def opening(self, inbox: "Inbox | None", conn: "Connection", hs: Handshake, now: float) -> list:
+    def opening(
+        self,
+        inbox: "Inbox | None",
+        conn: "Connection",
+        hs: Handshake,
+        now: float,
+        history: "History | None" = None,
+    ) -> list:
         """Frames the socket gets right after its 101: what was queued while the id had no
         socket, delivered once, to the first socket that comes."""
         if inbox is None:
@@ -2146,21 +2203,65 @@ class V1Framing(Framing):
     tells_presence = True
 
     def message(self, text: str, seq: int | None, topic: Topic | None = None) -> bytes:
+        if topic is not None and topic.offsets:
+            value = {"seq": seq, "data": text, "offsets": topic.offsets}
+            return text_frame(json.dumps(value, separators=(",", ":")))
         return text_frame(json.dumps({"seq": seq, "data": text}, separators=(",", ":")))
 
-    def opening(self, inbox: "Inbox | None", conn: "Connection", hs: Handshake, now: float) -> list:
+    def opening(
+        self,
+        inbox: "Inbox | None",
+        conn: "Connection",
+        hs: Handshake,
+        now: float,
+        history: "History | None" = None,
+    ) -> list:
+        """The hello, then what the socket missed: of its id's inbox, then of its channels."""
+        frames = []
         if inbox is None:
             hello = {"inbox": False, "epoch": None, "seq": None, "conn": conn.conn_id}
-            return [compact_frame({"hello": hello})]
-        box, missed, gap = inbox.missed(conn.client_id, hs.epoch, hs.last, now)
-        hello = {"inbox": True, "epoch": box.epoch, "seq": box.last_seq, "conn": conn.conn_id}
-        frames = [compact_frame({"hello": hello})]
-        if gap:
-            frames.append(
-                compact_frame({"gap": {"after": hs.last if hs.epoch == box.epoch else 0}})
-            )
-        frames.extend(self.message(text, seq) for seq, text in missed)
-        return frames
+        else:
+            box, missed, gap = inbox.missed(conn.client_id, hs.epoch, hs.last, now)
+            hello = {"inbox": True, "epoch": box.epoch, "seq": box.last_seq, "conn": conn.conn_id}
+            if gap:
+                after = hs.last if hs.epoch == box.epoch else 0
+                frames.append(compact_frame({"gap": {"after": after}}))
+            frames.extend(self.message(text, seq) for seq, text in missed)
+        if history is not None:
+            hello["channels"], replay = self.resumed(history, conn, hs, now)
+            frames.extend(replay)
+        return [compact_frame({"hello": hello}), *frames]
+
+    def resumed(self, history: "History", conn: "Connection", hs: Handshake, now: float) -> tuple:
+        """({channel: {"epoch", "offset"}} of conn's channels that keep history, and what a
+        resume from hs.since gives: a gap frame for each channel that lost some, then the
+        publications after, each once, in the order they were made)."""
+        since = {channel: (epoch, offset) for channel, epoch, offset in hs.since}
+        mine = conn.channels or set()
+        positions, gaps, publications = {}, [], {}
+        for channel in (*hs.channels, *sorted(mine - set(hs.channels))):
+            if channel not in mine or not history.keeps(channel):
+                continue
+            if channel in since:
+                epoch, offset = since[channel]
+                stream, after, gap = history.since(channel, epoch, offset, now)
+                if gap:
+                    told = offset if epoch == stream.epoch else 0
+                    gaps.append(compact_frame({"gap": {"channel": channel, "after": told}}))
+                publications.update((p.number, p) for p in after)
+            else:
+                stream = history.stream(channel, now)
+            positions[channel] = {"epoch": stream.epoch, "offset": stream.offset}
+        replay = [
+            self.message(p.text, None, Topic(offsets=offsets_in(p.offsets, mine)))
+            for _, p in sorted(publications.items())
+        ]
+        return positions, gaps + replay
+
+
+def offsets_in(offsets: dict, channels: Collection) -> dict:
+    """Of a publication's offsets, those of the channels a socket is in."""
+    return {channel: offset for channel, offset in offsets.items() if channel in channels}
 
 
 def compact_frame(value: object) -> bytes:
@@ -2316,7 +2417,7 @@ class Delivered:
 
 
 ###############################################################################
-# Inbox and idempotency keys ##################################################
+# Inbox, channel history and idempotency keys #################################
 ###############################################################################
 
 
@@ -2420,6 +2521,132 @@ class Inbox:
                 self._pop(box)
             if not box.items and now - box.touched > self.ttl and not connected(client_id):
                 del self._boxes[client_id]
+
+
+class Publication(NamedTuple):
+    """One publication as the history of its channels keeps it."""
+
+    number: int  # this process's order of publications, across channels
+    text: str
+    event: str | None
+    offsets: dict  # channel -> its offset there, for each of its channels that keeps history
+    at: float
+
+
+class Stream:
+    """One channel's history: its epoch, its last offset and its recent publications."""
+
+    __slots__ = ("epoch", "offset", "items", "bytes", "touched")
+
+    def __init__(self, now: float) -> None:
+        self.epoch = secrets.token_hex(4)  # a new stream numbers from 1 again: the epoch tells
+        self.offset = 0
+        self.items: collections.deque = collections.deque()
+        self.bytes = STREAM_BYTES
+        self.touched = now
+
+
+STREAM_BYTES = 200  # what a channel's record costs against --history-bytes, beside its items
+PUBLICATION_BYTES = 100  # what a kept publication costs beside its text
+HISTORY_META_TTL = 86400  # an idle channel's epoch and offset outlive its items this long
+MAX_HISTORY_LIMIT = 10_000  # publications one history request may ask for
+
+
+class History:
+    """Recent publications per channel, numbered 1, 2, 3 ... within an epoch, so a socket
+    that reconnects, or a page rendered a moment ago, gets what its channels had meanwhile.
+
+    Bounded by publications per channel, by age, and by the bytes of all channels together:
+    the least recently published channel's oldest go first, then whole idle channels (the
+    next publication there begins a new epoch, so a resume from before is told of a gap).
+    """
+
+    def __init__(self, size: int, ttl: float, total_bytes: int) -> None:
+        self.size, self.ttl, self.total_limit = size, ttl, total_bytes
+        self.total_bytes = 0
+        self.streams: collections.OrderedDict[str, Stream] = collections.OrderedDict()
+        self.numbers = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def keeps(self, channel: str) -> bool:
+        return self.size > 0
+
+    def stream(self, channel: str, now: float) -> Stream:
+        stream = self.streams.get(channel)
+        if stream is None:
+            stream = self.streams[channel] = Stream(now)
+            self.total_bytes += STREAM_BYTES
+            self._bound(stream)
+        else:
+            self.streams.move_to_end(channel)
+        stream.touched = now
+        return stream
+
+    def position(self, channel: str, now: float) -> tuple:
+        """(epoch, last offset) of channel: what a page rendered now resumes from."""
+        stream = self.stream(channel, now)
+        return stream.epoch, stream.offset
+
+    def add(self, channels: Sequence[str], text: str, event: str | None, now: float) -> dict:
+        """Keep a publication in each of channels that keeps history; return its offsets."""
+        offsets: dict = {}
+        kept = [channel for channel in channels if self.keeps(channel)]
+        if not kept:
+            return offsets
+        publication = Publication(next(self.numbers), text, event, offsets, now)
+        cost = len(text) + PUBLICATION_BYTES
+        for channel in kept:
+            stream = self.stream(channel, now)
+            stream.offset += 1
+            offsets[channel] = stream.offset
+            stream.items.append(publication)
+            stream.bytes += cost
+            self.total_bytes += cost
+            while len(stream.items) > self.size:
+                self._pop(stream)
+        self._bound(stream)
+        return offsets
+
+    def _pop(self, stream: Stream) -> None:
+        cost = len(stream.items.popleft().text) + PUBLICATION_BYTES
+        stream.bytes -= cost
+        self.total_bytes -= cost
+
+    def _bound(self, keep: Stream) -> None:
+        """Past the byte bound: the oldest channel's oldest publications go, then idle
+        channels whole; keep (the channel just written) keeps its record."""
+        while self.total_bytes > self.total_limit and self.streams:
+            channel, oldest = next(iter(self.streams.items()))
+            if oldest.items:
+                self._pop(oldest)
+            elif oldest is keep:
+                break
+            else:
+                del self.streams[channel]
+                self.total_bytes -= STREAM_BYTES
+
+    def since(self, channel: str, epoch: str, offset: int, now: float) -> tuple:
+        """(stream, [Publication] after offset, gap): gap when some of what followed is
+        gone (evicted, expired, or numbered in another epoch)."""
+        stream = self.stream(channel, now)
+        items = stream.items
+        if epoch != stream.epoch:
+            return stream, list(items), True
+        first_kept = items[0].offsets[channel] if items else stream.offset + 1
+        after = [p for p in items if p.offsets[channel] > offset]
+        return stream, after, offset + 1 < first_kept
+
+    def expire(self, now: float, in_use: Callable[[str], bool]) -> None:
+        for channel in list(self.streams):
+            stream = self.streams[channel]
+            while stream.items and now - stream.items[0].at > self.ttl:
+                self._pop(stream)
+            idle = now - stream.touched > max(self.ttl, HISTORY_META_TTL)
+            if not stream.items and idle and not in_use(channel):
+                del self.streams[channel]
+                self.total_bytes -= STREAM_BYTES
 
 
 class SendResult(NamedTuple):
@@ -2567,6 +2794,11 @@ class Hub(typing.Protocol):
 
     def presence(self, channel: str) -> list: ...
 
+    # Channel history (BadRequest(HISTORY_OFF) where a channel keeps none).
+    def position(self, channel: str) -> tuple: ...
+
+    def history_page(self, channel: str, since: tuple | None, limit: int) -> "HistoryPage": ...
+
     # What there is.
     def online(self, ids: Sequence[str]) -> list: ...
 
@@ -2583,6 +2815,33 @@ class Hub(typing.Protocol):
     def local_connections(self) -> list: ...
 
     def local_count(self) -> int: ...
+
+
+class HistoryPage(NamedTuple):
+    """What a history request gets: the channel's epoch and last offset, its kept
+    publications asked for as (offset, text, event), and whether some before them are gone."""
+
+    epoch: str
+    offset: int
+    publications: list
+    gap: bool
+
+
+def offset_groups(members: list, channel: str, offsets: dict, several: bool) -> Iterator:
+    """(offsets told, sockets) for a publication's delivery to channel's members: one
+    group, unless it went to several channels, where a socket is told the offsets of those
+    it is in."""
+    if not offsets:
+        yield None, members
+    elif not several:
+        yield ({channel: offsets[channel]} if channel in offsets else None), members
+    else:
+        groups: dict = {}
+        for conn in members:
+            key = tuple(c for c in offsets if conn.channels and c in conn.channels)
+            groups.setdefault(key, []).append(conn)
+        for key, group in groups.items():
+            yield ({c: offsets[c] for c in key} or None), group
 
 
 class ClientRow(NamedTuple):
@@ -2637,6 +2896,9 @@ class LocalHub:
                 cfg.inbox, cfg.inbox_bytes, cfg.inbox_ttl, cfg.inbox_ids, cfg.inbox_total_bytes
             )
         self.inbox = inbox
+        self.history = (
+            History(cfg.history, cfg.history_ttl, cfg.history_bytes) if cfg.history else None
+        )
         self.keys = IdempotencyKeys(cfg.idempotency_window)
         self.delivered = Delivered()
 
@@ -2664,7 +2926,7 @@ class LocalHub:
         limit = self.cfg.max_channels_per_socket  # hs.channels is bounded by it too
         joined = [channel for channel in hs.channels if self.registry.join(conn, channel, limit)]
         self.hooks.settle(conn)
-        frames = conn.framing.opening(self.inbox, conn, hs, time.time())
+        frames = conn.framing.opening(self.inbox, conn, hs, time.time(), self.history)
         for channel in joined:
             frames += self._joined(conn, channel)
         return frames
@@ -2874,6 +3136,9 @@ class LocalHub:
         to each wsboard socket, once per channel to a Pusher one (its events name their
         channel); event names it for Pusher sockets. Return how many took it. Not kept in
         any inbox."""
+        offsets = (
+            {} if self.history is None else self.history.add(channels, text, event, time.time())
+        )
         seen: set = set()
         delivered = 0
         for channel in channels:
@@ -2886,11 +3151,36 @@ class LocalHub:
                 ]
             if len(channels) > 1:
                 seen.update(members)
-            topic = Topic(channel, event, user_id)
-            delivered += deliver(
-                members, text, None, batch, hold=False, topic=topic, count=self.delivered
-            )
+            for told, group in offset_groups(members, channel, offsets, len(channels) > 1):
+                topic = Topic(channel, event, user_id, told)
+                delivered += deliver(
+                    group, text, None, batch, hold=False, topic=topic, count=self.delivered
+                )
         return delivered
+
+    # Channel history.
+
+    def _history_of(self, channel: str) -> History:
+        if self.history is None or not self.history.keeps(channel):
+            raise BadRequest(HISTORY_OFF)
+        return self.history
+
+    def position(self, channel: str) -> tuple:
+        """(epoch, last offset) of channel's history."""
+        return self._history_of(channel).position(channel, time.time())
+
+    def history_page(self, channel: str, since: tuple | None, limit: int) -> "HistoryPage":
+        """channel's kept publications: after since (epoch, offset), the first limit of
+        them; without since, the last limit."""
+        history, now = self._history_of(channel), time.time()
+        if since is None:
+            stream, gap = history.stream(channel, now), False
+            items = list(stream.items)[-limit:] if limit else []
+        else:
+            stream, items, gap = history.since(channel, since[0], since[1], now)
+            items = items[:limit]
+        kept = [(p.offsets[channel], p.text, p.event) for p in items]
+        return HistoryPage(stream.epoch, stream.offset, kept, gap)
 
     def subscribe(self, conn: Connection, channel: str, user: tuple | None = None) -> list | None:
         """conn (a socket of this process) asks to be in channel, as user (id, info) in a
@@ -3025,6 +3315,8 @@ class LocalHub:
             "sockets": len(self.registry.open_connections()),
             "inbox_ids": len(self.inbox) if self.inbox is not None else 0,
             "inbox_bytes": self.inbox.total_bytes if self.inbox is not None else 0,
+            "history_channels": len(self.history) if self.history is not None else 0,
+            "history_bytes": self.history.total_bytes if self.history is not None else 0,
             "backplane": {"state": "off"},
         }
 
@@ -3039,6 +3331,8 @@ class LocalHub:
     def expire(self, now: float) -> None:
         if self.inbox is not None:
             self.inbox.expire(now, self.registry.count_for_id)
+        if self.history is not None:
+            self.history.expire(now, lambda channel: bool(self.registry.members(channel)))
         self.keys.expire(now)
 
 
@@ -3287,6 +3581,12 @@ class Backplane:
 
     def local_connections(self) -> list:
         return self.here.local_connections()
+
+    def position(self, channel: str) -> tuple:  # history is one process's (Config says so)
+        return self.here.position(channel)
+
+    def history_page(self, channel: str, since: tuple | None, limit: int) -> HistoryPage:
+        return self.here.history_page(channel, since, limit)
 
     def local_count(self) -> int:
         return self.here.local_count()
@@ -3647,6 +3947,8 @@ class Backplane:
             "sockets": len(self.registry.open_connections()),
             "inbox_ids": 0,
             "inbox_bytes": 0,
+            "history_channels": 0,
+            "history_bytes": 0,
             "backplane": {
                 "state": link["state"],
                 "node": self.node,
@@ -4878,6 +5180,41 @@ class Actions:
         terminate_connections): how many."""
         return self.hub.terminate_user(user_id, code, reason)
 
+    # Channel history.
+
+    def position(self, channel: str) -> tuple:
+        """(epoch, last offset) of channel: a page rendered now connects with since= it."""
+        return self.hub.position(channel)
+
+    def history(self, channel: str, since: object = None, limit: object = None) -> HistoryPage:
+        """channel's kept publications (after since {"epoch", "offset"}, at most limit)."""
+        if limit is None:
+            limit = MAX_HISTORY_LIMIT
+        elif (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 0 <= limit <= MAX_HISTORY_LIMIT
+        ):
+            raise BadRequest(f'"limit" must be a whole number from 0 to {MAX_HISTORY_LIMIT}')
+        if since is not None:
+            since = history_since(since)
+        return self.hub.history_page(channel, since, limit)
+
+
+def history_since(since: object) -> tuple:
+    """A history request's {"epoch", "offset"} as (epoch, offset), or BadRequest."""
+    epoch = since.get("epoch") if isinstance(since, dict) else None
+    offset = since.get("offset") if isinstance(since, dict) else None
+    if (
+        not isinstance(epoch, str)
+        or not re.fullmatch(r"[0-9a-f]{1,16}", epoch)
+        or isinstance(offset, bool)
+        or not isinstance(offset, int)
+        or not 0 <= offset < 10**16
+    ):
+        raise BadRequest('"since" must be {"epoch": 1-16 hex digits, "offset": a whole number}')
+    return epoch, offset
+
 
 ###############################################################################
 # Control line protocol #######################################################
@@ -5044,6 +5381,10 @@ VERBS = {
         "list_channels", (), "LIST CHANNELS",
         lambda actions, batch: actions.channels(),
         lambda counts: framed(f"{name} {count}" for name, count in counts.items())),
+    b"POSITION": Verb(
+        "position", (channel_arg,), "POSITION <channel>",
+        lambda actions, batch, channel: actions.position(channel),
+        lambda position: [f"OK {position[0]} {position[1]}"]),
     b"PING": Verb(
         "ping", (), "PING",
         lambda actions, batch: None, lambda _: ["PONG"]),
@@ -5265,6 +5606,24 @@ def op_channel(ctx: "ControlConnection", request: dict) -> dict:
     }
 
 
+def op_position(ctx: "ControlConnection", request: dict) -> dict:
+    epoch, offset = ctx.board.actions.position(json_channel(request))
+    return {"ok": True, "epoch": epoch, "offset": offset}
+
+
+def op_history(ctx: "ControlConnection", request: dict) -> dict:
+    channel = json_channel(request)
+    page = ctx.board.actions.history(channel, request.get("since"), request.get("limit"))
+    publications = []
+    for offset, text, event in page.publications:
+        publication = {"offset": offset, "data": text}
+        if event is not None:
+            publication["event"] = event
+        publications.append(publication)
+    answer = {"ok": True, "epoch": page.epoch, "offset": page.offset}
+    return {**answer, "publications": publications, "gap": page.gap}
+
+
 def op_watch(ctx: "ControlConnection", request: dict) -> dict:
     ctx.watch()
     return {"ok": True, "watching": True}
@@ -5296,6 +5655,8 @@ JSON_OPS: dict = {
     },
     "count": op_count,
     "channel": op_channel,
+    "position": op_position,
+    "history": op_history,
     "channels": lambda ctx, request: {"ok": True, "channels": ctx.board.actions.channels()},
     "meta": lambda ctx, request: {
         "ok": True,
@@ -5369,6 +5730,7 @@ CONTROL_REFUSALS = (
     UNAVAILABLE,
     SHUTTING_DOWN,
     INTERNAL_ERROR,
+    HISTORY_OFF,
 )
 
 
@@ -6246,7 +6608,14 @@ class PusherFraming(Framing):
         fields = {"user_id": topic.user_id} if topic.user_id is not None else {}
         return pusher_event(topic.event or PUSHER_DEFAULT_EVENT, text, topic.channel, **fields)
 
-    def opening(self, inbox: "Inbox | None", conn: "Connection", hs: Handshake, now: float) -> list:
+    def opening(
+        self,
+        inbox: "Inbox | None",
+        conn: "Connection",
+        hs: Handshake,
+        now: float,
+        history: "History | None" = None,
+    ) -> list:
         data = {"socket_id": conn.conn_id, "activity_timeout": self.activity_timeout}
         return [pusher_event("pusher:connection_established", json.dumps(data))]
 

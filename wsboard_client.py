@@ -335,6 +335,25 @@ class Client:
     def channels(self) -> dict:
         return self.request("channels")["channels"]
 
+    def position(self, channel: str) -> tuple:
+        """(epoch, offset) of channel's history (wsboard --history): render
+        f"{channel}:{epoch}:{offset}" into the page as its since= and it gets everything
+        published after the render."""
+        answer = self.request("position", channel=channel)
+        return answer["epoch"], answer["offset"]
+
+    def history(self, channel: str, since: tuple | None = None, limit: int | None = None) -> dict:
+        """channel's kept publications: after since (epoch, offset), at most limit of them;
+        without since, the last limit. {"epoch", "offset", "publications", "gap"}."""
+        fields: dict = {"channel": channel}
+        if since is not None:
+            fields["since"] = {"epoch": since[0], "offset": since[1]}
+        if limit is not None:
+            fields["limit"] = limit
+        answer = self.request("history", **fields)
+        answer.pop("ok", None)
+        return answer
+
     def stats(self) -> dict:
         answer = self.request("stats")
         answer.pop("ok", None)

@@ -383,6 +383,40 @@ final class Client
         return $this->request('channels')['channels'];
     }
 
+    /**
+     * Where a channel's history is now (wsboard --history): render 'since' into the page,
+     * and the page connects with &since=… to get everything published after the render.
+     *
+     * @return array{epoch: string, offset: int, since: string}
+     */
+    public function position(string $channel): array
+    {
+        $answer = $this->request('position', ['channel' => $channel]);
+        $epoch = (string) $answer['epoch'];
+        $offset = (int) $answer['offset'];
+        return ['epoch' => $epoch, 'offset' => $offset, 'since' => "$channel:$epoch:$offset"];
+    }
+
+    /**
+     * A channel's kept publications: after $since (['epoch' => …, 'offset' => …]), at most
+     * $limit of them; without $since, the last $limit.
+     *
+     * @return array{epoch: string, offset: int, publications: list<array>, gap: bool}
+     */
+    public function history(string $channel, ?array $since = null, ?int $limit = null): array
+    {
+        $fields = ['channel' => $channel];
+        if ($since !== null) {
+            $fields['since'] = ['epoch' => $since['epoch'], 'offset' => $since['offset']];
+        }
+        if ($limit !== null) {
+            $fields['limit'] = $limit;
+        }
+        $answer = $this->request('history', $fields);
+        unset($answer['ok']);
+        return $answer;
+    }
+
     public function stats(): array
     {
         $answer = $this->request('stats');

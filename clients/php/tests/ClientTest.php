@@ -82,6 +82,25 @@ final class ClientTest extends TestCase
         $this->assertSame(0, $board->kick('nobody'));
     }
 
+    public function testAPositionRenderedIntoAPageAndTheChannelsHistory(): void
+    {
+        $board = new Client();
+        $news = $this->id('news');
+        $start = $board->position($news);
+        $this->assertSame(0, $start['offset']);
+        $this->assertSame("$news:{$start['epoch']}:0", $start['since']);
+        $board->publish($news, 'first');
+        $board->publish($news, 'second');
+        $now = $board->position($news);
+        $this->assertSame([$start['epoch'], 2], [$now['epoch'], $now['offset']]);
+        $page = $board->history($news, $start, 1);
+        $this->assertSame([[1, 'first']], array_map(fn($p) => [$p['offset'], $p['data']], $page['publications']));
+        $this->assertFalse($page['gap']);
+        $this->assertSame(['second'], array_column($board->history($news, null, 1)['publications'], 'data'));
+        $this->expectException(CommandException::class);
+        $board->history($news, null, 100000);
+    }
+
     public function testFailuresAreDistinctExceptions(): void
     {
         $board = new Client();
