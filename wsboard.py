@@ -624,6 +624,8 @@ def is_valid_client_id(value: object) -> bool:
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9_\-=@,.;]{1,164}")
 CHANNEL_RULE = "1-164 characters from A-Z a-z 0-9 _ - = @ , . ;"
 PRESENCE_PREFIX = "presence-"  # such channels keep members: ids, not sockets
+# Pusher's cache channels keep their last publication whatever --history says.
+CACHE_PREFIXES = ("cache-", "private-cache-", "private-encrypted-cache-", "presence-cache-")
 MAX_META_BYTES = 1024
 
 
@@ -2228,7 +2230,9 @@ class V1Framing(Framing):
                 frames.append(compact_frame({"gap": {"after": after}}))
             frames.extend(self.message(text, seq) for seq, text in missed)
         if history is not None:
-            hello["channels"], replay = self.resumed(history, conn, hs, now)
+            positions, replay = self.resumed(history, conn, hs, now)
+            if positions or history.size:
+                hello["channels"] = positions
             frames.extend(replay)
         return [compact_frame({"hello": hello}), *frames]
 
@@ -2571,7 +2575,7 @@ class History:
         return len(self.streams)
 
     def keeps(self, channel: str) -> bool:
-        return self.size > 0
+        return self.size > 0 or channel.startswith(CACHE_PREFIXES)
 
     def stream(self, channel: str, now: float) -> Stream:
         stream = self.streams.get(channel)
@@ -2604,7 +2608,7 @@ class History:
             stream.items.append(publication)
             stream.bytes += cost
             self.total_bytes += cost
-            while len(stream.items) > self.size:
+            while len(stream.items) > (self.size or 1):  # a cache channel's last, at least
                 self._pop(stream)
         self._bound(stream)
         return offsets
@@ -2871,8 +2875,9 @@ class LocalHooks(typing.Protocol):
 
 
 class LocalHub:
-    """The sockets of this process, their inbox and the idempotency keys, in memory. hooks:
-    the hub composing this one, where it takes over (LocalHooks); inbox: a shared one."""
+    """The sockets of this process, their inbox, their channels' history and the idempotency
+    keys, in memory. hooks: the hub composing this one, where it takes over (LocalHooks);
+    inbox: a shared one; keeps_history=False: history is not this process's to keep."""
 
     def __init__(
         self,
@@ -2881,6 +2886,7 @@ class LocalHub:
         node: str = "",
         hooks: LocalHooks | None = None,
         inbox: object = None,
+        keeps_history: bool = True,
     ) -> None:
         self.cfg = cfg
         self.node = node or "1"  # what connection ids begin with: "<node>.<n>"
@@ -2896,9 +2902,8 @@ class LocalHub:
                 cfg.inbox, cfg.inbox_bytes, cfg.inbox_ttl, cfg.inbox_ids, cfg.inbox_total_bytes
             )
         self.inbox = inbox
-        self.history = (
-            History(cfg.history, cfg.history_ttl, cfg.history_bytes) if cfg.history else None
-        )
+        kept = keeps_history and (cfg.history or cfg.pusher_key)  # cache- channels too
+        self.history = History(cfg.history, cfg.history_ttl, cfg.history_bytes) if kept else None
         self.keys = IdempotencyKeys(cfg.idempotency_window)
         self.delivered = Delivered()
 
@@ -3507,7 +3512,9 @@ class Backplane:
         self.events = events if events is not None else Events()
         self.transport: Transport = transport(self)
         self.inbox = self.transport.inbox
-        self.here = LocalHub(cfg, self.events, self.node, hooks=self, inbox=self.inbox)
+        self.here = LocalHub(
+            cfg, self.events, self.node, hooks=self, inbox=self.inbox, keeps_history=False
+        )  # history across processes is not done yet: Config refuses --history with --redis
         self.registry = self.here.registry
         self.registry.watch = self._route_changed
         self.delivered = self.here.delivered
@@ -3582,7 +3589,7 @@ class Backplane:
     def local_connections(self) -> list:
         return self.here.local_connections()
 
-    def position(self, channel: str) -> tuple:  # history is one process's (Config says so)
+    def position(self, channel: str) -> tuple:  # BadRequest(HISTORY_OFF): kept by none yet
         return self.here.position(channel)
 
     def history_page(self, channel: str, since: tuple | None, limit: int) -> HistoryPage:
@@ -6813,9 +6820,22 @@ class PusherApp(SocketProtocol):
             return self.subscription_error(conn, channel, f"Too many channels (limit {limit})", 400)
         if not channel.startswith(PRESENCE_PREFIX):
             frames = [pusher_event("pusher_internal:subscription_succeeded", "{}", channel)]
+        if channel.startswith(CACHE_PREFIXES):
+            frames.append(self.cached(channel))
         if frames:  # a presence channel's list may follow from the other processes
             self.write(conn, *frames)
         return None
+
+    def cached(self, channel: str) -> bytes:
+        """A cache channel's last event, or pusher:cache_miss when it has none kept."""
+        try:
+            last = self.board.hub.history_page(channel, None, 1).publications
+        except BadRequest:  # not kept here (--redis: not yet across processes)
+            last = []
+        if not last:
+            return compact_frame({"event": "pusher:cache_miss", "channel": channel})
+        _, text, event = last[-1]
+        return pusher_event(event or PUSHER_DEFAULT_EVENT, text, channel)
 
     def client_event(self, conn: Connection, name: str, channel: object, data: object) -> None:
         """A client-* event from a member of a private or presence channel, to the others."""

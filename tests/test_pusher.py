@@ -338,6 +338,35 @@ def test_events_from_the_python_sdk_reach_public_private_and_presence_channels(a
     assert client.expect(type="event", channel="private-orders", event="two")["data"] == {"n": 2}
 
 
+def test_pusher_js_gets_a_cache_channels_last_event_or_a_cache_miss(app_server, clients):
+    """Cache channels keep their last event without --history: a subscription gets it right
+    after subscription_succeeded, or pusher:cache_miss; private and presence ones too."""
+    first = clients(app_server, user={"user_id": "9", "user_info": {}})
+    first.connected()
+    first.subscribe("cache-weather")
+    miss = first.expect(type="event", channel="cache-weather", event="pusher:cache_miss")
+    assert "data" not in miss  # Pusher sends {"event", "channel"} alone
+    api = sdk(app_server)
+    api.trigger("cache-weather", "forecast", {"sky": "grey"})
+    api.trigger("cache-weather", "forecast", {"sky": "blue"})
+    api.trigger("private-cache-desk", "state", "open")
+    for _ in range(2):
+        first.expect(type="event", channel="cache-weather", event="forecast")
+    late = clients(app_server, user={"user_id": "10", "user_info": {}})
+    late.connected()
+    late.subscribe("cache-weather")
+    cached = late.expect(type="event", channel="cache-weather", event="forecast")
+    assert cached["data"] == {"sky": "blue"}  # the last one only
+    late.subscribe("private-cache-desk")
+    assert late.expect(type="event", channel="private-cache-desk", event="state")["data"] == "open"
+    late.do("subscribe", channel="presence-cache-room")
+    late.expect(type="event", channel="presence-cache-room", event="pusher:subscription_succeeded")
+    late.expect(type="event", channel="presence-cache-room", event="pusher:cache_miss")
+    control = app_server.control()
+    answer = wsboard_json(control, {"op": "history", "channel": "news"})
+    assert answer == {"ok": False, "error": wsboard.HISTORY_OFF}  # no --history: only cache-
+
+
 def test_encrypted_channels_carry_what_only_the_clients_can_read(app_server, clients):
     master = base64.b64encode(b"m" * 32).decode()
     client = clients(app_server, encryptionMasterKeyBase64=master)
