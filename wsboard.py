@@ -424,6 +424,10 @@ OPTIONS = (
     Option("history_bytes", "67108864", _positive_int,
            "bytes all channels' histories keep together at most (the least recently published "
            "channel's go first)"),
+    Option("session_ttl", "300", _seconds,
+           "seconds an id's sticky joins outlive its last open socket"),
+    Option("max_sticky_ids", "100000", _positive_int,
+           "ids with sticky joins at most; past it, a sticky join is refused"),
     Option("offline_ok", "no", _yes_no,
            "with an inbox, SEND MESSAGE to an id with no open socket keeps the message and "
            "answers OK instead of ERROR Client Not Found"),
@@ -2653,6 +2657,62 @@ class History:
                 self.total_bytes -= STREAM_BYTES
 
 
+class StickyJoins:
+    """The channels the backend put an id in with a sticky join: every socket of the id,
+    open now or later, is in them until a LEAVE for that id, or until the id has had no
+    open socket for --session-ttl seconds. Bounded per id by --max-channels-per-socket and
+    in ids by --max-sticky-ids."""
+
+    def __init__(self, ttl: float, max_channels: int, max_ids: int) -> None:
+        self.ttl, self.max_channels, self.max_ids = ttl, max_channels, max_ids
+        self.channels: dict[str, dict] = {}  # id -> {channel: None}, in the order joined
+        self.away: dict[str, float] = {}  # id with no open socket -> since when
+
+    def __len__(self) -> int:
+        return len(self.channels)
+
+    def add(self, client_id: str, channel: str, connected: bool, now: float) -> bool:
+        """Make channel sticky for client_id; False when that passes a bound."""
+        channels = self.channels.get(client_id)
+        if channels is None:
+            if len(self.channels) >= self.max_ids:
+                return False
+            channels = self.channels[client_id] = {}
+            if not connected:
+                self.away[client_id] = now
+        if channel not in channels and len(channels) >= self.max_channels:
+            return False
+        channels[channel] = None
+        return True
+
+    def remove(self, client_id: str, channel: str) -> bool:
+        channels = self.channels.get(client_id)
+        if channels is None or channel not in channels:
+            return False
+        del channels[channel]
+        if not channels:
+            del self.channels[client_id]
+            self.away.pop(client_id, None)
+        return True
+
+    def of(self, client_id: str) -> list:
+        return list(self.channels.get(client_id, ()))
+
+    def connected(self, client_id: str) -> None:
+        self.away.pop(client_id, None)
+
+    def gone(self, client_id: str, now: float) -> None:
+        """client_id's last socket closed: its sticky joins last --session-ttl more."""
+        if client_id in self.channels:
+            self.away[client_id] = now
+
+    def expire(self, now: float) -> None:
+        for client_id, since in list(self.away.items()):
+            if now - since > self.ttl:
+                del self.away[client_id]
+                self.channels.pop(client_id, None)
+
+
 class SendResult(NamedTuple):
     sockets: int  # sockets that took it now
     queued: int  # ids with no open socket whose inbox keeps it for later
@@ -2787,7 +2847,11 @@ class Hub(typing.Protocol):
 
     # Channels, presence, metadata.
     def join(
-        self, channel: str, client_id: str | None = None, conn_id: str | None = None
+        self,
+        channel: str,
+        client_id: str | None = None,
+        conn_id: str | None = None,
+        sticky: bool = False,
     ) -> tuple: ...
 
     def leave(
@@ -2904,6 +2968,7 @@ class LocalHub:
         self.inbox = inbox
         kept = keeps_history and (cfg.history or cfg.pusher_key)  # cache- channels too
         self.history = History(cfg.history, cfg.history_ttl, cfg.history_bytes) if kept else None
+        self.sticky = StickyJoins(cfg.session_ttl, cfg.max_channels_per_socket, cfg.max_sticky_ids)
         self.keys = IdempotencyKeys(cfg.idempotency_window)
         self.delivered = Delivered()
 
@@ -2928,8 +2993,11 @@ class LocalHub:
         message (its framing says)."""
         self.registry.add(conn)
         self._keep_meta(conn.client_id)
+        self.sticky.connected(conn.client_id)
         limit = self.cfg.max_channels_per_socket  # hs.channels is bounded by it too
-        joined = [channel for channel in hs.channels if self.registry.join(conn, channel, limit)]
+        # Its id's sticky joins before its first frame, so a resume from since= covers them.
+        wanted = dict.fromkeys((*hs.channels, *self.sticky.of(conn.client_id)))
+        joined = [channel for channel in wanted if self.registry.join(conn, channel, limit)]
         self.hooks.settle(conn)
         frames = conn.framing.opening(self.inbox, conn, hs, time.time(), self.history)
         for channel in joined:
@@ -2967,8 +3035,10 @@ class LocalHub:
         self.registry.remove(conn)
         for channel, member in members:
             self._left(member, channel)
-        if not self.registry.count_for_id(conn.client_id) and conn.client_id in self.meta:
-            self._later(self.forgetting, conn.client_id, self._forget_meta, conn.client_id)
+        if not self.registry.count_for_id(conn.client_id):
+            self.sticky.gone(conn.client_id, time.time())
+            if conn.client_id in self.meta:
+                self._later(self.forgetting, conn.client_id, self._forget_meta, conn.client_id)
 
     # Presence: a presence- channel's members are ids. An id joins with its first socket
     # there and leaves presence_grace seconds after its last one, unless one comes back.
@@ -3233,9 +3303,21 @@ class LocalHub:
             return [conn] if conn is not None else []
         return self.registry.sockets_of(client_id)
 
-    def join(self, channel: str, client_id: str | None = None, conn_id: str | None = None) -> tuple:
-        """Put the id's open sockets (or one connection) in channel: (found, now in it)."""
+    def join(
+        self,
+        channel: str,
+        client_id: str | None = None,
+        conn_id: str | None = None,
+        sticky: bool = False,
+    ) -> tuple:
+        """Put the id's open sockets (or one connection) in channel: (found, now in it).
+        sticky: the id's sockets opened later too (LimitReached past a bound)."""
         conns = self._targets(client_id, conn_id)
+        if sticky and not self.sticky.add(client_id, channel, bool(conns), time.time()):
+            raise LimitReached(
+                f"{TOO_MANY_STICKY} (limit {self.cfg.max_sticky_ids} ids, "
+                f"{self.cfg.max_channels_per_socket} channels an id)"
+            )
         limit, joined = self.cfg.max_channels_per_socket, 0
         for conn in conns:
             already = conn.channels is not None and channel in conn.channels
@@ -3252,14 +3334,16 @@ class LocalHub:
     def leave(
         self, channel: str, client_id: str | None = None, conn_id: str | None = None
     ) -> tuple:
-        """Take the id's open sockets (or one connection) out of channel: (found, taken out)."""
+        """Take the id's open sockets (or one connection) out of channel, and end the id's
+        sticky join of it: (found, taken out); a sticky join ended counts as found."""
         conns = self._targets(client_id, conn_id)
+        unstuck = client_id is not None and self.sticky.remove(client_id, channel)
         members = dict.fromkeys(c.member(channel) for c in conns)
         left = sum(self.registry.leave(c, channel) for c in conns)
         if left and channel.startswith(PRESENCE_PREFIX):
             for member in members:
                 self._left(member, channel)
-        return len(conns), left
+        return len(conns) or int(unstuck), left
 
     def online(self, ids: Sequence[str]) -> list:
         """The ids asked, in the order asked, that have at least one open socket."""
@@ -3322,6 +3406,8 @@ class LocalHub:
             "inbox_bytes": self.inbox.total_bytes if self.inbox is not None else 0,
             "history_channels": len(self.history) if self.history is not None else 0,
             "history_bytes": self.history.total_bytes if self.history is not None else 0,
+            "sticky_ids": len(self.sticky),
+            "sticky_away": len(self.sticky.away),
             "backplane": {"state": "off"},
         }
 
@@ -3338,6 +3424,7 @@ class LocalHub:
             self.inbox.expire(now, self.registry.count_for_id)
         if self.history is not None:
             self.history.expire(now, lambda channel: bool(self.registry.members(channel)))
+        self.sticky.expire(now)
         self.keys.expire(now)
 
 
@@ -3882,7 +3969,15 @@ class Backplane:
     def _target_route(self, client_id: str | None, conn_id: str | None) -> str:
         return "n:" + conn_id.partition(".")[0] if conn_id else ID_ROUTE + client_id
 
-    def join(self, channel: str, client_id: str | None = None, conn_id: str | None = None) -> tuple:
+    def join(
+        self,
+        channel: str,
+        client_id: str | None = None,
+        conn_id: str | None = None,
+        sticky: bool = False,
+    ) -> tuple:
+        if sticky:
+            raise BadRequest(STICKY_ONE_PROCESS)
         message = {"k": "j", "c": channel, "i": client_id, "cn": conn_id}
         values = self._ask_all(self._target_route(client_id, conn_id), message)
         return sum(v[0] for v in values), sum(v[1] for v in values)
@@ -3956,6 +4051,8 @@ class Backplane:
             "inbox_bytes": 0,
             "history_channels": 0,
             "history_bytes": 0,
+            "sticky_ids": 0,
+            "sticky_away": 0,
             "backplane": {
                 "state": link["state"],
                 "node": self.node,
@@ -5127,8 +5224,21 @@ class Actions:
 
     # Channels, presence and metadata.
 
-    def join(self, channel: str, client_id: str | None = None, conn_id: str | None = None) -> int:
-        found, joined = self.hub.join(channel, client_id, conn_id)
+    def join(
+        self,
+        channel: str,
+        client_id: str | None = None,
+        conn_id: str | None = None,
+        sticky: object = False,
+    ) -> int:
+        """Put the id's sockets (or one connection) in channel: how many are in it now.
+        sticky: the id's sockets opened later too, until LEAVE or --session-ttl after its
+        last one (an id with no socket now is no error then)."""
+        if not isinstance(sticky, bool) or (sticky and client_id is None):
+            raise BadRequest('"sticky" must be true or false, and true needs "id"')
+        found, joined = self.hub.join(channel, client_id, conn_id, sticky)
+        if sticky and not found:
+            return 0
         if not found:
             raise NotFound()
         if not joined:
@@ -5589,7 +5699,8 @@ def op_publish(ctx: "ControlConnection", request: dict) -> dict:
 
 def op_join(ctx: "ControlConnection", request: dict) -> dict:
     channel, (client_id, conn) = json_channel(request), json_target(request)
-    return {"ok": True, "sockets": ctx.board.actions.join(channel, client_id, conn)}
+    sticky = request.get("sticky", False)
+    return {"ok": True, "sockets": ctx.board.actions.join(channel, client_id, conn, sticky)}
 
 
 def op_leave(ctx: "ControlConnection", request: dict) -> dict:
@@ -5716,6 +5827,8 @@ LINE_TOO_LONG = "Line too long"  # then the connection is closed
 TOO_MANY_CONTROL = "Too many control connections"  # said to a connection past the limit
 PERMISSION_DENIED = "Permission denied"  # said to a peer not in --control-uids/--control-gids
 TOO_MANY_CHANNELS = "Too many channels"  # a JOIN past --max-channels-per-socket
+TOO_MANY_STICKY = "Too many sticky joins"  # past --max-sticky-ids, or an id's channel limit
+STICKY_ONE_PROCESS = "Sticky joins are kept by one process for now: not with --redis yet"
 
 # Every ERROR a control connection can be answered with (those with a limit are told it in
 # brackets after the text); docs/protocol.md lists them all (tests/test_docs.py checks).

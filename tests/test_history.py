@@ -5,7 +5,7 @@ import json
 
 import pytest
 import websocket
-from conftest import ask_json, raw_http, upgrade_request
+from conftest import ask_json, raw_http, upgrade_request, wait_until
 
 import wsboard
 
@@ -203,3 +203,77 @@ def test_the_python_client_reads_positions_and_history(history_server):
     assert page["publications"] == [{"offset": 1, "data": "hello"}] and page["gap"] is False
     with pytest.raises(wsboard_client.CommandError):
         board.history("news", limit=10_001)
+
+
+# Sticky joins: the backend's JOIN of an id that holds for its sockets opened later.
+
+
+def test_a_sticky_join_puts_later_sockets_in_before_their_first_frame(history_server):
+    control = history_server.control()
+    join = {"op": "join", "channel": "news", "id": "sam", "sticky": True}
+    assert ask_json(control, join) == {"ok": True, "sockets": 0}  # no socket yet: no error
+    control.ask("PUBLISH news before-sam")
+    first, hello = v1(history_server, "sam")  # names no channel in its URL
+    assert hello["channels"]["news"]["offset"] == 1  # in it before the hello was made
+    epoch = hello["channels"]["news"]["epoch"]
+    assert control.ask("PUBLISH news one") == "OK 1"
+    assert frames(first, 1)[0]["data"] == "one"
+    first.close()
+    control.ask("PUBLISH news while-away")
+    again, _ = v1(history_server, "sam", since=[f"news:{epoch}:2"])
+    assert frames(again, 1)[0]["data"] == "while-away"  # the resume covers the sticky channel
+    assert control.ask("LEAVE news sam") == "OK 1"
+    third, hello = v1(history_server, "sam")
+    assert "news" not in hello["channels"]
+    assert control.ask("PUBLISH news after-leave") == "OK 0"
+
+
+def test_a_leave_ends_a_sticky_join_of_an_id_with_no_socket(history_server):
+    control = history_server.control()
+    join = {"op": "join", "channel": "news", "id": "gone", "sticky": True}
+    assert ask_json(control, join)["ok"]
+    assert control.ask("LEAVE news gone") == "OK 0"  # ended, though no socket was in it
+    assert ask_json(control, {"op": "stats"})["sticky_ids"] == 0
+    assert control.ask("LEAVE news gone") == "ERROR Client Not Found"
+
+
+def test_sticky_joins_end_session_ttl_after_the_ids_last_socket(server_factory):
+    server = server_factory("--history", "5", "--session-ttl", "1", "--ping-interval", "1")
+    control = server.control()
+    for client_id in ("kept", "never-came"):
+        join = {"op": "join", "channel": "news", "id": client_id, "sticky": True}
+        assert ask_json(control, join)["ok"]
+    ws, hello = v1(server, "kept")
+    assert "news" in hello["channels"]
+    assert ask_json(control, {"op": "stats"})["sticky_away"] == 1  # never-came
+    ws.close()
+    wait_until(lambda: ask_json(control, {"op": "stats"})["sticky_ids"] == 0, timeout=10)
+    ws, hello = v1(server, "kept")
+    assert "news" not in hello["channels"]
+
+
+@pytest.mark.parametrize(
+    "request_, error",
+    [
+        ({"op": "join", "channel": "news", "id": "a", "sticky": "yes"}, '"sticky" must be'),
+        ({"op": "join", "channel": "news", "conn": "1.2", "sticky": True}, '"sticky" must be'),
+    ],
+)
+def test_bad_sticky_joins_are_refused(history_server, request_, error):
+    answer = ask_json(history_server.control(), request_)
+    assert answer["ok"] is False and answer["error"].startswith(error), answer
+
+
+def test_sticky_joins_are_bounded_in_ids_and_channels(server_factory):
+    server = server_factory("--max-sticky-ids", "2", "--max-channels-per-socket", "2")
+    control = server.control()
+
+    def sticky(channel, client_id):
+        return ask_json(
+            control, {"op": "join", "channel": channel, "id": client_id, "sticky": True}
+        )
+
+    assert sticky("a", "one")["ok"] and sticky("b", "one")["ok"] and sticky("a", "two")["ok"]
+    assert sticky("c", "one")["error"].startswith(wsboard.TOO_MANY_STICKY)  # its 3rd channel
+    assert sticky("a", "three")["error"].startswith(wsboard.TOO_MANY_STICKY)  # a 3rd id
+    assert sticky("b", "one")["ok"]  # again: nothing new
