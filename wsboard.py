@@ -6121,6 +6121,16 @@ def board_page() -> str:
         query = signed_query(cfg.secret_key, board_id, cfg.token_ttl, channels=channels)
     else:
         query = urlencode([("id", board_id), *(("channel", c) for c in channels)])
+    # Where its channels' history is as it is rendered: it connects with nothing lost.
+    actions, since = request_board().actions, []
+    for channel in channels:
+        try:
+            epoch, offset = actions.position(channel)
+        except Refused:  # this channel keeps no history
+            continue
+        since.append(("since", f"{channel}:{epoch}:{offset}"))
+    if since:
+        query += "&" + urlencode(since)
     return render("board", board_id=board_id, query=query)
 
 

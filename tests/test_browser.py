@@ -552,3 +552,60 @@ def test_the_admin_page_fits_desktop_and_phone_screens(
     assert layout["kick"], layout  # reachable: on screen, or in the table's own scroller
     for ws in sockets:
         ws.close()
+
+
+# Channel history: resume and render-to-connect ##############################
+
+
+def test_the_board_page_resumes_its_channels_after_a_drop_and_misses_nothing(
+    browser, server_factory
+):
+    server = server_factory("--history", "50")
+    browser.get(server.url + "/?channel=news")
+    wait(browser, lambda d: d.find_element(By.ID, "status").text == "connected")
+    board_id = browser.find_element(By.ID, "boardId").text
+    assert "since=news%3A" in browser.find_element(By.ID, "boardId").get_attribute("data-query")
+    control = server.control()
+    publish = {"op": "publish", "channel": "news", "data": json.dumps({"message": "one"})}
+    assert json.loads(control.ask(json.dumps(publish)))["sockets"] == 1
+    wait(browser, lambda d: messages(d) == ["one"])
+    kick = {"op": "kick", "id": board_id, "code": 1012, "reason": "moving you"}
+    assert json.loads(control.ask(json.dumps(kick)))["ok"] is True
+    server.wait_listed(0)
+    for text in ("two", "three"):  # while it is away: kept in the channel's history only
+        publish["data"] = json.dumps({"message": text})
+        assert json.loads(control.ask(json.dumps(publish)))["sockets"] == 0
+    wait(browser, lambda d: d.find_element(By.ID, "status").text == "connected")
+    wait(browser, lambda d: messages(d) == ["one", "two", "three"])
+    publish["data"] = json.dumps({"message": "four"})
+    assert json.loads(control.ask(json.dumps(publish)))["sockets"] == 1
+    wait(browser, lambda d: messages(d) == ["one", "two", "three", "four"])
+
+
+def test_wsboard_js_connects_from_a_rendered_position_and_gets_what_came_after(
+    browser, server_factory
+):
+    server = server_factory("--history", "50")
+    open_board(browser, server)  # a page that serves wsboard.js from the same origin
+    control = server.control()
+    control.ask("PUBLISH sport before-the-render")
+    epoch, offset = control.ask("POSITION sport").split()[1:]  # what PHP renders in
+    control.ask("PUBLISH sport after-the-render")  # before the page's socket exists
+    script = """
+        var done = arguments[arguments.length - 1];
+        window.got = [];
+        var url = "ws://" + location.host + "/websocket?id=renderer&channel=sport&since=" +
+            encodeURIComponent(arguments[0]);
+        window.client = WSBoard.connect(url, {
+          onMessage: function (text, seq, offsets) { window.got.push([text, offsets]); },
+          onStatus: function (state) { if (state === "connected") done(true); }
+        });
+    """
+    assert browser.execute_async_script(script, f"sport:{epoch}:{offset}") is True
+    wait(browser, lambda d: d.execute_script("return window.got.length") == 1)
+    control.ask("PUBLISH sport live")
+    wait(browser, lambda d: d.execute_script("return window.got.length") == 2)
+    got = browser.execute_script("return window.got")
+    assert got == [["after-the-render", {"sport": 2}], ["live", {"sport": 3}]]
+    at = browser.execute_script("return window.client.channelPosition('sport')")
+    assert at == {"epoch": epoch, "offset": 3}

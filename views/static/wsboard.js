@@ -1,13 +1,14 @@
 // wsboard.js: a small browser client for wsboard, with no build step.
 //
 //   var client = WSBoard.connect("wss://push.example.com/websocket?id=ID", {
-//     onMessage: function (text, seq) { … },     // each message, once, in order
+//     onMessage: function (text, seq, offsets) { … },  // each message, once, in order
 //     onGap: function (gap) { … },               // something was lost: reload what you show
 //     onStatus: function (state, code) { … },    // "connecting" | "connected" | "reconnecting" | "closed"
 //     onPresence: function (channel, members, change) { … }  // a presence- channel's members
 //   });
 //   client.connectionId;      // this socket's connection id, once connected ("123.45")
 //   client.members(channel);  // [{id, meta}, …] of a presence- channel the socket is in
+//   client.channelPosition(channel);  // {epoch, offset} of a channel's history it has seen
 //   client.close();
 //
 // Channels are named in the URL (…/websocket?id=ID&channel=news&channel=presence-room). In a
@@ -21,6 +22,14 @@
 // that is back within the inbox window misses nothing and sees nothing twice; when what it
 // missed is gone, onGap says so. It does not reconnect after close 4000 (kicked) or 1008
 // (policy).
+//
+// Channels resume too when the server keeps their history (--history): publications carry
+// their offset in each channel ({"news": 41}, the third argument of onMessage), and a
+// reconnect asks for what came after the last offset seen of each channel (since=), so a
+// publication is shown once even when it was sent while the page was away. A channel whose
+// missed publications are gone gets onGap({channel, after}). A page rendered with a position
+// (since=news:<epoch>:<offset> in the URL, from the server's {"op":"position"}) gets
+// everything published after the render, even on its first connection.
 (function (global) {
   "use strict";
 
@@ -38,6 +47,17 @@
     var stopped = false;
     var client = {connectionId: null};
     var members = {};  // channel -> [{id, meta}]
+    var channels = {};  // channel -> {epoch, offset}: the last publication seen there
+    var query = url.indexOf("?");
+    if (query >= 0) {  // the page's since= positions: tracked here, sent again on each connect
+      var kept = url.slice(query + 1).split("&").filter(function (part) {
+        if (part.indexOf("since=") !== 0) return true;
+        var pieces = decodeURIComponent(part.slice(6)).split(":");  // <channel>:<epoch>:<offset>
+        if (pieces.length === 3) channels[pieces[0]] = {epoch: pieces[1], offset: Number(pieces[2])};
+        return false;
+      });
+      url = url.slice(0, query) + (kept.length ? "?" + kept.join("&") : "");
+    }
 
     function call(name, a, b, c) {
       if (typeof handlers[name] === "function") {
@@ -50,9 +70,41 @@
     }
 
     function resumeUrl() {
-      if (!epoch) return url;
-      return url + (url.indexOf("?") < 0 ? "?" : "&") +
-        "epoch=" + encodeURIComponent(epoch) + "&last=" + last;
+      var params = [];
+      if (epoch) params.push("epoch=" + encodeURIComponent(epoch), "last=" + last);
+      Object.keys(channels).forEach(function (name) {
+        var at = channels[name];
+        if (at.epoch) params.push("since=" + encodeURIComponent(name + ":" + at.epoch + ":" + at.offset));
+      });
+      if (!params.length) return url;
+      return url + (url.indexOf("?") < 0 ? "?" : "&") + params.join("&");
+    }
+
+    function onHello(positions) {
+      Object.keys(positions || {}).forEach(function (name) {
+        var now = positions[name];
+        var seen = channels[name];
+        if (!seen || !seen.epoch) {
+          channels[name] = {epoch: now.epoch, offset: now.offset};  // from here on
+        } else if (seen.epoch !== now.epoch) {
+          channels[name] = {epoch: now.epoch, offset: 0};  // numbered afresh: a gap follows
+        }
+      });
+    }
+
+    function seenBefore(offsets) {
+      // A publication is new when it is past the last offset seen in any of its channels.
+      var fresh = false;
+      Object.keys(offsets).forEach(function (name) {
+        var seen = channels[name];
+        if (!seen) {
+          fresh = true;
+        } else if (offsets[name] > seen.offset) {
+          seen.offset = offsets[name];
+          fresh = true;
+        }
+      });
+      return !fresh;
     }
 
     function onFrame(event) {
@@ -66,6 +118,7 @@
         if ((frame.hello.epoch || "") !== epoch) last = 0;  // numbered afresh
         epoch = frame.hello.epoch || "";
         client.connectionId = frame.hello.conn || null;
+        onHello(frame.hello.channels);
         call("onStatus", "connected");  // the hello comes first: now the socket is ready
       } else if (frame.presence) {
         onPresence(frame.presence);
@@ -76,7 +129,8 @@
           if (frame.seq <= last) return;  // already seen
           last = frame.seq;
         }
-        call("onMessage", frame.data, frame.seq);
+        if (frame.offsets && seenBefore(frame.offsets)) return;  // already seen
+        call("onMessage", frame.data, frame.seq, frame.offsets || null);
       }
     }
 
@@ -124,6 +178,10 @@
     };
     client.position = function () {
       return {epoch: epoch, seq: last};
+    };
+    client.channelPosition = function (channel) {
+      var at = channels[channel];
+      return at ? {epoch: at.epoch, offset: at.offset} : null;
     };
     client.members = function (channel) {
       return (members[channel] || []).slice();
