@@ -504,10 +504,6 @@ class Config:
             )
         if self.pusher_secret and len(self.pusher_secret) < PASSWORD_MIN:
             raise ConfigError(f"--pusher-secret: at least {PASSWORD_MIN} characters")
-        if self.history and self.redis:
-            raise ConfigError(
-                "--history is kept by one process for now: it cannot be used with --redis yet"
-            )
 
     def __repr__(self) -> str:
         def shown(name: str) -> str:
@@ -2252,13 +2248,17 @@ class V1Framing(Framing):
                 continue
             if channel in since:
                 epoch, offset = since[channel]
-                stream, after, gap = history.since(channel, epoch, offset, now)
+                stream, after, gap = history.since(channel, epoch, offset, now, conn)
                 if gap:
                     told = offset if epoch == stream.epoch else 0
                     gaps.append(compact_frame({"gap": {"channel": channel, "after": told}}))
-                publications.update((p.number, p) for p in after)
+                for publication in after:  # one to several channels: once, with all offsets
+                    if publication.number in publications:
+                        publications[publication.number].offsets.update(publication.offsets)
+                    else:
+                        publications[publication.number] = publication
             else:
-                stream = history.stream(channel, now)
+                stream = history.stream(channel, now, conn)
             positions[channel] = {"epoch": stream.epoch, "offset": stream.offset}
         replay = [
             self.message(p.text, None, Topic(offsets=offsets_in(p.offsets, mine)))
@@ -2581,7 +2581,12 @@ class History:
     def keeps(self, channel: str) -> bool:
         return self.size > 0 or channel.startswith(CACHE_PREFIXES)
 
-    def stream(self, channel: str, now: float) -> Stream:
+    def last(self, channel: str, limit: int, now: float) -> tuple:
+        """(stream, its last limit publications)."""
+        stream = self.stream(channel, now)
+        return stream, list(stream.items)[-limit:] if limit else []
+
+    def stream(self, channel: str, now: float, reader: object = None) -> Stream:
         stream = self.streams.get(channel)
         if stream is None:
             stream = self.streams[channel] = Stream(now)
@@ -2635,9 +2640,12 @@ class History:
                 del self.streams[channel]
                 self.total_bytes -= STREAM_BYTES
 
-    def since(self, channel: str, epoch: str, offset: int, now: float) -> tuple:
+    def since(
+        self, channel: str, epoch: str, offset: int, now: float, reader: object = None
+    ) -> tuple:
         """(stream, [Publication] after offset, gap): gap when some of what followed is
-        gone (evicted, expired, or numbered in another epoch)."""
+        gone (evicted, expired, or numbered in another epoch). reader: the socket whose
+        opening reads it (a shared history notes where it read)."""
         stream = self.stream(channel, now)
         items = stream.items
         if epoch != stream.epoch:
@@ -2895,6 +2903,12 @@ class HistoryPage(NamedTuple):
     gap: bool
 
 
+def replayed(conn: "Connection", offsets: dict, floors: dict) -> bool:
+    """A publication heard that conn's opening replay already gave it."""
+    told = [(channel, offset) for channel, offset in offsets.items() if (conn, channel) in floors]
+    return bool(told) and all(offset <= floors[(conn, channel)] for channel, offset in told)
+
+
 def offset_groups(members: list, channel: str, offsets: dict, several: bool) -> Iterator:
     """(offsets told, sockets) for a publication's delivery to channel's members: one
     group, unless it went to several channels, where a socket is told the offsets of those
@@ -2941,7 +2955,8 @@ class LocalHooks(typing.Protocol):
 class LocalHub:
     """The sockets of this process, their inbox, their channels' history and the idempotency
     keys, in memory. hooks: the hub composing this one, where it takes over (LocalHooks);
-    inbox: a shared one; keeps_history=False: history is not this process's to keep."""
+    inbox, history: shared ones (it then delivers publications numbered elsewhere);
+    keeps_history=False: history is not this process's to keep."""
 
     def __init__(
         self,
@@ -2950,6 +2965,7 @@ class LocalHub:
         node: str = "",
         hooks: LocalHooks | None = None,
         inbox: object = None,
+        history: object = None,
         keeps_history: bool = True,
     ) -> None:
         self.cfg = cfg
@@ -2966,8 +2982,9 @@ class LocalHub:
                 cfg.inbox, cfg.inbox_bytes, cfg.inbox_ttl, cfg.inbox_ids, cfg.inbox_total_bytes
             )
         self.inbox = inbox
-        kept = keeps_history and (cfg.history or cfg.pusher_key)  # cache- channels too
-        self.history = History(cfg.history, cfg.history_ttl, cfg.history_bytes) if kept else None
+        if history is None and keeps_history and (cfg.history or cfg.pusher_key):  # cache-
+            history = History(cfg.history, cfg.history_ttl, cfg.history_bytes)
+        self.history = history
         self.sticky = StickyJoins(cfg.session_ttl, cfg.max_channels_per_socket, cfg.max_sticky_ids)
         self.keys = IdempotencyKeys(cfg.idempotency_window)
         self.delivered = Delivered()
@@ -3206,14 +3223,17 @@ class LocalHub:
         batch: Batch | None = None,
         event: str | None = None,
         user_id: str | None = None,
+        offsets: dict | None = None,
+        floors: dict | None = None,
     ) -> int:
         """Send text to every socket in any of channels but the one except_conn names: once
         to each wsboard socket, once per channel to a Pusher one (its events name their
         channel); event names it for Pusher sockets. Return how many took it. Not kept in
-        any inbox."""
-        offsets = (
-            {} if self.history is None else self.history.add(channels, text, event, time.time())
-        )
+        any inbox. Kept in the channels' history, or given the offsets a shared history
+        numbered it with; floors: (socket, channel) -> the offset its opening replayed."""
+        if offsets is None:
+            history = self.history
+            offsets = {} if history is None else history.add(channels, text, event, time.time())
         seen: set = set()
         delivered = 0
         for channel in channels:
@@ -3226,6 +3246,8 @@ class LocalHub:
                 ]
             if len(channels) > 1:
                 seen.update(members)
+            if floors and offsets:
+                members = [c for c in members if not replayed(c, offsets, floors)]
             for told, group in offset_groups(members, channel, offsets, len(channels) > 1):
                 topic = Topic(channel, event, user_id, told)
                 delivered += deliver(
@@ -3249,8 +3271,7 @@ class LocalHub:
         them; without since, the last limit."""
         history, now = self._history_of(channel), time.time()
         if since is None:
-            stream, gap = history.stream(channel, now), False
-            items = list(stream.items)[-limit:] if limit else []
+            (stream, items), gap = history.last(channel, limit, now), False
         else:
             stream, items, gap = history.since(channel, since[0], since[1], now)
             items = items[:limit]
@@ -3524,6 +3545,7 @@ class Transport(typing.Protocol):
 
     up: bool  # messages flow both ways now
     inbox: "RedisInbox | None"  # the shared inbox, when --inbox is on
+    history: "RedisHistory | None"  # channels' shared history (--history, cache- channels)
 
     def start(self) -> None: ...
 
@@ -3549,6 +3571,10 @@ class Transport(typing.Protocol):
     # What lives in the shared store.
     def send_numbered(
         self, client_id: str, text: str, keep_offline: bool, head: dict, answers: Answers
+    ) -> None: ...
+
+    def publish_numbered(
+        self, channels: list, route: str, message: dict, payload: list, answers: Answers
     ) -> None: ...
 
     def claim(self, key: str) -> SendResult | None: ...
@@ -3598,10 +3624,16 @@ class Backplane:
         self.node = node or str(10**11 + secrets.randbelow(9 * 10**11))
         self.events = events if events is not None else Events()
         self.transport: Transport = transport(self)
-        self.inbox = self.transport.inbox
+        self.inbox, self.history = self.transport.inbox, self.transport.history
         self.here = LocalHub(
-            cfg, self.events, self.node, hooks=self, inbox=self.inbox, keeps_history=False
-        )  # history across processes is not done yet: Config refuses --history with --redis
+            cfg,
+            self.events,
+            self.node,
+            hooks=self,
+            inbox=self.inbox,
+            history=self.history,
+            keeps_history=False,  # only the shared one
+        )
         self.registry = self.here.registry
         self.registry.watch = self._route_changed
         self.delivered = self.here.delivered
@@ -3619,6 +3651,7 @@ class Backplane:
         self.fresh: list = []  # ids that got their first socket here, not yet announced
         self.replies: list = []  # (origin, request, value) to send after the reader's batch
         self.floors: dict = {}  # Connection -> last seq its opening gave it, while it resumes
+        self.channel_floors: dict = {}  # (Connection, channel) -> last offset its opening read
         self.heart: gevent.Greenlet | None = None
 
     # Life.
@@ -3661,10 +3694,21 @@ class Backplane:
             # Read after its route was in force: what is heard now up to that number, it has.
             self.floors[conn] = self.inbox.opened.pop(conn.client_id)
             gevent.spawn_later(5 * self.cfg.redis_timeout, self.floors.pop, conn, None)
+        if self.history is not None and self.history.opened:
+            read = [key for key in self.history.opened if key[0] is conn]
+            for key in read:
+                self.channel_floors[key] = self.history.opened.pop(key)
+            gevent.spawn_later(5 * self.cfg.redis_timeout, self._forget_floors, conn)
         return frames
+
+    def _forget_floors(self, conn: Connection) -> None:
+        for key in [key for key in self.channel_floors if key[0] is conn]:
+            del self.channel_floors[key]
 
     def detach(self, conn: Connection) -> None:
         self.floors.pop(conn, None)
+        if self.channel_floors:
+            self._forget_floors(conn)
         self.here.detach(conn)
 
     def subscribe(self, conn: Connection, channel: str, user: tuple | None = None) -> list | None:
@@ -3676,7 +3720,7 @@ class Backplane:
     def local_connections(self) -> list:
         return self.here.local_connections()
 
-    def position(self, channel: str) -> tuple:  # BadRequest(HISTORY_OFF): kept by none yet
+    def position(self, channel: str) -> tuple:  # the shared history, read by here
         return self.here.position(channel)
 
     def history_page(self, channel: str, since: tuple | None, limit: int) -> HistoryPage:
@@ -3777,16 +3821,19 @@ class Backplane:
 
     # Sending and asking.
 
-    def _ask(self, route: str, message: dict) -> tuple:
-        """Publish a request to route; (answers, complete) once every process that heard it
-        has answered, or the timeout is over."""
+    def _ask(self, route: str, message: dict, send: Callable | None = None) -> tuple:
+        """Publish a request to route (through send(message, answers=)); (answers,
+        complete) once every process that heard it has answered, or the timeout is over."""
         if not self.transport.up:
             raise BackplaneError(UNAVAILABLE)
         request = str(next(self.requests))
         message["o"], message["r"] = self.node, request
         answers = self.answers[request] = Answers()
         try:
-            self.transport.publish(route, message, answers)
+            if send is None:
+                self.transport.publish(route, message, answers)
+            else:
+                send(message, answers=answers)
             answers.done.wait(self.cfg.redis_timeout)
         finally:
             del self.answers[request]
@@ -3794,8 +3841,8 @@ class Backplane:
             raise BackplaneError(answers.error)
         return answers.values, answers.complete
 
-    def _ask_all(self, route: str, message: dict) -> list:
-        values, complete = self._ask(route, message)
+    def _ask_all(self, route: str, message: dict, send: Callable | None = None) -> list:
+        values, complete = self._ask(route, message, send)
         if not complete:
             raise BackplaneError(TIMEOUT)
         return values
@@ -3957,14 +4004,20 @@ class Backplane:
         # a socket in two of them still gets it once.
         if not self.transport.up:
             raise BackplaneError(UNAVAILABLE)
-        here = self.here.publish(channels, text, except_conn, batch, event, user_id)
         route = CHANNEL_ROUTE + channels[0] if len(channels) == 1 else "all"
-        message = {"k": "pub", "c": list(channels), "t": text, "x": except_conn, "h": 1}
+        message = {"k": "pub", "c": list(channels), "t": text, "x": except_conn}
         if event is not None:
             message["e"] = event
         if user_id is not None:
             message["u"] = user_id
-        return here + sum(self._ask_all(route, message))
+        history = self.history
+        kept = [c for c in channels if history.keeps(c)] if history is not None else []
+        if kept:  # numbered in Redis; every holder, this process too, delivers as it hears
+            payload = [text, event]
+            send = functools.partial(self.transport.publish_numbered, kept, route, payload=payload)
+            return sum(self._ask_all(route, message, send))
+        here = self.here.publish(channels, text, except_conn, batch, event, user_id, offsets={})
+        return here + sum(self._ask_all(route, {**message, "h": 1}))
 
     def _target_route(self, client_id: str | None, conn_id: str | None) -> str:
         return "n:" + conn_id.partition(".")[0] if conn_id else ID_ROUTE + client_id
@@ -4092,8 +4145,11 @@ class Backplane:
         if self._ours(message):
             self._answer(message, 0)
             return
-        event, user_id = message.get("e"), message.get("u")
-        sockets = self.here.publish(message["c"], message["t"], message["x"], batch, event, user_id)
+        event, user_id, offsets = message.get("e"), message.get("u"), message.get("of", {})
+        sockets = self.here.publish(
+            message["c"], message["t"], message["x"], batch, event, user_id, offsets,
+            self.channel_floors,
+        )  # fmt: skip
         self._answer(message, sockets)
 
     # Who else holds an id: a process that gains one says so ("here", answered by every
@@ -4395,6 +4451,54 @@ redis.call('SREM', ARGV[1] .. ':watching', ARGV[2])
 return left
 """
 
+# Channel history: KEYS a meta hash and a list per channel (meta1, list1, meta2, ...), then
+# the route and the publication counter; ARGV how many channels, the message without its
+# closing brace, the entry's payload, the ttl, the meta ttl, an epoch for a new channel,
+# then each channel's size and name. Numbering, keeping and publishing are one step, so
+# every process hears a channel's publications in the order of their offsets.
+HISTORY_PUBLISH = """
+local n = tonumber(ARGV[1])
+local now = redis.call('TIME')[1]
+local number = redis.call('INCR', KEYS[2 * n + 2])
+local told, result = {}, {0}
+for i = 1, n do
+  local meta, list = KEYS[2 * i - 1], KEYS[2 * i]
+  if redis.call('HSETNX', meta, 'epoch', ARGV[6]) == 1 then
+    redis.call('HSET', meta, 'offset', 0)
+  end
+  local offset = redis.call('HINCRBY', meta, 'offset', 1)
+  redis.call('RPUSH', list, offset .. ' ' .. number .. ' ' .. now .. ' ' .. ARGV[3])
+  redis.call('LTRIM', list, -tonumber(ARGV[6 + i]), -1)
+  redis.call('EXPIRE', list, ARGV[4])
+  redis.call('EXPIRE', meta, ARGV[5])
+  table.insert(told, cjson.encode(ARGV[6 + n + i]) .. ':' .. offset)
+  table.insert(result, offset)
+end
+local message = ARGV[2] .. ',"of":{' .. table.concat(told, ',') .. '}}'
+result[1] = redis.call('PUBLISH', KEYS[2 * n + 1], message)
+return result
+"""
+
+# A channel's history read: KEYS meta, list; ARGV an epoch for a new channel, the meta
+# ttl, the offset to read after (-1: none), how many of the last to read, the reader's
+# epoch. Returns {epoch, last offset, entries}: all kept when the reader's epoch differs.
+HISTORY_READ = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+local after, want = tonumber(ARGV[3]), tonumber(ARGV[4])
+if after >= 0 then
+  if ARGV[5] ~= epoch then return {epoch, offset, redis.call('LRANGE', KEYS[2], 0, -1)} end
+  want = offset - after
+end
+if want <= 0 then return {epoch, offset, {}} end
+return {epoch, offset, redis.call('LRANGE', KEYS[2], -want, -1)}
+"""
+
 # A heartbeat: KEYS the node list; ARGV this process, node timeout. Returns the processes
 # whose last beat is older than the timeout, by Redis's clock (hosts' clocks may differ).
 BEAT = """
@@ -4458,6 +4562,80 @@ class RedisInbox:
         return box, [(seq, text) for seq, text in items if seq > last], last + 1 < first_kept
 
 
+class StreamView(NamedTuple):
+    """A channel's history as Redis has it: its epoch and its last offset."""
+
+    epoch: str
+    offset: int
+
+
+class RedisHistory:
+    """Channel history kept in Redis: one counter of offsets per channel for every process,
+    so a socket resumes on whichever process it reaches. Bounded per channel by --history
+    (a cache channel's last), by age (its list expires --history-ttl after its last
+    publication; older entries are skipped), and by Redis's maxmemory. Reads answer what
+    History's do."""
+
+    total_bytes = 0  # in Redis, not here
+
+    def __init__(self, transport: "RedisTransport") -> None:
+        self.transport = transport
+        self.size, self.ttl = transport.cfg.history, transport.cfg.history_ttl
+        self.opened: dict = {}  # (socket, channel) -> the offset its opening read
+
+    def __len__(self) -> int:
+        return 0
+
+    def keeps(self, channel: str) -> bool:
+        return self.size > 0 or channel.startswith(CACHE_PREFIXES)
+
+    def _read(self, channel: str, after: int = -1, last: int = 0, epoch: str = "") -> tuple:
+        transport = self.transport
+        keys = [transport.key("hm", channel), transport.key("hs", channel)]
+        args = [secrets.token_hex(4), HISTORY_META_TTL, after, last, epoch]
+        got_epoch, offset, raw = transport.call(transport.scripts["history_read"], keys, args)
+        got_epoch = got_epoch.decode() if isinstance(got_epoch, bytes) else got_epoch
+        return StreamView(got_epoch, int(offset)), raw
+
+    def _publications(self, channel: str, raw: list, now: float) -> list:
+        kept = []
+        for entry in raw:
+            offset, number, at, payload = entry.decode().split(" ", 3)
+            if now - int(at) <= self.ttl:
+                text, event = json.loads(payload)
+                kept.append(Publication(int(number), text, event, {channel: int(offset)}, int(at)))
+        return kept
+
+    def stream(self, channel: str, now: float, reader: object = None) -> StreamView:
+        view, _ = self._read(channel)
+        if reader is not None:
+            self.opened[(reader, channel)] = view.offset
+        return view
+
+    def position(self, channel: str, now: float) -> tuple:
+        view = self.stream(channel, now)
+        return view.epoch, view.offset
+
+    def since(
+        self, channel: str, epoch: str, offset: int, now: float, reader: object = None
+    ) -> tuple:
+        view, raw = self._read(channel, after=offset, epoch=epoch)
+        if reader is not None:
+            self.opened[(reader, channel)] = view.offset
+        items = self._publications(channel, raw, now)
+        if epoch != view.epoch:
+            return view, items, True
+        first_kept = items[0].offsets[channel] if items else view.offset + 1
+        return view, [p for p in items if p.offsets[channel] > offset], offset + 1 < first_kept
+
+    def last(self, channel: str, limit: int, now: float) -> tuple:
+        view, raw = self._read(channel, last=limit)
+        return view, self._publications(channel, raw, now)[-limit:] if limit else []
+
+    def expire(self, now: float, in_use: Callable[[str], bool]) -> None:
+        """Entries expire in Redis by themselves."""
+
+
 OUTBOX_SIZE = 100_000  # publishes (or membership changes) that may wait for Redis
 
 
@@ -4488,6 +4666,8 @@ class RedisTransport:
             for name, source in (
                 ("inbox_send", INBOX_SEND),
                 ("inbox_open", INBOX_OPEN),
+                ("history_publish", HISTORY_PUBLISH),
+                ("history_read", HISTORY_READ),
                 ("join", PRESENCE_JOIN),
                 ("leave", PRESENCE_LEAVE),
                 ("reap", REAP),
@@ -4495,6 +4675,7 @@ class RedisTransport:
             )
         }
         self.inbox = RedisInbox(self) if cfg.inbox else None
+        self.history = RedisHistory(self) if cfg.history or cfg.pusher_key else None  # cache-
         # The pub/sub link: one connection, read by one greenlet, written by the link's
         # greenlet before it is up and by the subscriber's after.
         self.link = None
@@ -4761,6 +4942,29 @@ class RedisTransport:
             json.dumps(head)[:-1],  # the script adds "s", the number it gives
         ]
         self._enqueue(("inbox_send", (keys, args), answers))
+
+    def publish_numbered(
+        self, channels: list, route: str, message: dict, payload: list, answers: Answers
+    ) -> None:
+        """Number message in each of channels' history, keep it and publish it to route in
+        one script; it arrives with "of", its offsets; answers hears [how many heard it,
+        the offsets in order]."""
+        history = self.history
+        keys = []
+        for channel in channels:
+            keys += [self.key("hm", channel), self.key("hs", channel)]
+        keys += [self.key(route), self.key("hn")]
+        args = [
+            len(channels),
+            json.dumps(message, separators=(",", ":"))[:-1],  # the script adds "of"
+            json.dumps(payload, separators=(",", ":")),
+            int(self.cfg.history_ttl),
+            HISTORY_META_TTL,
+            secrets.token_hex(4),
+            *(history.size or 1 for _ in channels),
+            *channels,
+        ]
+        self._enqueue(("history_publish", (keys, args), answers))
 
     def claim(self, key: str) -> SendResult | None:
         """Take key for this send, or the result of the send that took it first (waiting,
@@ -6953,7 +7157,7 @@ class PusherApp(SocketProtocol):
         """A cache channel's last event, or pusher:cache_miss when it has none kept."""
         try:
             last = self.board.hub.history_page(channel, None, 1).publications
-        except BadRequest:  # not kept here (--redis: not yet across processes)
+        except BadRequest:  # not a channel that keeps history
             last = []
         if not last:
             return compact_frame({"event": "pusher:cache_miss", "channel": channel})

@@ -896,6 +896,9 @@ def test_pusher_sockets_span_processes_on_the_redis_hub(
     assert raw["user_id"] == "bob"  # Pusher names the sender of a presence client event
     info = sdk(one).channel_info("presence-room", ["user_count", "subscription_count"])
     assert info == {"occupied": True, "user_count": 2, "subscription_count": 2}
+    sdk(two).trigger("cache-status", "state", "green")  # nobody subscribed anywhere yet
+    ann.subscribe("cache-status")  # on the other process: the cache is in Redis
+    assert ann.expect(type="event", channel="cache-status", event="state")["data"] == "green"
     sdk(one).terminate_user_connections("bob")
     assert_refused_for_good(bob, 4009)
     assert (

@@ -573,3 +573,106 @@ def test_gunicorn_keeps_its_workers_while_redis_is_frozen(gunicorn, own_redis, t
     assert ws.recv() == "back"
     assert "WORKER TIMEOUT" not in server.log() and "Booting worker" in server.log()
     assert server.log().count("Booting worker") == 2
+
+
+# Channel history across processes ############################################
+
+
+def v1_socket(server, client_id, *channels, since=()):
+    query = "".join(f"&channel={c}" for c in channels) + "".join(f"&since={s}" for s in since)
+    ws = websocket.create_connection(
+        server.ws_url(client_id) + query, timeout=10, subprotocols=["wsboard.v1"]
+    )
+    return ws, json.loads(ws.recv())["hello"]
+
+
+def test_two_processes_publishing_to_one_channel_never_share_an_offset_and_are_seen_in_order(
+    cluster,
+):
+    servers = cluster(2, "--history", "500")
+    watchers = [v1_socket(server, f"w{n}", "news")[0] for n, server in enumerate(servers)]
+
+    def publisher(server, n):
+        control = Control(server.control_path)
+        for i in range(60):
+            answer = ask_json(control, {"op": "publish", "channel": "news", "data": f"{n}-{i}"})
+            assert answer["ok"] and answer["sockets"] == 2, answer
+
+    threads = [threading.Thread(target=publisher, args=(s, n)) for n, s in enumerate(servers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for ws in watchers:  # each socket: offsets 1..120 in order, every publication once
+        frames = [json.loads(ws.recv()) for _ in range(120)]
+        assert [f["offsets"]["news"] for f in frames] == list(range(1, 121))
+        assert sorted(f["data"] for f in frames) == sorted(
+            f"{n}-{i}" for n in range(2) for i in range(60)
+        )
+    position = ask_json(Control(servers[1].control_path), {"op": "position", "channel": "news"})
+    assert position["offset"] == 120
+
+
+def test_a_socket_whose_process_is_killed_resumes_on_another_and_loses_nothing(cluster):
+    p0, p1 = cluster(2, "--history", "100")
+    ws, hello = v1_socket(p0, "reader", "news")
+    epoch = hello["channels"]["news"]["epoch"]
+    assert ask(p1, "PUBLISH news one") == "OK 1"
+    seen = json.loads(ws.recv())
+    assert seen == {"seq": None, "data": "one", "offsets": {"news": 1}}
+    p0.proc.kill()  # kill -9: its socket drops with it
+    p0.proc.wait()
+    for text in ("two", "three"):  # while the reader is away
+        assert ask(p1, f"PUBLISH news {text}") == "OK 0"
+    back, hello = v1_socket(p1, "reader", "news", since=[f"news:{epoch}:1"])
+    assert hello["channels"]["news"] == {"epoch": epoch, "offset": 3}
+    got = [json.loads(back.recv()) for _ in range(2)]
+    assert [(f["data"], f["offsets"]) for f in got] == [
+        ("two", {"news": 2}),
+        ("three", {"news": 3}),
+    ]
+    assert ask(p1, "PUBLISH news four") == "OK 1"
+    assert json.loads(back.recv())["offsets"] == {"news": 4}
+
+
+def test_a_publication_to_several_channels_is_replayed_once_across_processes(cluster):
+    p0, p1 = cluster(2, "--history", "10")
+    epochs = {c: ask(p0, f"POSITION {c}").split()[1] for c in ("a", "b")}
+    request = {"op": "publish", "channel": ["a", "b"], "data": "both"}
+    assert ask_json(Control(p1.control_path), request)["ok"]
+    since = [f"{c}:{epochs[c]}:0" for c in ("a", "b")]
+    ws, hello = v1_socket(p0, "late", "a", "b", since=since)
+    assert {c: hello["channels"][c]["offset"] for c in ("a", "b")} == {"a": 1, "b": 1}
+    assert json.loads(ws.recv()) == {"seq": None, "data": "both", "offsets": {"a": 1, "b": 1}}
+    assert ask(p1, "PUBLISH a sentinel") == "OK 1"
+    assert json.loads(ws.recv())["data"] == "sentinel"  # "both" came once
+
+
+def test_the_history_op_and_a_gap_read_the_same_history_from_every_process(cluster):
+    p0, p1 = cluster(2, "--history", "3")
+    epoch = ask(p1, "POSITION news").split()[1]
+    for n in range(1, 6):
+        assert ask(p0, f"PUBLISH news m{n}") == "OK 0"
+    page = ask_json(Control(p1.control_path), {"op": "history", "channel": "news"})
+    assert [(p["offset"], p["data"]) for p in page["publications"]] == [
+        (3, "m3"),
+        (4, "m4"),
+        (5, "m5"),
+    ]
+    since = {"op": "history", "channel": "news", "since": {"epoch": epoch, "offset": 1}}
+    assert ask_json(Control(p0.control_path), since)["gap"] is True
+    ws, _ = v1_socket(p1, "late", "news", since=[f"news:{epoch}:1"])
+    assert json.loads(ws.recv()) == {"gap": {"channel": "news", "after": 1}}
+    assert [json.loads(ws.recv())["data"] for _ in range(3)] == ["m3", "m4", "m5"]
+
+
+def test_history_in_redis_is_bounded_per_channel_and_expires(cluster, redis_server):
+    import redis as redis_py
+
+    p0, _ = cluster(2, "--history", "5", "--history-ttl", "60")
+    for n in range(20):
+        ask(p0, f"PUBLISH news n{n}")
+    client = redis_py.Redis.from_url(redis_server.url)
+    assert client.llen(f"{p0.prefix}:hs:news") == 5
+    assert 0 < client.ttl(f"{p0.prefix}:hs:news") <= 60
+    assert 0 < client.ttl(f"{p0.prefix}:hm:news") <= 86400
