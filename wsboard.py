@@ -2955,7 +2955,7 @@ class LocalHooks(typing.Protocol):
 class LocalHub:
     """The sockets of this process, their inbox, their channels' history and the idempotency
     keys, in memory. hooks: the hub composing this one, where it takes over (LocalHooks);
-    inbox, history: shared ones (it then delivers publications numbered elsewhere);
+    inbox, history, sticky: shared ones (it then delivers publications numbered elsewhere);
     keeps_history=False: history is not this process's to keep."""
 
     def __init__(
@@ -2967,6 +2967,7 @@ class LocalHub:
         inbox: object = None,
         history: object = None,
         keeps_history: bool = True,
+        sticky: object = None,
     ) -> None:
         self.cfg = cfg
         self.node = node or "1"  # what connection ids begin with: "<node>.<n>"
@@ -2985,7 +2986,9 @@ class LocalHub:
         if history is None and keeps_history and (cfg.history or cfg.pusher_key):  # cache-
             history = History(cfg.history, cfg.history_ttl, cfg.history_bytes)
         self.history = history
-        self.sticky = StickyJoins(cfg.session_ttl, cfg.max_channels_per_socket, cfg.max_sticky_ids)
+        if sticky is None:
+            sticky = StickyJoins(cfg.session_ttl, cfg.max_channels_per_socket, cfg.max_sticky_ids)
+        self.sticky = sticky
         self.keys = IdempotencyKeys(cfg.idempotency_window)
         self.delivered = Delivered()
 
@@ -3546,6 +3549,7 @@ class Transport(typing.Protocol):
     up: bool  # messages flow both ways now
     inbox: "RedisInbox | None"  # the shared inbox, when --inbox is on
     history: "RedisHistory | None"  # channels' shared history (--history, cache- channels)
+    sticky: "RedisSticky"  # sticky joins, read as a socket opens
 
     def start(self) -> None: ...
 
@@ -3576,6 +3580,12 @@ class Transport(typing.Protocol):
     def publish_numbered(
         self, channels: list, route: str, message: dict, payload: list, answers: Answers
     ) -> None: ...
+
+    def stick(self, client_id: str, channel: str) -> bool: ...
+
+    def unstick(self, client_id: str, channel: str) -> bool: ...
+
+    def keep_sticky(self, ids: list) -> None: ...
 
     def claim(self, key: str) -> SendResult | None: ...
 
@@ -3633,6 +3643,7 @@ class Backplane:
             inbox=self.inbox,
             history=self.history,
             keeps_history=False,  # only the shared one
+            sticky=self.transport.sticky,
         )
         self.registry = self.here.registry
         self.registry.watch = self._route_changed
@@ -3814,6 +3825,8 @@ class Backplane:
                 self.transport.beat()
                 self._recount()
                 self._recount_watchers()
+                held = self.here.sticky.held
+                self.transport.keep_sticky([i for i in held if self.registry.count_for_id(i)])
             except BackplaneError:
                 pass
             except Exception:
@@ -4029,18 +4042,22 @@ class Backplane:
         conn_id: str | None = None,
         sticky: bool = False,
     ) -> tuple:
-        if sticky:
-            raise BadRequest(STICKY_ONE_PROCESS)
-        message = {"k": "j", "c": channel, "i": client_id, "cn": conn_id}
+        if sticky and not self.transport.stick(client_id, channel):
+            raise LimitReached(
+                f"{TOO_MANY_STICKY} (limit {self.cfg.max_sticky_ids} ids, "
+                f"{self.cfg.max_channels_per_socket} channels an id)"
+            )
+        message = {"k": "j", "c": channel, "i": client_id, "cn": conn_id, "st": int(sticky)}
         values = self._ask_all(self._target_route(client_id, conn_id), message)
         return sum(v[0] for v in values), sum(v[1] for v in values)
 
     def leave(
         self, channel: str, client_id: str | None = None, conn_id: str | None = None
     ) -> tuple:
+        unstuck = client_id is not None and self.transport.unstick(client_id, channel)
         message = {"k": "l", "c": channel, "i": client_id, "cn": conn_id}
         values = self._ask_all(self._target_route(client_id, conn_id), message)
-        return sum(v[0] for v in values), sum(v[1] for v in values)
+        return sum(v[0] for v in values) or int(unstuck), sum(v[1] for v in values)
 
     def kick(self, client_id: str, code: int, reason: str) -> int:
         message = {"k": "k", "i": client_id, "code": code, "why": reason}
@@ -4104,7 +4121,7 @@ class Backplane:
             "inbox_bytes": 0,
             "history_channels": 0,
             "history_bytes": 0,
-            "sticky_ids": 0,
+            "sticky_ids": len(self.here.sticky),  # those held here; the rest are in Redis
             "sticky_away": 0,
             "backplane": {
                 "state": link["state"],
@@ -4226,6 +4243,8 @@ class Backplane:
 
     def _on_join(self, message: dict, batch: Batch) -> None:
         found = self.here.join(message["c"], message["i"], message["cn"])
+        if message.get("st") and found[0]:  # its sockets here keep the sticky join alive
+            self.here.sticky.held.add(message["i"])
         self._answer(message, list(found))
 
     def _on_leave(self, message: dict, batch: Batch) -> None:
@@ -4499,6 +4518,46 @@ if want <= 0 then return {epoch, offset, {}} end
 return {epoch, offset, redis.call('LRANGE', KEYS[2], -want, -1)}
 """
 
+# Sticky joins: KEYS the id's channels (a hash), the ids with any (a sorted set by expiry);
+# ARGV the channel, the session ttl, the channel limit, the id limit, the id. 1: in force,
+# 0: past a limit. A holder of the id's sockets keeps both alive (STICKY_KEEP); after its
+# last socket anywhere, they expire --session-ttl later.
+STICKY_JOIN = """
+local now = tonumber(redis.call('TIME')[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+  local known = redis.call('EXISTS', KEYS[1]) == 1
+  if not known and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 0 end
+  if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+  redis.call('HSET', KEYS[1], ARGV[1], '')
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[5])
+return 1
+"""
+
+# KEYS the id's channels, the sorted set; ARGV the channel, the id. 1: it was sticky.
+STICKY_LEAVE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('HLEN', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[2]) end
+return 1
+"""
+
+# KEYS the sorted set, then each id's channels; ARGV the ttl, then the ids. Returns the ids
+# whose sticky joins are gone (ended by a LEAVE elsewhere).
+STICKY_KEEP = """
+local now = tonumber(redis.call('TIME')[1])
+local gone = {}
+for i = 2, #KEYS do
+  if redis.call('EXPIRE', KEYS[i], ARGV[1]) == 1 then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+  else
+    table.insert(gone, ARGV[i])
+  end
+end
+return gone
+"""
+
 # A heartbeat: KEYS the node list; ARGV this process, node timeout. Returns the processes
 # whose last beat is older than the timeout, by Redis's clock (hosts' clocks may differ).
 BEAT = """
@@ -4636,6 +4695,43 @@ class RedisHistory:
         """Entries expire in Redis by themselves."""
 
 
+class RedisSticky:
+    """Sticky joins kept in Redis, read as a socket opens (what LocalHub asks of
+    StickyJoins). They are made and ended by the backplane (RedisTransport.stick and
+    unstick); this process keeps those of the ids it holds alive (keep_sticky)."""
+
+    away: dict = {}  # in Redis: the ids with no socket anywhere just expire there
+
+    def __init__(self, transport: "RedisTransport") -> None:
+        self.transport = transport
+        self.held: set = set()  # ids with sticky joins and a socket here
+
+    def __len__(self) -> int:
+        return len(self.held)
+
+    def of(self, client_id: str) -> list:
+        transport = self.transport
+        try:
+            channels = transport.call("HKEYS", transport.key("st", client_id))
+        except BackplaneError:
+            return []  # Redis away: the socket opens with its URL's channels only
+        if channels:
+            self.held.add(client_id)
+        return [channel.decode() for channel in channels]
+
+    def connected(self, client_id: str) -> None:
+        """Its sockets here keep it alive: of() noted it."""
+
+    def gone(self, client_id: str, now: float) -> None:
+        self.held.discard(client_id)
+
+    def remove(self, client_id: str, channel: str) -> bool:
+        return False  # the backplane ended it in Redis (unstick) before asking the holders
+
+    def expire(self, now: float) -> None:
+        """They expire in Redis."""
+
+
 OUTBOX_SIZE = 100_000  # publishes (or membership changes) that may wait for Redis
 
 
@@ -4668,6 +4764,9 @@ class RedisTransport:
                 ("inbox_open", INBOX_OPEN),
                 ("history_publish", HISTORY_PUBLISH),
                 ("history_read", HISTORY_READ),
+                ("sticky_join", STICKY_JOIN),
+                ("sticky_leave", STICKY_LEAVE),
+                ("sticky_keep", STICKY_KEEP),
                 ("join", PRESENCE_JOIN),
                 ("leave", PRESENCE_LEAVE),
                 ("reap", REAP),
@@ -4676,6 +4775,7 @@ class RedisTransport:
         }
         self.inbox = RedisInbox(self) if cfg.inbox else None
         self.history = RedisHistory(self) if cfg.history or cfg.pusher_key else None  # cache-
+        self.sticky = RedisSticky(self)
         # The pub/sub link: one connection, read by one greenlet, written by the link's
         # greenlet before it is up and by the subscriber's after.
         self.link = None
@@ -4965,6 +5065,26 @@ class RedisTransport:
             *channels,
         ]
         self._enqueue(("history_publish", (keys, args), answers))
+
+    def stick(self, client_id: str, channel: str) -> bool:
+        """Make channel sticky for client_id; False past a limit."""
+        cfg = self.cfg
+        keys = [self.key("st", client_id), self.key("stz")]
+        args = [channel, int(cfg.session_ttl), cfg.max_channels_per_socket, cfg.max_sticky_ids]
+        return bool(self.call(self.scripts["sticky_join"], keys, [*args, client_id]))
+
+    def unstick(self, client_id: str, channel: str) -> bool:
+        keys = [self.key("st", client_id), self.key("stz")]
+        return bool(self.call(self.scripts["sticky_leave"], keys, [channel, client_id]))
+
+    def keep_sticky(self, ids: list) -> None:
+        """Keep the sticky joins of ids (held here) alive; forget those ended elsewhere."""
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            keys = [self.key("stz"), *(self.key("st", i) for i in chunk)]
+            args = [int(self.cfg.session_ttl), *chunk]
+            for client_id in self.call(self.scripts["sticky_keep"], keys, args):
+                self.sticky.held.discard(client_id.decode())
 
     def claim(self, key: str) -> SendResult | None:
         """Take key for this send, or the result of the send that took it first (waiting,
@@ -6032,7 +6152,6 @@ TOO_MANY_CONTROL = "Too many control connections"  # said to a connection past t
 PERMISSION_DENIED = "Permission denied"  # said to a peer not in --control-uids/--control-gids
 TOO_MANY_CHANNELS = "Too many channels"  # a JOIN past --max-channels-per-socket
 TOO_MANY_STICKY = "Too many sticky joins"  # past --max-sticky-ids, or an id's channel limit
-STICKY_ONE_PROCESS = "Sticky joins are kept by one process for now: not with --redis yet"
 
 # Every ERROR a control connection can be answered with (those with a limit are told it in
 # brackets after the text); docs/protocol.md lists them all (tests/test_docs.py checks).

@@ -676,3 +676,38 @@ def test_history_in_redis_is_bounded_per_channel_and_expires(cluster, redis_serv
     assert client.llen(f"{p0.prefix}:hs:news") == 5
     assert 0 < client.ttl(f"{p0.prefix}:hs:news") <= 60
     assert 0 < client.ttl(f"{p0.prefix}:hm:news") <= 86400
+
+
+def test_a_sticky_join_made_on_one_process_holds_for_sockets_opened_on_another(
+    cluster, redis_server
+):
+    import redis as redis_py
+
+    p0, p1 = cluster(2, "--history", "10", "--session-ttl", "2")
+    join = {"op": "join", "channel": "news", "id": "sam", "sticky": True}
+    assert ask_json(Control(p0.control_path), join) == {"ok": True, "sockets": 0}
+    ws, hello = v1_socket(p1, "sam")  # names no channel: the sticky join puts it in
+    assert "news" in hello["channels"]
+    assert ask(p0, "PUBLISH news hi") == "OK 1"
+    assert json.loads(ws.recv())["data"] == "hi"
+    key = f"{p0.prefix}:st:sam"
+    client = redis_py.Redis.from_url(redis_server.url)
+    time.sleep(3)  # past --session-ttl: the open socket on p1 keeps it alive
+    assert client.exists(key)
+    ws.close()
+    wait_until(lambda: not client.exists(key), timeout=10, what="the sticky join to expire")
+    again, hello = v1_socket(p0, "sam")
+    assert "news" not in hello["channels"]
+
+
+def test_a_leave_on_any_process_ends_a_sticky_join_everywhere(cluster):
+    p0, p1 = cluster(2, "--history", "10")
+    join = {"op": "join", "channel": "news", "id": "kim", "sticky": True}
+    assert ask_json(Control(p1.control_path), join)["ok"]
+    ws, _ = v1_socket(p0, "kim")
+    assert ask(p1, "LEAVE news kim") == "OK 1"
+    assert ask(p1, "PUBLISH news after") == "OK 0"
+    ws.close()
+    again, hello = v1_socket(p1, "kim")
+    assert "news" not in hello["channels"]
+    assert ask(p0, "LEAVE news kim") == "OK 0"  # nothing left, but kim has a socket
