@@ -2242,23 +2242,23 @@ class V1Framing(Framing):
         publications after, each once, in the order they were made)."""
         since = {channel: (epoch, offset) for channel, epoch, offset in hs.since}
         mine = conn.channels or set()
+        ordered = (*hs.channels, *sorted(mine - set(hs.channels)))
+        asks = [
+            (channel, *since.get(channel, (None, 0)))
+            for channel in ordered
+            if channel in mine and history.keeps(channel)
+        ]
         positions, gaps, publications = {}, [], {}
-        for channel in (*hs.channels, *sorted(mine - set(hs.channels))):
-            if channel not in mine or not history.keeps(channel):
-                continue
-            if channel in since:
-                epoch, offset = since[channel]
-                stream, after, gap = history.since(channel, epoch, offset, now, conn)
-                if gap:
-                    told = offset if epoch == stream.epoch else 0
-                    gaps.append(compact_frame({"gap": {"channel": channel, "after": told}}))
-                for publication in after:  # one to several channels: once, with all offsets
-                    if publication.number in publications:
-                        publications[publication.number].offsets.update(publication.offsets)
-                    else:
-                        publications[publication.number] = publication
-            else:
-                stream = history.stream(channel, now, conn)
+        reads = history.read_many(asks, now, conn)
+        for (channel, epoch, offset), (stream, after, gap) in zip(asks, reads, strict=True):
+            if gap:
+                told = offset if epoch == stream.epoch else 0
+                gaps.append(compact_frame({"gap": {"channel": channel, "after": told}}))
+            for publication in after:  # one to several channels: once, with all offsets
+                if publication.number in publications:
+                    publications[publication.number].offsets.update(publication.offsets)
+                else:
+                    publications[publication.number] = publication
             positions[channel] = {"epoch": stream.epoch, "offset": stream.offset}
         replay = [
             self.message(p.text, None, Topic(offsets=offsets_in(p.offsets, mine)))
@@ -2581,6 +2581,14 @@ class History:
     def keeps(self, channel: str) -> bool:
         return self.size > 0 or channel.startswith(CACHE_PREFIXES)
 
+    def read_many(self, asks: list, now: float, reader: object = None) -> list:
+        """For each (channel, epoch, offset): what since() answers; an epoch of None asks
+        only where the channel is: (stream, [], False)."""
+        return [
+            self.since(c, e, o, now) if e is not None else (self.stream(c, now), [], False)
+            for c, e, o in asks
+        ]
+
     def last(self, channel: str, limit: int, now: float) -> tuple:
         """(stream, its last limit publications)."""
         stream = self.stream(channel, now)
@@ -2605,21 +2613,29 @@ class History:
     def add(self, channels: Sequence[str], text: str, event: str | None, now: float) -> dict:
         """Keep a publication in each of channels that keeps history; return its offsets."""
         offsets: dict = {}
-        kept = [channel for channel in channels if self.keeps(channel)]
-        if not kept:
-            return offsets
-        publication = Publication(next(self.numbers), text, event, offsets, now)
-        cost = len(text) + PUBLICATION_BYTES
-        for channel in kept:
-            stream = self.stream(channel, now)
+        publication = None
+        cost, keep = len(text) + PUBLICATION_BYTES, self.size or 1  # a cache channel's last
+        for channel in channels:
+            if not self.size and not channel.startswith(CACHE_PREFIXES):
+                continue
+            stream = self.streams.get(channel)  # self.stream, inlined: this is the hot path
+            if stream is None:
+                stream = self.stream(channel, now)
+            else:
+                self.streams.move_to_end(channel)
+                stream.touched = now
+            if publication is None:
+                publication = Publication(next(self.numbers), text, event, offsets, now)
             stream.offset += 1
             offsets[channel] = stream.offset
-            stream.items.append(publication)
+            items = stream.items
+            items.append(publication)
             stream.bytes += cost
             self.total_bytes += cost
-            while len(stream.items) > (self.size or 1):  # a cache channel's last, at least
+            if len(items) > keep:
                 self._pop(stream)
-        self._bound(stream)
+            if self.total_bytes > self.total_limit:
+                self._bound(stream)
         return offsets
 
     def _pop(self, stream: Stream) -> None:
@@ -2904,7 +2920,10 @@ class HistoryPage(NamedTuple):
 
 
 def replayed(conn: "Connection", offsets: dict, floors: dict) -> bool:
-    """A publication heard that conn's opening replay already gave it."""
+    """A publication heard that conn's opening replay already gave it, or one heard while
+    its opening is read (held, then given unless the replay has it: Backplane.attach)."""
+    if (conn, None) in floors:
+        return True
     told = [(channel, offset) for channel, offset in offsets.items() if (conn, channel) in floors]
     return bool(told) and all(offset <= floors[(conn, channel)] for channel, offset in told)
 
@@ -3663,6 +3682,7 @@ class Backplane:
         self.replies: list = []  # (origin, request, value) to send after the reader's batch
         self.floors: dict = {}  # Connection -> last seq its opening gave it, while it resumes
         self.channel_floors: dict = {}  # (Connection, channel) -> last offset its opening read
+        self.opening: dict = {}  # Connection -> numbered publications heard while it opens
         self.heart: gevent.Greenlet | None = None
 
     # Life.
@@ -3700,7 +3720,14 @@ class Backplane:
         return self.here.admit(hs)
 
     def attach(self, conn: Connection, hs: Handshake) -> list:
-        frames = self.here.attach(conn, hs)
+        if self.history is not None:  # numbered publications heard meanwhile wait for it
+            self.opening[conn] = []
+            self.channel_floors[(conn, None)] = 0
+        try:
+            frames = self.here.attach(conn, hs)
+        finally:
+            held = self.opening.pop(conn, ())
+            self.channel_floors.pop((conn, None), None)
         if self.inbox is not None and conn.client_id in self.inbox.opened:
             # Read after its route was in force: what is heard now up to that number, it has.
             self.floors[conn] = self.inbox.opened.pop(conn.client_id)
@@ -3710,7 +3737,20 @@ class Backplane:
             for key in read:
                 self.channel_floors[key] = self.history.opened.pop(key)
             gevent.spawn_later(5 * self.cfg.redis_timeout, self._forget_floors, conn)
+        for message in held:  # after the replay (the socket is not open yet), if not in it
+            self._deliver_held(conn, message)
         return frames
+
+    def _deliver_held(self, conn: Connection, message: dict) -> None:
+        offsets = offsets_in(message["of"], conn.channels or ())
+        if (
+            not offsets
+            or conn.conn_id == message["x"]
+            or replayed(conn, offsets, self.channel_floors)
+        ):
+            return
+        topic = Topic(next(iter(offsets)), message.get("e"), message.get("u"), offsets)
+        deliver([conn], message["t"], None, None, hold=False, topic=topic, count=self.delivered)
 
     def _forget_floors(self, conn: Connection) -> None:
         for key in [key for key in self.channel_floors if key[0] is conn]:
@@ -4163,6 +4203,10 @@ class Backplane:
             self._answer(message, 0)
             return
         event, user_id, offsets = message.get("e"), message.get("u"), message.get("of", {})
+        if offsets and self.opening:
+            for conn in self.opening:
+                if conn.channels and not conn.channels.isdisjoint(offsets):
+                    self.opening[conn].append(message)
         sockets = self.here.publish(
             message["c"], message["t"], message["x"], batch, event, user_id, offsets,
             self.channel_floors,
@@ -4681,11 +4725,41 @@ class RedisHistory:
         view, raw = self._read(channel, after=offset, epoch=epoch)
         if reader is not None:
             self.opened[(reader, channel)] = view.offset
+        return self._after(channel, view, raw, epoch, offset, now)
+
+    def _after(
+        self, channel: str, view: StreamView, raw: list, epoch: str, offset: int, now: float
+    ) -> tuple:
         items = self._publications(channel, raw, now)
         if epoch != view.epoch:
             return view, items, True
         first_kept = items[0].offsets[channel] if items else view.offset + 1
         return view, [p for p in items if p.offsets[channel] > offset], offset + 1 < first_kept
+
+    def read_many(self, asks: list, now: float, reader: object = None) -> list:
+        """What History.read_many answers, every channel read in one round trip."""
+        transport = self.transport
+        pipe = transport.redis.pipeline(transaction=False)
+        for channel, epoch, offset in asks:
+            keys = [transport.key("hm", channel), transport.key("hs", channel)]
+            after = offset if epoch is not None else -1
+            args = [secrets.token_hex(4), HISTORY_META_TTL, after, 0, epoch or ""]
+            transport.scripts["history_read"](keys, args, client=pipe)
+        try:
+            replies = transport.call(pipe.execute) if asks else []
+        except BackplaneError:  # numbered by nothing now: a new epoch tells of the gap later
+            return [(StreamView(secrets.token_hex(4), 0), [], e is not None) for _, e, _ in asks]
+        results = []
+        for (channel, epoch, offset), (got_epoch, last, raw) in zip(asks, replies, strict=True):
+            got_epoch = got_epoch.decode() if isinstance(got_epoch, bytes) else got_epoch
+            view = StreamView(got_epoch, int(last))
+            if reader is not None:
+                self.opened[(reader, channel)] = view.offset
+            if epoch is None:
+                results.append((view, [], False))
+            else:
+                results.append(self._after(channel, view, raw, epoch, offset, now))
+        return results
 
     def last(self, channel: str, limit: int, now: float) -> tuple:
         view, raw = self._read(channel, last=limit)

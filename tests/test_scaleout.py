@@ -711,3 +711,32 @@ def test_a_leave_on_any_process_ends_a_sticky_join_everywhere(cluster):
     again, hello = v1_socket(p1, "kim")
     assert "news" not in hello["channels"]
     assert ask(p0, "LEAVE news kim") == "OK 0"  # nothing left, but kim has a socket
+
+
+def test_sockets_that_resume_during_a_flood_of_publications_get_each_offset_once_in_order(
+    cluster,
+):
+    p0, p1 = cluster(2, "--history", "1000")
+    epoch = ask(p1, "POSITION news").split()[1]
+    total = 400
+
+    def flood():
+        control = Control(p0.control_path)
+        control.send(b"".join(f"PUBLISH news n{i}\n".encode() for i in range(total)))
+        for _ in range(total):
+            assert control.line().startswith(b"OK")
+
+    publisher = threading.Thread(target=flood)
+    publisher.start()
+    sockets = []
+    for n in range(12):  # opening while publications are numbered and heard
+        ws, hello = v1_socket(p1, f"r{n}", "news", since=[f"news:{epoch}:0"])
+        sockets.append(ws)
+    publisher.join()
+    for ws in sockets:
+        offsets = []
+        while not offsets or offsets[-1] < total:
+            frame = json.loads(ws.recv())
+            assert "gap" not in frame, frame
+            offsets.append(frame["offsets"]["news"])
+        assert offsets == list(range(1, total + 1))  # each once, in order, nothing lost
