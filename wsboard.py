@@ -3720,8 +3720,11 @@ class Backplane:
         return self.here.admit(hs)
 
     def attach(self, conn: Connection, hs: Handshake) -> list:
-        if self.history is not None:  # numbered publications heard meanwhile wait for it
+        # What is numbered (inbox sends, channel publications) and heard while its opening
+        # is read waits for it: then it gets what its replay did not.
+        if self.inbox is not None or self.history is not None:
             self.opening[conn] = []
+        if self.history is not None:
             self.channel_floors[(conn, None)] = 0
         try:
             frames = self.here.attach(conn, hs)
@@ -3742,6 +3745,11 @@ class Backplane:
         return frames
 
     def _deliver_held(self, conn: Connection, message: dict) -> None:
+        if message["k"] == "s":
+            seq = message["s"]
+            if seq > self.floors.get(conn, 0):
+                deliver([conn], message["t"], seq, None, count=self.delivered)
+            return
         offsets = offsets_in(message["of"], conn.channels or ())
         if (
             not offsets
@@ -4185,9 +4193,17 @@ class Backplane:
             took = 0
         else:
             conns, seq = self.registry.sockets_of(message["i"]), message.get("s")
+            held = 0
+            if conns and seq is not None and self.opening:  # it waits for their openings
+                waiting = [c for c in conns if c in self.opening]
+                for conn in waiting:
+                    self.opening[conn].append(message)
+                conns, held = [c for c in conns if c not in self.opening], len(waiting)
             if conns and seq is not None and self.floors:
                 conns = [c for c in conns if seq > self.floors.get(c, 0)]
-            took = deliver(conns, message["t"], seq, batch, count=self.delivered) if conns else 0
+            took = held + (
+                deliver(conns, message["t"], seq, batch, count=self.delivered) if conns else 0
+            )
         if "q" not in message:
             self._answer(message, took)
 
@@ -4203,15 +4219,17 @@ class Backplane:
             self._answer(message, 0)
             return
         event, user_id, offsets = message.get("e"), message.get("u"), message.get("of", {})
+        held = 0
         if offsets and self.opening:
             for conn in self.opening:
                 if conn.channels and not conn.channels.isdisjoint(offsets):
                     self.opening[conn].append(message)
+                    held += 1
         sockets = self.here.publish(
             message["c"], message["t"], message["x"], batch, event, user_id, offsets,
             self.channel_floors,
         )  # fmt: skip
-        self._answer(message, sockets)
+        self._answer(message, sockets + held)  # those held get it once their opening is out
 
     # Who else holds an id: a process that gains one says so ("here", answered by every
     # holder, before its socket's 101) and one that loses it says "gone"; the heartbeat

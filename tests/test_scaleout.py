@@ -740,3 +740,34 @@ def test_sockets_that_resume_during_a_flood_of_publications_get_each_offset_once
             assert "gap" not in frame, frame
             offsets.append(frame["offsets"]["news"])
         assert offsets == list(range(1, total + 1))  # each once, in order, nothing lost
+
+
+def test_sockets_that_resume_the_inbox_during_a_flood_of_sends_get_each_seq_once_in_order(
+    cluster,
+):
+    p0, p1 = cluster(2, "--inbox", "1000")
+    first, hello = v1_socket(p0, "v")
+    epoch, total = hello["epoch"], 300
+
+    def flood():
+        control = Control(p0.control_path)
+        control.send(b"".join(f"SEND MESSAGE v n{i}\n".encode() for i in range(total)))
+        for _ in range(total):
+            assert control.line() == b"OK"
+
+    sender = threading.Thread(target=flood)
+    sender.start()
+    sockets = [first]
+    for _ in range(10):  # opening while messages are numbered and heard
+        url = p1.ws_url("v") + f"&epoch={epoch}&last=0"
+        ws = websocket.create_connection(url, timeout=10, subprotocols=["wsboard.v1"])
+        json.loads(ws.recv())  # its hello
+        sockets.append(ws)
+    sender.join()
+    for n, ws in enumerate(sockets):
+        seqs = []
+        while not seqs or seqs[-1] < total:
+            frame = json.loads(ws.recv())
+            assert "gap" not in frame, frame
+            seqs.append(frame["seq"])
+        assert seqs == list(range(1, total + 1)), n  # each once, in order, nothing lost
