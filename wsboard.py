@@ -2719,8 +2719,13 @@ class StickyJoins:
             self.away.pop(client_id, None)
         return True
 
-    def of(self, client_id: str) -> list:
-        return list(self.channels.get(client_id, ()))
+    def ask(self, client_id: str) -> str:
+        """Begin reading client_id's sticky channels (here: nothing to wait for)."""
+        return client_id
+
+    def of(self, asked: str) -> list:
+        """The sticky channels of what ask() began."""
+        return list(self.channels.get(asked, ()))
 
     def connected(self, client_id: str) -> None:
         self.away.pop(client_id, None)
@@ -3028,16 +3033,21 @@ class LocalHub:
         return Refusal(503, reason, "limit")
 
     def attach(self, conn: Connection, hs: Handshake) -> list:
-        """Register conn, in its URL's channels; return the frames it gets before any
-        message (its framing says)."""
+        """Register conn, in its URL's channels and its id's sticky joins; return the frames
+        it gets before any message (its framing says)."""
+        asked = self.sticky.ask(conn.client_id)  # a shared store answers while it registers
         self.registry.add(conn)
         self._keep_meta(conn.client_id)
         self.sticky.connected(conn.client_id)
         limit = self.cfg.max_channels_per_socket  # hs.channels is bounded by it too
-        # Its id's sticky joins before its first frame, so a resume from since= covers them.
-        wanted = dict.fromkeys((*hs.channels, *self.sticky.of(conn.client_id)))
-        joined = [channel for channel in wanted if self.registry.join(conn, channel, limit)]
+        joined = [channel for channel in hs.channels if self.registry.join(conn, channel, limit)]
         self.hooks.settle(conn)
+        # Its id's sticky joins before its first frame, so a resume from since= covers them.
+        sticky = [c for c in self.sticky.of(asked) if c not in hs.channels]
+        later = [channel for channel in sticky if self.registry.join(conn, channel, limit)]
+        if later:
+            self.hooks.settle(conn)  # their routes are in force too
+            joined += later
         frames = conn.framing.opening(self.inbox, conn, hs, time.time(), self.history)
         for channel in joined:
             frames += self._joined(conn, channel)
@@ -4801,15 +4811,20 @@ class RedisSticky:
     def __len__(self) -> int:
         return len(self.held)
 
-    def of(self, client_id: str) -> list:
-        transport = self.transport
-        try:
-            channels = transport.call("HKEYS", transport.key("st", client_id))
-        except BackplaneError:
-            return []  # Redis away: the socket opens with its URL's channels only
-        if channels:
-            self.held.add(client_id)
-        return [channel.decode() for channel in channels]
+    def ask(self, client_id: str) -> tuple:
+        """Read client_id's sticky channels through the outbox, in the same round trip as
+        what else waits there: its answer comes while the socket registers."""
+        answers = Answers()
+        self.transport.read_later("HKEYS", self.transport.key("st", client_id), answers)
+        return client_id, answers
+
+    def of(self, asked: tuple) -> list:
+        client_id, answers = asked
+        answers.done.wait(self.transport.cfg.redis_timeout)
+        if answers.error or not answers.reply:
+            return []  # none, or Redis away: the socket opens with its URL's channels only
+        self.held.add(client_id)
+        return [channel.decode() for channel in answers.reply]
 
     def connected(self, client_id: str) -> None:
         """Its sockets here keep it alive: of() noted it."""
@@ -4825,6 +4840,7 @@ class RedisSticky:
 
 
 OUTBOX_SIZE = 100_000  # publishes (or membership changes) that may wait for Redis
+OUTBOX_READS = frozenset({"HKEYS"})  # plain reads that may ride in the outbox's round trip
 
 
 class RedisTransport:
@@ -4940,6 +4956,10 @@ class RedisTransport:
     def listeners_later(self, route: str, answers: Answers) -> None:
         """How many processes subscribe to route, asked behind what was published before."""
         self._enqueue(("NUMSUB", (self.key(route),), answers))
+
+    def read_later(self, command: str, key: str, answers: Answers) -> None:
+        """A read (HKEYS) in the outbox's next round trip; answers.reply gets its reply."""
+        self._enqueue((command, (key,), answers))
 
     def listeners(self, routes: list) -> list:
         counts = self.call("PUBSUB", "NUMSUB", *(self.key(r) for r in routes))
@@ -5356,6 +5376,8 @@ class RedisTransport:
                 pipe.publish(*args)
             elif command == "NUMSUB":
                 pipe.execute_command("PUBSUB", "NUMSUB", *args)
+            elif command in OUTBOX_READS:
+                pipe.execute_command(command, *args)
             else:
                 self.scripts[command](*args, client=pipe)
         try:
@@ -5375,6 +5397,9 @@ class RedisTransport:
             elif command == "NUMSUB":  # [route, listeners]: nothing else is awaited
                 answers.heard(0)
                 answers.reply = int(reply[1])
+            elif command in OUTBOX_READS:
+                answers.heard(0)
+                answers.reply = reply
             else:
                 answers.heard(reply)
 

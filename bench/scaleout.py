@@ -82,12 +82,12 @@ class Redis:
 class Wsboard:
     """python wsboard.py with extra flags, pinned to cores."""
 
-    def __init__(self, cores: str, *flags: str) -> None:
+    def __init__(self, cores: str, *flags: str, script: str = "") -> None:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="wsboard-bench-")
         self.control_path = os.path.join(self.dir, "control.sock")
         command = [
-            sys.executable, os.path.join(ROOT, "wsboard.py"), "--port", str(self.port),
+            sys.executable, script or os.path.join(ROOT, "wsboard.py"), "--port", str(self.port),
             "--control", self.control_path, "--log-level", "warning",
             "--max-connections", "50000", "--max-connections-per-ip", "50000",
             "--max-handshakes-per-ip", "1024", *flags,
@@ -120,15 +120,18 @@ def ms(values: list) -> str:
 
 
 def single_process_cost(
-    redis: Redis, count: int, rounds: int, sends: int, piped: int, blocks: int
+    redis: Redis, count: int, rounds: int, sends: int, piped: int, blocks: int, against: str = ""
 ) -> None:
+    """--redis against none; with against (another checkout's wsboard.py), --redis there
+    ("none" in the table) against --redis here."""
     figures: dict = {}
     for block in range(blocks):
         for name in ("none", "redis") if block % 2 == 0 else ("redis", "none"):
-            flags = (
-                ("--redis", redis.url, "--redis-prefix", f"cost{block}") if name == "redis" else ()
-            )
-            server = Wsboard("0", *flags)
+            flags = ("--redis", redis.url, "--redis-prefix", f"cost{block}{name}")
+            if name == "none" and not against:
+                flags = ()
+            script = against if name == "none" else ""
+            server = Wsboard("0", *flags, script=script)
             swarm = Swarm(server.port)
             try:
                 rate = swarm.connect(count)
@@ -147,8 +150,9 @@ def single_process_cost(
             finally:
                 swarm.close()
                 server.stop()
-    print(f"\n## 1. One process, --redis against none ({count:,} sockets, {blocks} blocks each)\n")
-    print("| figure | none | --redis | ratio |")
+    title = f"--redis here against {against}" if against else "--redis against none"
+    print(f"\n## 1. One process, {title} ({count:,} sockets, {blocks} blocks each)\n")
+    print("| figure | before | now | ratio |" if against else "| figure | none | --redis | ratio |")
     print("|---|---|---|---|")
     none, red = figures["none"], figures["redis"]
     median = statistics.median
@@ -418,6 +422,11 @@ def main() -> None:
     parser.add_argument("--per-process", type=int, default=10000, help="sockets a worker, part 4")
     parser.add_argument("--blocks", type=int, default=4, help="blocks of part 1, taking turns")
     parser.add_argument(
+        "--against", default="", metavar="PATH",
+        help="part 1 as an A/B run: --redis with PATH (another checkout's wsboard.py) "
+        "against --redis with this one",
+    )  # fmt: skip
+    parser.add_argument(
         "--spread", type=int, default=4500,
         help="sockets per process in part 3 (4 of them, all in this process's load generator)",
     )  # fmt: skip
@@ -434,8 +443,9 @@ def main() -> None:
         parts = args.parts.split(",")
         if "1" in parts:
             single_process_cost(
-                redis, args.count, args.rounds, args.sends, args.pipelined, args.blocks
-            )
+                redis, args.count, args.rounds, args.sends, args.pipelined, args.blocks,
+                args.against,
+            )  # fmt: skip
         if "2" in parts:
             cross_process(redis, args.count, args.sends, args.pipelined)
         if "3" in parts:

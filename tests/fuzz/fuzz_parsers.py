@@ -64,6 +64,11 @@ def json_op(data: bytes) -> None:
             check(request)
         except wsboard.BadRequest:
             pass
+    try:
+        epoch, offset = wsboard.history_since(request.get("since"))
+        assert 0 <= offset < 10**16 and 1 <= len(epoch) <= 16
+    except wsboard.BadRequest:
+        pass
 
 
 def handshake(data: bytes) -> None:
@@ -147,6 +152,10 @@ def resume(data: bytes) -> None:
     assert isinstance(point, (tuple, wsboard.Refusal))
     number = wsboard.bounded_int(last, 16)
     assert number is None or 0 <= number < 10**16
+    since = wsboard.parse_since([epoch, last], 100)  # <channel>:<epoch>:<offset> each
+    if not isinstance(since, wsboard.Refusal):
+        for channel, since_epoch, offset in since:
+            assert wsboard.is_valid_channel(channel) and since_epoch and 0 <= offset < 10**16
 
 
 def tokens(data: bytes) -> None:
