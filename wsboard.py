@@ -2219,52 +2219,75 @@ class V1Framing(Framing):
         history: "History | None" = None,
     ) -> list:
         """The hello, then what the socket missed: of its id's inbox, then of its channels."""
-        frames = []
-        if inbox is None:
-            hello = {"inbox": False, "epoch": None, "seq": None, "conn": conn.conn_id}
-        else:
-            box, missed, gap = inbox.missed(conn.client_id, hs.epoch, hs.last, now)
-            hello = {"inbox": True, "epoch": box.epoch, "seq": box.last_seq, "conn": conn.conn_id}
-            if gap:
-                after = hs.last if hs.epoch == box.epoch else 0
-                frames.append(compact_frame({"gap": {"after": after}}))
-            frames.extend(self.message(text, seq) for seq, text in missed)
-        if history is not None:
-            positions, replay = self.resumed(history, conn, hs, now)
-            if positions or history.size:
-                hello["channels"] = positions
-            frames.extend(replay)
-        return [compact_frame({"hello": hello}), *frames]
-
-    def resumed(self, history: "History", conn: "Connection", hs: Handshake, now: float) -> tuple:
-        """({channel: {"epoch", "offset"}} of conn's channels that keep history, and what a
-        resume from hs.since gives: a gap frame for each channel that lost some, then the
-        publications after, each once, in the order they were made)."""
-        since = {channel: (epoch, offset) for channel, epoch, offset in hs.since}
+        plan = opening_plan(inbox, history, conn, hs, now)
+        frames = [compact_frame({"hello": plan.hello})]
+        frames += [compact_frame({"gap": gap}) for gap in plan.gaps[:1] if "channel" not in gap]
+        frames += [self.message(text, seq) for seq, text in plan.missed]
+        frames += [compact_frame({"gap": gap}) for gap in plan.gaps if "channel" in gap]
         mine = conn.channels or set()
-        ordered = (*hs.channels, *sorted(mine - set(hs.channels)))
-        asks = [
-            (channel, *since.get(channel, (None, 0)))
-            for channel in ordered
-            if channel in mine and history.keeps(channel)
-        ]
-        positions, gaps, publications = {}, [], {}
-        reads = history.read_many(asks, now, conn)
-        for (channel, epoch, offset), (stream, after, gap) in zip(asks, reads, strict=True):
-            if gap:
-                told = offset if epoch == stream.epoch else 0
-                gaps.append(compact_frame({"gap": {"channel": channel, "after": told}}))
-            for publication in after:  # one to several channels: once, with all offsets
-                if publication.number in publications:
-                    publications[publication.number].offsets.update(publication.offsets)
-                else:
-                    publications[publication.number] = publication
-            positions[channel] = {"epoch": stream.epoch, "offset": stream.offset}
-        replay = [
+        frames += [
             self.message(p.text, None, Topic(offsets=offsets_in(p.offsets, mine)))
-            for _, p in sorted(publications.items())
+            for p in plan.publications
         ]
-        return positions, gaps + replay
+        return frames
+
+
+class OpeningPlan(NamedTuple):
+    """What a socket that keeps positions gets first, whatever its framing: its hello, the
+    gaps ({"after"} for the inbox first, then {"channel", "after"}), the inbox's missed
+    (seq, text) and its channels' missed publications, each once, in the order made."""
+
+    hello: dict
+    gaps: list
+    missed: list
+    publications: list
+
+
+def opening_plan(
+    inbox: "Inbox | None", history: "History | None", conn: "Connection", hs: Handshake, now: float
+) -> OpeningPlan:
+    gaps: list = []
+    missed: list = []
+    if inbox is None:
+        hello = {"inbox": False, "epoch": None, "seq": None, "conn": conn.conn_id}
+    else:
+        box, missed, gap = inbox.missed(conn.client_id, hs.epoch, hs.last, now)
+        hello = {"inbox": True, "epoch": box.epoch, "seq": box.last_seq, "conn": conn.conn_id}
+        if gap:
+            gaps.append({"after": hs.last if hs.epoch == box.epoch else 0})
+    publications: list = []
+    if history is not None:
+        positions, channel_gaps, publications = resumed_channels(history, conn, hs, now)
+        if positions or history.size:
+            hello["channels"] = positions
+        gaps += channel_gaps
+    return OpeningPlan(hello, gaps, missed, publications)
+
+
+def resumed_channels(history: "History", conn: "Connection", hs: Handshake, now: float) -> tuple:
+    """({channel: {"epoch", "offset"}} of conn's channels that keep history, and what a
+    resume from hs.since gives: a gap for each channel that lost some, then the
+    publications after, each once, in the order they were made)."""
+    since = {channel: (epoch, offset) for channel, epoch, offset in hs.since}
+    mine = conn.channels or set()
+    ordered = (*hs.channels, *sorted(mine - set(hs.channels)))
+    asks = [
+        (channel, *since.get(channel, (None, 0)))
+        for channel in ordered
+        if channel in mine and history.keeps(channel)
+    ]
+    positions, gaps, publications = {}, [], {}
+    reads = history.read_many(asks, now, conn)
+    for (channel, epoch, offset), (stream, after, gap) in zip(asks, reads, strict=True):
+        if gap:
+            gaps.append({"channel": channel, "after": offset if epoch == stream.epoch else 0})
+        for publication in after:  # one to several channels: once, with all offsets
+            if publication.number in publications:
+                publications[publication.number].offsets.update(publication.offsets)
+            else:
+                publications[publication.number] = publication
+        positions[channel] = {"epoch": stream.epoch, "offset": stream.offset}
+    return positions, gaps, [p for _, p in sorted(publications.items())]
 
 
 def offsets_in(offsets: dict, channels: Collection) -> dict:

@@ -11,6 +11,7 @@ from urllib.parse import parse_qs
 import pytest
 from conftest import free_port
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -447,6 +448,22 @@ def client_ids_shown(browser) -> list:
     )
 
 
+def click_in_row(browser, index: int, button: str) -> str:
+    """Click a button of the clients table's row index; return the row's connection id. The
+    page redraws the table as events come, so a row found may go stale: try again."""
+
+    def click(d):
+        try:
+            row = d.find_elements(By.CSS_SELECTOR, "#client_table tbody tr")[index]
+            conn = row.get_attribute("data-conn")
+            row.find_element(By.CSS_SELECTOR, button).click()
+            return conn
+        except StaleElementReferenceException:
+            return None
+
+    return wait(browser, click)
+
+
 def test_the_admin_page_shows_a_new_client_without_a_reload_and_kicks_it(browser, server):
     browser.get(server.url + "/admin")
     wait(browser, lambda d: d.find_element(By.ID, "live").text == "live")
@@ -457,8 +474,7 @@ def test_the_admin_page_shows_a_new_client_without_a_reload_and_kicks_it(browser
     row = browser.find_element(By.CSS_SELECTOR, "#client_table tbody tr")
     cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
     assert cells[4] == server.url and cells[5] == "plain" and cells[3].endswith(" s")
-    conn = row.get_attribute("data-conn")
-    row.find_element(By.CSS_SELECTOR, "button.kick").click()
+    conn = click_in_row(browser, 0, "button.kick")
     wait(browser, lambda d: d.find_element(By.ID, "result").text == f"Kicked {conn}")
     assert close_code(ws) == 4000  # wsboard.js does not reconnect after it
     wait(browser, lambda d: client_ids_shown(d) == [])
@@ -475,11 +491,8 @@ def test_the_admin_page_sends_to_one_connection_and_broadcasts(browser, server):
     first, second = server.websocket("twin"), server.websocket("twin")
     browser.get(server.url + "/admin")
     wait(browser, lambda d: client_ids_shown(d) == ["twin", "twin"])
-    rows = browser.find_elements(By.CSS_SELECTOR, "#client_table tbody tr")
-    rows[1].find_element(By.CSS_SELECTOR, "button.target").click()
-    assert browser.find_element(By.ID, "conn").get_attribute("value") == rows[1].get_attribute(
-        "data-conn"
-    )
+    conn = click_in_row(browser, 1, "button.target")
+    assert browser.find_element(By.ID, "conn").get_attribute("value") == conn
     browser.find_element(By.ID, "message").send_keys("only the second")
     browser.find_element(By.ID, "send_message").click()
     wait(browser, lambda d: d.find_element(By.ID, "result").text == "Message sent")
