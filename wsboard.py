@@ -992,6 +992,7 @@ def directory_warning(path: str) -> str | None:
 # before any 101.
 
 WEBSOCKET_PATH = "/websocket"
+EVENTS_PATH = "/events"  # the same sockets as an event stream, for where WebSockets cannot go
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SUBPROTOCOL = "wsboard.v1"  # frames become {"seq": n, "data": text}; see docs/protocol.md
 
@@ -1107,6 +1108,7 @@ def format_peer(address: object) -> str:
 
 RESUME_RULE = "epoch is 1-16 hex digits and last 1-16 digits"
 SINCE_RULE = "<channel>:<epoch>:<offset>, the epoch 1-16 hex digits, the offset 1-16 digits"
+LAST_EVENT_ID_RULE = "what the stream's id: lines said, <epoch>:<seq>|<channel>:<epoch>:<offset>..."
 
 
 def resume_point(epoch: str, last: str) -> "tuple | Refusal":
@@ -1172,6 +1174,19 @@ def parse_since(values: Sequence[str], limit: int) -> "tuple | Refusal":
     return tuple(positions.values())
 
 
+def parse_last_event_id(value: str, limit: int) -> "tuple | Refusal":
+    """An event stream's Last-Event-ID, what its id: lines said (EventStreamFraming): the
+    inbox's "<epoch>:<seq>" (empty without an inbox), then "|<channel>:<epoch>:<offset>" for
+    each channel; as (epoch, last seq, since), or the Refusal of a malformed one."""
+    inbox, *channels = value.split("|")
+    epoch, _, last = inbox.partition(":")
+    resume = resume_point(epoch, last)
+    since = parse_since(channels, limit)
+    if isinstance(resume, Refusal) or isinstance(since, Refusal):
+        return Refusal(400, f"Invalid Last-Event-ID: {LAST_EVENT_ID_RULE}", "handshake")
+    return (*resume, since)
+
+
 def parse_handshake(
     environ: Mapping[str, str],
     http_version: str,
@@ -1179,9 +1194,13 @@ def parse_handshake(
     trusted: Sequence,
     max_channels: int = 100,
     client_id: str | None = None,
+    websocket: bool = True,
 ) -> "Handshake | Refusal":
     """The upgrade request as a Handshake, or the Refusal of a malformed one. client_id:
-    the socket's id is given (a Pusher socket's is its socket id), not read from the URL."""
+    the socket's id is given (a Pusher socket's is its socket id), not read from the URL.
+    websocket=False: an event stream's GET, which resumes from its Last-Event-ID."""
+    if not websocket:
+        return parse_stream_request(environ, http_version, address, trusted, max_channels)
     if environ.get("REQUEST_METHOD") != "GET" or http_version != "HTTP/1.1":
         return Refusal(400, "WebSocket upgrades need GET over HTTP/1.1", "handshake")
     if "upgrade" not in environ.get("HTTP_CONNECTION", "").lower():
@@ -1197,6 +1216,44 @@ def parse_handshake(
         raw_key = b""
     if len(raw_key) != 16:
         return Refusal(400, "Sec-WebSocket-Key must be 16 bytes in base64", "handshake")
+    offered = environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
+    subprotocol = SUBPROTOCOL if SUBPROTOCOL in (p.strip() for p in offered.split(",")) else ""
+    return parsed_query(environ, address, trusted, max_channels, client_id, key, subprotocol)
+
+
+def parse_stream_request(
+    environ: Mapping[str, str],
+    http_version: str,
+    address: object,
+    trusted: Sequence,
+    max_channels: int,
+) -> "Handshake | Refusal":
+    """An event stream's request (GET /events?…) as a Handshake, or its Refusal."""
+    if environ.get("REQUEST_METHOD") != "GET" or http_version not in ("HTTP/1.0", "HTTP/1.1"):
+        return Refusal(400, "An event stream is a GET over HTTP/1.x", "handshake")
+    if environ.get("CONTENT_LENGTH", "0") not in ("", "0") or environ.get("HTTP_TRANSFER_ENCODING"):
+        return Refusal(400, "An event stream's request has no body", "handshake")
+    hs = parsed_query(environ, address, trusted, max_channels, None, "", "")
+    last_event_id = environ.get("HTTP_LAST_EVENT_ID", "")
+    if isinstance(hs, Refusal) or not last_event_id:
+        return hs
+    resume = parse_last_event_id(last_event_id, max_channels)  # where it was: it wins
+    if isinstance(resume, Refusal):
+        return resume
+    epoch, last, since = resume
+    return hs._replace(epoch=epoch, last=last, since=since)
+
+
+def parsed_query(
+    environ: Mapping[str, str],
+    address: object,
+    trusted: Sequence,
+    max_channels: int,
+    client_id: str | None,
+    key: str,
+    subprotocol: str,
+) -> "Handshake | Refusal":
+    """What a socket's URL asks (its id, channels, resume points and token) as a Handshake."""
     query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
     ids = query.get("id", []) if client_id is None else [client_id]
     if len(ids) != 1 or not is_valid_client_id(ids[0]):
@@ -1206,7 +1263,6 @@ def parse_handshake(
         return channels
     ip = client_ip(environ, trusted)
     port = address[1] if isinstance(address, tuple) and len(address) >= 2 else 0
-    offered = environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
     resume = resume_point(query.get("epoch", [""])[0], query.get("last", [""])[0])
     if isinstance(resume, Refusal):
         return resume
@@ -1221,7 +1277,7 @@ def parse_handshake(
         origin=environ.get("HTTP_ORIGIN"),
         host=environ.get("HTTP_HOST", ""),
         key=key,
-        subprotocol=SUBPROTOCOL if SUBPROTOCOL in (p.strip() for p in offered.split(",")) else "",
+        subprotocol=subprotocol,
         exp=query.get("exp", [""])[0],
         token=query.get("token", [""])[0],
         epoch=epoch,
@@ -1449,14 +1505,24 @@ class BoardSocket(_GeventWebSocket):
                 except OSError:
                     pass
 
+    def ping(self, now: float) -> None:
+        """A heartbeat: a ping its pong must answer within --ping-timeout."""
+        self.pong_due = now
+        self.send_frame_bytes(PING_FRAME)
+
+    def closing_bytes(self, code: int, reason: str) -> bytes:
+        """What ends the stream in its own form: a close frame."""
+        return close_frame(self.protocol.close_code(code), reason)
+
     def _overflow(self) -> None:
         """Too slow to keep up: drop what it has not begun to receive, queue a 1013 close."""
         head = self.backlog[0] if self.backlog else None  # a begun frame's rest: keep it whole
         self.backlog.clear()
         if head is not None:
             self.backlog.append(head)
-        code = self.protocol.close_code(CloseCode.TRY_AGAIN_LATER)
-        self.backlog.append(close_frame(code, "too slow: send queue full"))
+        self.backlog.append(
+            self.closing_bytes(CloseCode.TRY_AGAIN_LATER, "too slow: send queue full")
+        )
         self.backlog_bytes = sum(len(b) for b in self.backlog)
         self.ended(EndReason.QUEUE_FULL)
         self.closed = True
@@ -1640,6 +1706,95 @@ class BoardSocket(_GeventWebSocket):
             self.abort()
 
 
+class EventStream(BoardSocket):
+    """A text/event-stream response (/events) as a socket: the same writer, bounds and
+    timeouts as a WebSocket's. Nothing comes from the browser but the end of the connection;
+    pings are comment lines that nothing answers (a stream that cannot be written for
+    --write-timeout ends), and the end is an event: close, with a retry: that spreads the
+    reconnects of a shutdown over --drain-window."""
+
+    __slots__ = ()
+
+    @property
+    def heard_at(self) -> float:  # a stream is never idle: --idle-timeout is for sockets
+        return time.monotonic()
+
+    @heard_at.setter
+    def heard_at(self, value: float) -> None:
+        pass
+
+    def receive(self) -> object | None:
+        """NOTHING for bytes (a browser sends none: they are dropped), None at the end."""
+        if self.finished:
+            return None
+        self.stream.pending = b""
+        try:
+            data = self.sock.recv(4096)
+        except OSError:
+            data = b""
+        if data:
+            return NOTHING
+        self.finished = True
+        if not self.closed:
+            self.ended(EndReason.CLIENT_CLOSED, "closed by client")
+        self.closed = True
+        return None
+
+    def ping(self, now: float) -> None:
+        self.send_frame_bytes(b": ping\n\n")
+
+    def closing_bytes(self, code: int, reason: str) -> bytes:
+        lines = named_event("close", {"code": code, "reason": reason})
+        if code in (CloseCode.GOING_AWAY, CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER):
+            spread = 1000 + secrets.randbelow(int(1000 * self.cfg.drain_window) + 1)
+            lines = f"retry: {spread}\n".encode() + lines  # when to come back
+        return lines
+
+    def close(self, code: int | None = CloseCode.NORMAL, message: object = b"") -> None:
+        """End the stream with event: close, then FIN; the browser has close_timeout to go."""
+        if self.closed:
+            return
+        reason = message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
+        try:
+            self._write(self.closing_bytes(code or CloseCode.NORMAL, reason))
+        except (OSError, WebSocketError):
+            pass
+        finally:
+            self.closed = True
+            if self.backlog is None:
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+            else:
+                self.half_close_after_flush = True
+            if not self.finished:
+                gevent.spawn_later(self.cfg.close_timeout, self._close_timed_out)
+
+
+def named_event(name: str, value: object) -> bytes:
+    """One event of an event stream with a name and JSON data."""
+    return f"event: {name}\ndata: {json.dumps(value, separators=(',', ':'))}\n\n".encode()
+
+
+def event_stream_head(origin: str | None) -> bytes:
+    """The 200 that opens an event stream (its body never ends), written by us."""
+    lines = [
+        "HTTP/1.1 200 OK",
+        "Content-Type: text/event-stream; charset=utf-8",
+        "Cache-Control: no-cache",
+        "X-Accel-Buffering: no",  # nginx: pass each event on at once
+        "Connection: close",
+    ]
+    if origin:  # an allowed page of another origin: EventSource with credentials needs this
+        lines += [
+            f"Access-Control-Allow-Origin: {origin}",
+            "Access-Control-Allow-Credentials: true",
+            "Vary: Origin",
+        ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 class WebSocketHandler(_GeventWebSocketHandler):
     """Checks each request's head against its deadline and its address's share, upgrades
     /websocket after checking the request, and hands the socket to the board's session.
@@ -1728,7 +1883,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
         path = environ.get("PATH_INFO", "")
         board = self.board
         protocol = board.protocol_for(path)
-        if protocol is None or environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+        if protocol is None or not protocol.wants(environ):
             return WSGIHandler.run_application(self)
         hs = parse_handshake(
             environ,
@@ -1737,6 +1892,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
             board.cfg.trusted_proxies,
             board.cfg.max_channels_per_socket,
             client_id=protocol.given_id(board),
+            websocket=protocol.websocket,
         )
         if isinstance(hs, Refusal):
             return self.refuse(hs)
@@ -1766,8 +1922,9 @@ class WebSocketHandler(_GeventWebSocketHandler):
             upgraded.add(sock)
         else:  # gunicorn's closes it then: the session takes the descriptor into its own
             sock = gevent.socket.socket(fileno=self.socket.detach())
-        sock.settimeout(board.cfg.idle_timeout or None)  # writes have their own timeout
-        ws = BoardSocket(sock, SocketReader(sock, leftover), board.cfg, protocol)
+        # Writes have their own timeout; a stream's reads wait only for its end.
+        sock.settimeout((board.cfg.idle_timeout or None) if protocol.websocket else None)
+        ws = protocol.socket_class(sock, SocketReader(sock, leftover), board.cfg, protocol)
         conn = Connection(
             hs.client_id,
             protocol.conn_id(board, hs),
@@ -1788,10 +1945,10 @@ class WebSocketHandler(_GeventWebSocketHandler):
             return
         replay = board.hub.attach(conn, hs)  # admitted above, with nothing yielding since
         try:
-            ws.open([upgrade_response(hs.key, hs.subprotocol), *replay])
+            ws.open([protocol.head(hs), *replay])
         except WebSocketError as exc:  # a replay too big for its queue: it closes, and goes
             log.warning("replay to %s %s cut short: %s", conn.client_id, conn.peer, exc)
-        self.status = "101 Switching Protocols"
+        self.status = protocol.status
         self.close_connection = True  # this connection serves no more HTTP requests
         # The handshake's state is dead weight for the socket's whole life (~10 KB with the
         # buffered reader): let all of it go.
@@ -1801,7 +1958,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
 
     def log_request(self) -> None:
         status = self.status.decode() if isinstance(self.status, bytes) else str(self.status)
-        if not status.startswith("101"):  # sockets log their own connect/disconnect
+        if not status.startswith(("101", SocketProtocol.status, EventStreamProtocol.status)):
             access_log.info(redact(self.format_request()))
 
     def refuse(self, refusal: Refusal) -> None:
@@ -2308,9 +2465,20 @@ class SocketProtocol:
     a message from the browser. A new transport is a subclass and one more entry there."""
 
     signed = True  # with --secret, the URL's id must carry its token (access_refusal)
+    websocket = True  # an upgrade to a WebSocket (else a response that streams)
+    socket_class: type = BoardSocket  # what writes its frames and reads what comes
+    status = "101 Switching Protocols"  # for the access log, which sockets keep out of
 
     def matches(self, path: str) -> bool:
         raise NotImplementedError
+
+    def wants(self, environ: Mapping[str, str]) -> bool:
+        """Whether the request at its path is for this protocol (else Bottle answers it)."""
+        return environ.get("HTTP_UPGRADE", "").lower() == "websocket"
+
+    def head(self, hs: Handshake) -> bytes:
+        """What opens the socket before any frame: the 101."""
+        return upgrade_response(hs.key, hs.subprotocol)
 
     def given_id(self, board: "Board") -> str | None:
         """The socket's client id when the protocol gives it; None: the URL's id=."""
@@ -2353,6 +2521,104 @@ class WebSocketProtocol(SocketProtocol):
         else:
             encoded = base64.b64encode(message).decode()
             events.emit("message", False, id=conn.client_id, conn=conn.conn_id, binary=encoded)
+
+
+class EventStreamFraming(V1Framing):
+    """text/event-stream: a message is an event with no name (EventSource's onmessage) whose
+    data: lines are its text's lines; the hello, gaps, presence and the end are named events
+    with the JSON of wsboard.v1's frames. One instance per stream: an event that moves a
+    position carries id:, the stream's whole position (its inbox seq and its channels'
+    offsets), which EventSource sends back as Last-Event-ID when it reconnects."""
+
+    name = "events"
+
+    def __init__(self) -> None:
+        self.epoch = ""  # the inbox's ("" without one)
+        self.seq = 0
+        self.offsets: dict = {}  # channel -> [epoch, offset]
+
+    def position(self) -> str:
+        inbox = f"{self.epoch}:{self.seq}" if self.epoch else ""
+        return "|".join([inbox, *(f"{c}:{e}:{o}" for c, (e, o) in self.offsets.items())])
+
+    def message(self, text: str, seq: int | None, topic: Topic | None = None) -> bytes:
+        moved = False
+        if seq is not None and self.epoch:
+            self.seq, moved = seq, True
+        if topic is not None and topic.offsets:
+            for channel, offset in topic.offsets.items():
+                at = self.offsets.get(channel)
+                if at is not None:
+                    at[1], moved = offset, True
+        lines = [f"id: {self.position()}"] if moved else []
+        lines += [f"data: {line}" for line in EVENT_LINE_BREAK.split(text)]
+        return ("\n".join(lines) + "\n\n").encode()
+
+    def presence_change(self, conn: "Connection", channel: str, change: dict) -> bytes:
+        return named_event("presence", {"channel": channel, **change})
+
+    def presence_members(self, conn: "Connection", channel: str, members: list) -> bytes:
+        return named_event("presence", {"channel": channel, "members": members})
+
+    def opening(
+        self,
+        inbox: "Inbox | None",
+        conn: "Connection",
+        hs: Handshake,
+        now: float,
+        history: "History | None" = None,
+    ) -> list:
+        """The hello, what the stream missed (each with its id), then an event with only an
+        id: where it is now, which moves EventSource's lastEventId and dispatches nothing."""
+        plan = opening_plan(inbox, history, conn, hs, now)
+        hello, since = plan.hello, {c: (e, o) for c, e, o in hs.since}
+        if hello["inbox"]:  # the replay moves it on from where the browser was
+            self.epoch, self.seq = hello["epoch"], hs.last if hs.epoch == hello["epoch"] else 0
+        for channel, at in hello.get("channels", {}).items():
+            epoch, offset = since.get(channel, (None, 0))
+            start = at["offset"] if epoch is None else offset if epoch == at["epoch"] else 0
+            self.offsets[channel] = [at["epoch"], start]
+        frames = [named_event("hello", hello)]
+        frames += [named_event("gap", gap) for gap in plan.gaps if "channel" not in gap]
+        frames += [self.message(text, seq) for seq, text in plan.missed]
+        frames += [named_event("gap", gap) for gap in plan.gaps if "channel" in gap]
+        mine = conn.channels or set()
+        frames += [
+            self.message(p.text, None, Topic(offsets=offsets_in(p.offsets, mine)))
+            for p in plan.publications
+        ]
+        if hello["inbox"]:
+            self.seq = hello["seq"]
+        for channel, at in hello.get("channels", {}).items():
+            self.offsets[channel] = [at["epoch"], at["offset"]]
+        if self.epoch or self.offsets:
+            frames.append(f"id: {self.position()}\n\n".encode())
+        return frames
+
+
+EVENT_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what ends a line of an event stream
+
+
+class EventStreamProtocol(WebSocketProtocol):
+    """/events?id=…: a socket of its id like /websocket's, for browsers whose WebSocket
+    cannot get through (a proxy that drops upgrades): the same query, checks, limits and
+    hub, as a text/event-stream response (EventStreamFraming, EventStream)."""
+
+    websocket = False
+    socket_class = EventStream
+    status = "200 Event Stream"
+
+    def matches(self, path: str) -> bool:
+        return path == EVENTS_PATH
+
+    def wants(self, environ: Mapping[str, str]) -> bool:
+        return "HTTP_UPGRADE" not in environ
+
+    def framing_for(self, hs: Handshake) -> Framing:
+        return EventStreamFraming()  # one each: it keeps the stream's position
+
+    def head(self, hs: Handshake) -> bytes:
+        return event_stream_head(hs.origin)
 
 
 class Batch:
@@ -8065,7 +8331,11 @@ class Board:
         self.actions = Actions(self)
         self.pusher = PusherApp(self) if cfg.pusher_app_id else None
         # Each kind of socket by its path; a new transport is one more entry.
-        self.protocols: list = [WebSocketProtocol(), *([self.pusher] if self.pusher else [])]
+        self.protocols: list = [
+            WebSocketProtocol(),
+            EventStreamProtocol(),
+            *([self.pusher] if self.pusher else []),
+        ]
         self.refusals: collections.Counter = collections.Counter()
         self.counts = Counts()
         self.metrics = None  # prometheus_client's registry, made at the first scrape
@@ -8192,9 +8462,8 @@ class Board:
                 ws.ended(EndReason.PING_TIMEOUT)
                 ws.abort()
             elif not ws.pong_due and not ws.closed:
-                ws.pong_due = now
                 try:
-                    ws.send_frame_bytes(PING_FRAME)
+                    ws.ping(now)
                 except WebSocketError:
                     pass
             if n % 512 == 511:
