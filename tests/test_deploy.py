@@ -18,6 +18,7 @@ import websocket
 from conftest import ROOT, free_port, wait_until
 from selenium.webdriver.common.by import By
 from test_browser import browser, wait  # noqa: F401 - the Chromium fixture
+from test_events import Stream
 
 import wsboard
 
@@ -223,6 +224,20 @@ def assert_proxied(server, url: str, client_id: str) -> None:
     with pytest.raises(websocket.WebSocketBadStatusException) as unsigned:
         from_other_address(url.replace("http://", "ws://") + "/websocket?id=unsigned")
     assert unsigned.value.status_code == 403
+    # The event stream, passed on unbuffered: each event as it is sent.
+    port = urllib.parse.urlsplit(url).port
+    query = wsboard.signed_query(SECRET.encode(), "streamed", 600)
+    stream = Stream(port, query, source="127.0.0.2")
+    assert stream.status == 200 and stream.headers["content-type"].startswith("text/event-stream")
+    assert stream.event()["event"] == "hello"
+    listed = [row for row in server.control().list() if row.startswith("streamed ")]
+    assert listed and listed[0].startswith("streamed 127.0.0.2:")
+    control = server.control()
+    for n in range(3):
+        assert control.ask(f"SEND MESSAGE streamed event {n}") == "OK"
+        assert stream.event() == {"data": f"event {n}"}  # before the next is sent: no buffer
+    stream.close()
+    assert Stream(port, "id=unsigned", source="127.0.0.2").status == 403
 
 
 def test_nginx_runs_the_shipped_config(server_factory, site):

@@ -15,8 +15,17 @@ import wsboard_client
 class Stream:
     """A client of /events over a raw socket: the head, then one event at a time."""
 
-    def __init__(self, port: int, query: str, headers: dict | None = None, timeout: float = 10):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(
+        self,
+        port: int,
+        query: str,
+        headers: dict | None = None,
+        timeout: float = 10,
+        source: str = "",
+    ):
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.sock.sendall(
             f"GET /events?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
@@ -24,11 +33,15 @@ class Stream:
         )
         self.buffer = b""
         head = self._until(b"\r\n\r\n").decode("latin-1")
+        rest = self.buffer
         self.status = int(head.split(" ", 2)[1])
         self.headers = {
             k.strip().lower(): v.strip()
             for k, _, v in (line.partition(":") for line in head.split("\r\n")[1:])
         }
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            self.chunked, self.buffer = True, b""
+            self._take(rest)
         self.body = b""
         if self.status != 200:  # a refusal: its reason, whole
             while len(self.buffer) < int(self.headers.get("content-length", 0)):
@@ -40,9 +53,25 @@ class Stream:
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise EOFError(f"stream ended; unread: {self.buffer!r}")
-            self.buffer += chunk
+            self._take(chunk)
         head, self.buffer = self.buffer.split(mark, 1)
         return head
+
+    chunked = False  # a proxy passes the stream on in chunks (HTTP/1.1, no length)
+    raw = b""
+
+    def _take(self, data: bytes) -> None:
+        if not self.chunked:
+            self.buffer += data
+            return
+        self.raw += data
+        while b"\r\n" in self.raw:
+            size_line, rest = self.raw.split(b"\r\n", 1)
+            size = int(size_line.split(b";")[0], 16)
+            if len(rest) < size + 2:
+                return
+            self.buffer += rest[:size]
+            self.raw = rest[size + 2 :]
 
     def event(self, comments: bool = False) -> dict:
         """The next event: {"event", "data", "id", "retry"} as the fields came (data lines
