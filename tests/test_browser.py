@@ -11,7 +11,7 @@ from urllib.parse import parse_qs
 import pytest
 from conftest import free_port
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -80,15 +80,24 @@ def test_a_pushed_message_is_shown_as_text_never_as_html(browser, server):
     assert browser.title != "pwned"
 
 
+def choose_client(browser, client_id: str) -> bool:
+    """Choose client_id in the admin page's list, once the page has filled it (it fills and
+    redraws it as the state and events come)."""
+    try:
+        Select(browser.find_element(By.ID, "clients")).select_by_value(client_id)
+        return True
+    except (NoSuchElementException, StaleElementReferenceException):
+        return False
+
+
 def test_the_admin_page_sends_a_message_to_a_board(browser, server):
     board_id = open_board(browser, server)
     board_window = browser.current_window_handle
     server.wait_listed(1)
     browser.switch_to.new_window("tab")
     browser.get(server.url + "/admin")
-    rows = browser.find_elements(By.CSS_SELECTOR, "#client_table tbody tr")
-    assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows] == [board_id]
-    Select(browser.find_element(By.ID, "clients")).select_by_value(board_id)
+    wait(browser, lambda d: client_ids_shown(d) == [board_id])
+    wait(browser, lambda d: choose_client(d, board_id))
     browser.find_element(By.ID, "message").send_keys("sent from the admin page <i>as text</i>")
     browser.find_element(By.ID, "send_message").click()
     wait(browser, lambda d: d.find_element(By.ID, "result").text == "Message sent")
@@ -133,7 +142,7 @@ def test_the_admin_page_works_behind_a_password(browser, server_factory):
     ws = server.websocket("behind-auth")
     server.wait_listed(1)
     browser.get(f"http://admin:browser%20admin%20password@127.0.0.1:{server.port}/admin")
-    Select(browser.find_element(By.ID, "clients")).select_by_value("behind-auth")
+    wait(browser, lambda d: choose_client(d, "behind-auth"))
     browser.find_element(By.ID, "message").send_keys("with a password")
     browser.find_element(By.ID, "send_message").click()
     wait(browser, lambda d: d.find_element(By.ID, "result").text not in ("", "sending…"))

@@ -17,7 +17,7 @@ import pytest
 import websocket
 from conftest import ROOT, free_port, wait_until
 from selenium.webdriver.common.by import By
-from test_browser import browser, wait  # noqa: F401 - the Chromium fixture
+from test_browser import browser, messages, wait  # noqa: F401 - the Chromium fixture
 from test_events import Stream
 
 import wsboard
@@ -240,20 +240,10 @@ def assert_proxied(server, url: str, client_id: str) -> None:
     assert Stream(port, "id=unsigned", source="127.0.0.2").status == 403
 
 
-def test_nginx_runs_the_shipped_config(server_factory, site):
-    server = lamp_server(server_factory, site)
-    port, base = free_port(), site["base"]
-    with open(os.path.join(DEPLOY, "nginx", "wsboard.conf")) as f:
-        shipped = f.read()
-    for old, new in (
-        ("server 127.0.0.1:8080;", f"server 127.0.0.1:{server.port};"),
-        ("listen 80;", f"listen 127.0.0.1:{port};"),
-        ("root /var/www/wsboard;", f"root {site['docroot']};"),
-    ):
-        assert old in shipped  # the test changes the ports and the root, nothing else
-        shipped = shipped.replace(old, new)
+def start_nginx(base: str, site_conf: str) -> subprocess.Popen:
+    """nginx in the foreground with site_conf as its one server, as root drops to www-data."""
     with open(os.path.join(base, "site.conf"), "w") as f:
-        f.write(shipped)
+        f.write(site_conf)
     temp = " ".join(
         f"{kind}_temp_path {base}/{kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -266,9 +256,66 @@ def test_nginx_runs_the_shipped_config(server_factory, site):
             + "events {}\n"
             + f"http {{ access_log off; {temp} include {base}/site.conf; }}\n"
         )
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [NGINX, "-c", conf, "-e", f"{base}/nginx-error.log"], start_new_session=True
     )
+
+
+def test_a_page_behind_a_proxy_that_drops_upgrades_gets_its_messages_by_the_event_stream(
+    browser,  # noqa: F811
+    server_factory,
+    site,
+):
+    """A plain proxy, as a middlebox is: it passes requests on but not the Upgrade header,
+    so the WebSocket handshake fails; wsboard.js falls back to /events."""
+    server = server_factory("--trusted-proxies", "127.0.0.1")
+    port = free_port()
+    proc = start_nginx(
+        site["base"],
+        f"server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass "
+        f"http://127.0.0.1:{server.port}; proxy_http_version 1.1; proxy_set_header Host "
+        "$http_host; proxy_buffering off; } }\n",
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: serving_page(url, proc, site["base"]), what="nginx")
+        browser.get(url + "/")
+        wait(browser, lambda d: d.find_element(By.ID, "status").text == "connected", timeout=30)
+        assert browser.execute_script("return document.body.dataset.transport") == "events"
+        board_id = browser.find_element(By.ID, "boardId").text
+        assert server.wait_listed(1)[0].startswith(board_id + " ")
+        control = server.control()
+        for text in ("first", "second"):
+            assert control.ask(f"SEND MESSAGE {board_id} " + json.dumps({"message": text})) == "OK"
+        wait(browser, lambda d: messages(d) == ["first", "second"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def serving_page(url: str, proc: subprocess.Popen, base: str) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"nginx exited: {open(base + '/nginx-error.log').read()}")
+    try:
+        with urllib.request.urlopen(url + "/", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_nginx_runs_the_shipped_config(server_factory, site):
+    server = lamp_server(server_factory, site)
+    port, base = free_port(), site["base"]
+    with open(os.path.join(DEPLOY, "nginx", "wsboard.conf")) as f:
+        shipped = f.read()
+    for old, new in (
+        ("server 127.0.0.1:8080;", f"server 127.0.0.1:{server.port};"),
+        ("listen 80;", f"listen 127.0.0.1:{port};"),
+        ("root /var/www/wsboard;", f"root {site['docroot']};"),
+    ):
+        assert old in shipped  # the test changes the ports and the root, nothing else
+        shipped = shipped.replace(old, new)
+    proc = start_nginx(base, shipped)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: serving(url, proc, f"{base}/nginx-error.log"), what="nginx")

@@ -771,3 +771,20 @@ def test_sockets_that_resume_the_inbox_during_a_flood_of_sends_get_each_seq_once
             assert "gap" not in frame, frame
             seqs.append(frame["seq"])
         assert seqs == list(range(1, total + 1)), n  # each once, in order, nothing lost
+
+
+def test_an_event_stream_on_one_process_is_reached_from_another(cluster):
+    from test_events import Stream
+
+    p0, p1 = cluster(2, "--history", "10")
+    stream = Stream(p1.port, "id=streamer&channel=news")
+    assert stream.event()["event"] == "hello"
+    stream.event()  # where it is now
+    assert ask(p0, "SEND MESSAGE streamer across") == "OK"
+    assert stream.event() == {"data": "across"}
+    assert ask(p0, "PUBLISH news headline") == "OK 1"
+    published = stream.event()
+    assert published["data"] == "headline" and published["id"].endswith(":1")
+    assert any(row.startswith("streamer ") for row in Control(p0.control_path).list())
+    assert ask(p0, "KICK streamer") == "OK 1"
+    assert stream.event()["event"] == "close"

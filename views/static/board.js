@@ -58,6 +58,7 @@
       }
       if (state === "connected") {
         document.getElementById("connection").textContent = client.connectionId || "";
+        document.body.dataset.transport = client.transport;  // "websocket" or "events"
       }
     }
   });

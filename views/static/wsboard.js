@@ -9,7 +9,14 @@
 //   client.connectionId;      // this socket's connection id, once connected ("123.45")
 //   client.members(channel);  // [{id, meta}, …] of a presence- channel the socket is in
 //   client.channelPosition(channel);  // {epoch, offset} of a channel's history it has seen
+//   client.transport;         // "websocket" or "events"
 //   client.close();
+//
+// Where a WebSocket cannot be opened (a proxy or middlebox that drops upgrades), it falls
+// back to the event stream (/events, Server-Sent Events) with the same URL's query and the
+// same callbacks: after two WebSocket attempts in a row that never opened, on a page whose
+// WebSocket never opened at all. {transport: "events"} starts there; {transport:
+// "websocket"} never leaves it. The stream resumes by itself (Last-Event-ID).
 //
 // Channels are named in the URL (…/websocket?id=ID&channel=news&channel=presence-room). In a
 // presence- channel the members are ids, not sockets: five tabs of one user are one member,
@@ -34,6 +41,7 @@
   "use strict";
 
   var NO_RECONNECT = {4000: true, 1008: true};
+  var FALLBACK_AFTER = 2;  // WebSocket attempts that never opened, before the event stream
 
   function connect(url, handlers) {
     handlers = handlers || {};
@@ -45,7 +53,11 @@
     var socket = null;
     var timer = null;
     var stopped = false;
-    var client = {connectionId: null};
+    var client = {connectionId: null, transport: "websocket"};
+    var mode = handlers.transport || "auto";  // "auto" | "websocket" | "events"
+    var everOpened = false;
+    var unopened = 0;  // WebSocket attempts in a row that never opened
+    var stream = null;
     var members = {};  // channel -> [{id, meta}]
     var channels = {};  // channel -> {epoch, offset}: the last publication seen there
     var query = url.indexOf("?");
@@ -150,11 +162,25 @@
       call("onPresence", p.channel, list.slice(), change);
     }
 
+    function retry(code) {
+      var ceiling = Math.min(maxDelay, minDelay * Math.pow(2, attempt++));
+      var delay = ceiling / 2 + Math.random() * ceiling / 2;  // jitter: spread the herd
+      call("onStatus", "reconnecting", code);
+      timer = global.setTimeout(open, delay);
+    }
+
     function open() {
+      if (mode === "events" || (mode === "auto" && !everOpened && unopened >= FALLBACK_AFTER)) {
+        openStream();
+        return;
+      }
       call("onStatus", "connecting");
+      var opened = false;
       socket = new WebSocket(resumeUrl(), ["wsboard.v1"]);
       socket.onopen = function () {
         attempt = 0;
+        opened = everOpened = true;
+        unopened = 0;
       };
       socket.onmessage = onFrame;
       socket.onclose = function (event) {
@@ -163,10 +189,70 @@
           call("onStatus", "closed", event.code);
           return;
         }
-        var ceiling = Math.min(maxDelay, minDelay * Math.pow(2, attempt++));
-        var delay = ceiling / 2 + Math.random() * ceiling / 2;  // jitter: spread the herd
-        call("onStatus", "reconnecting", event.code);
-        timer = global.setTimeout(open, delay);
+        if (!opened) unopened++;
+        retry(event.code);
+      };
+    }
+
+    // The event stream: the same frames as named events, messages as unnamed ones, and
+    // each position in the event's id (what Last-Event-ID sends back).
+    function trackId(id) {
+      if (!id) return;
+      var parts = id.split("|");
+      var inbox = parts[0].split(":");
+      if (inbox.length === 2) {
+        epoch = inbox[0];
+        last = Number(inbox[1]);
+      }
+      parts.slice(1).forEach(function (part) {
+        var at = part.split(":");
+        if (at.length === 3) channels[at[0]] = {epoch: at[1], offset: Number(at[2])};
+      });
+    }
+
+    function openStream() {
+      call("onStatus", "connecting");
+      client.transport = "events";
+      var streamUrl = resumeUrl().replace(/^ws/, "http").replace(/\/websocket(\?|$)/, "/events$1");
+      stream = new global.EventSource(streamUrl, {withCredentials: true});
+      stream.addEventListener("hello", function (event) {
+        var hello = JSON.parse(event.data);
+        if ((hello.epoch || "") !== epoch) last = 0;
+        epoch = hello.epoch || "";
+        client.connectionId = hello.conn || null;
+        onHello(hello.channels);
+        attempt = 0;
+        call("onStatus", "connected");
+      });
+      stream.onmessage = function (event) {
+        trackId(event.lastEventId);
+        call("onMessage", event.data, null, null);
+      };
+      stream.addEventListener("presence", function (event) {
+        onPresence(JSON.parse(event.data));
+      });
+      stream.addEventListener("gap", function (event) {
+        call("onGap", JSON.parse(event.data));
+      });
+      stream.addEventListener("close", function (event) {
+        var end = JSON.parse(event.data);
+        if (NO_RECONNECT[end.code]) {
+          stream.close();
+          stream = null;
+          call("onStatus", "closed", end.code);
+        } else {
+          call("onStatus", "reconnecting", end.code);  // EventSource comes back by itself
+        }
+      });
+      stream.onerror = function () {
+        if (stopped || !stream) return;
+        trackId(stream.lastEventId);
+        if (stream.readyState === global.EventSource.CLOSED) {  // refused: try again later
+          stream = null;
+          retry();
+        } else {
+          call("onStatus", "reconnecting");
+        }
       };
     }
 
@@ -175,6 +261,7 @@
       stopped = true;
       global.clearTimeout(timer);
       if (socket) socket.close(1000);
+      if (stream) stream.close();
     };
     client.position = function () {
       return {epoch: epoch, seq: last};
