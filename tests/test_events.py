@@ -240,3 +240,19 @@ def test_watchers_see_a_stream_come_and_go(server):
     disconnect = json.loads(control.line())
     assert disconnect["event"] == "disconnect" and disconnect["id"] == "seen"
     wait_until(lambda: server.control().list() == [], what="the stream to go")
+
+
+@pytest.mark.slow  # waits out the write timeout
+def test_a_stream_that_cannot_be_written_for_the_write_timeout_ends(server_factory):
+    server = server_factory("--write-timeout", "1", "--queue-bytes", "100000000")
+    control = server.control()
+    assert ask_json(control, {"op": "watch"})["watching"]
+    stream = Stream(server.port, "id=stuck")
+    stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    assert json.loads(control.line())["event"] == "connect"
+    sender = server.control()
+    for _ in range(40):  # far more than the kernel buffers: the rest waits, then times out
+        assert sender.ask("SEND MESSAGE stuck " + "x" * 100_000) == "OK"
+    disconnect = json.loads(control.line())
+    assert disconnect["event"] == "disconnect" and disconnect["reason"] == "write timed out"
+    stream.close()
