@@ -345,6 +345,13 @@ OPTIONS = (
     Option("secret_file", "", str, "read the secret from this file instead"),
     Option("token_ttl", "3600", _positive_int,
            "seconds a token minted by wsboard (board page, `wsboard token`) stays valid"),
+    Option("connect_url", "", _url,
+           "URL that each handshake of /websocket and /events is POSTed to, with the browser's "
+           "cookies, before it connects: the app answers the id (and channels, meta, exp) or "
+           "refuses; empty: off (ids come from the URL)"),
+    Option("connect_headers", "", _words,
+           "request headers passed on to --connect-url besides Cookie (comma-separated)"),
+    Option("connect_timeout", "2", _seconds, "seconds --connect-url has to answer"),
     Option("allowed_origins", "", _words,
            "comma-separated browser origins allowed to open WebSockets, wildcards allowed "
            "(https://*.example.com); empty: the page's own host only (see --allowed-hosts)"),
@@ -771,6 +778,140 @@ def token_refusal(
     return None
 
 
+# The connect hook: with --connect-url the app decides who connects, from the browser's own
+# cookies (the PHP session), so no token rides in the URL. Its answer is input like any other.
+
+HOOK_FAILED = "Connect hook failed"  # a 503: the app did not answer as it must
+MAX_HOOK_ANSWER = 65536  # bytes of the app's answer read at most
+
+
+class HookDecision(NamedTuple):
+    """What the app answered for one handshake."""
+
+    client_id: str
+    channels: tuple
+    meta: dict | None
+    exp: str  # unix seconds as text, "" for none
+
+
+def connect_hook_request(hs: "Handshake", path: str) -> bytes:
+    """The JSON body the hook gets: what the browser asked, and from where."""
+    request = {
+        "id": hs.client_id or None,
+        "channels": list(hs.channels),
+        "peer": hs.peer,
+        "origin": hs.origin,
+        "path": path,
+    }
+    return json.dumps(request, separators=(",", ":")).encode()
+
+
+def hook_reason(body: bytes) -> str:
+    """The app's reason for a refusal: a JSON "reason" or "error", else its text, printable
+    and short."""
+    text = body[:1000].decode("utf-8", "replace")
+    try:
+        value = json.loads(text)
+        if isinstance(value, dict):
+            text = str(value.get("reason") or value.get("error") or "")
+    except ValueError:
+        pass
+    shown = "".join(c for c in text if c.isprintable()).strip()[:200]
+    return shown or "no reason given"
+
+
+def hook_decision(status: int, body: bytes, max_channels: int) -> "HookDecision | Refusal":
+    """The app's answer as a decision, or the Refusal it is (403 when the app said no, 503
+    when it did not answer as it must)."""
+    if status in (401, 403):
+        return Refusal(403, f"Refused by the app: {hook_reason(body)}", "hook")
+    if status != 200:
+        return Refusal(503, f"{HOOK_FAILED} (status {status})", "hook_error")
+    try:
+        answer = strict_json(body)
+    except BadRequest:
+        answer = None
+    why = ""
+    if not isinstance(answer, dict):
+        why = "not a JSON object"
+    elif not is_valid_client_id(answer.get("id")):
+        why = '"id" is not a client id'
+    elif (
+        not isinstance(answer.get("channels", []), list)
+        or len(answer.get("channels", [])) > max_channels
+    ):
+        why = f'"channels" is not a list of at most {max_channels}'
+    elif not all(is_valid_channel(c) for c in answer.get("channels", [])):
+        why = '"channels" holds an invalid channel name'
+    elif answer.get("meta") is not None and (
+        not isinstance(answer["meta"], dict)
+        or len(json.dumps(answer["meta"], separators=(",", ":"))) > MAX_META_BYTES
+    ):
+        why = f'"meta" is not a JSON object of at most {MAX_META_BYTES} bytes'
+    elif "exp" in answer and (
+        isinstance(answer["exp"], bool)
+        or not isinstance(answer["exp"], int)
+        or not 0 < answer["exp"] < 10**12
+    ):
+        why = '"exp" is not a Unix time'
+    if why:
+        return Refusal(503, f"{HOOK_FAILED}: its answer's {why}", "hook_error")
+    channels = tuple(dict.fromkeys(answer.get("channels", [])))
+    exp = str(answer["exp"]) if "exp" in answer else ""
+    return HookDecision(answer["id"], channels, answer.get("meta"), exp)
+
+
+def granted(hs: "Handshake", decision: HookDecision, path: str) -> "Handshake | Refusal":
+    """hs as the app decided: its id, its channels and the URL's public ones; a private or
+    presence channel in the URL that the app did not grant is refused."""
+    for channel in private_channels(hs.channels):
+        if channel not in decision.channels:
+            return Refusal(403, f"Channel {channel!r} not granted by the app", "hook")
+    channels = tuple(dict.fromkeys((*decision.channels, *hs.channels)))
+    return hs._replace(
+        client_id=decision.client_id,
+        channels=channels,
+        meta=decision.meta,
+        exp=decision.exp,
+        token="",
+    )
+
+
+def ask_connect_hook(
+    cfg: "Config", hs: "Handshake", environ: Mapping[str, str], path: str
+) -> "Handshake | Refusal":
+    """POST the handshake to --connect-url with the browser's Cookie (and the headers
+    --connect-headers names); hs as the app decided, or the Refusal."""
+    url = urlsplit(cfg.connect_url)
+    headers = {"Content-Type": "application/json", "Connection": "close"}
+    for name in ("Cookie", *cfg.connect_headers):
+        value = environ.get("HTTP_" + name.upper().replace("-", "_"))
+        if value:
+            headers[name] = value
+    kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    late = TimeoutError(f"no answer in {cfg.connect_timeout:g} s")
+    connection = kind(url.hostname, url.port, timeout=cfg.connect_timeout)
+    try:
+        with gevent.Timeout(cfg.connect_timeout, late):
+            connection.request("POST", target, connect_hook_request(hs, path), headers)
+            response = connection.getresponse()
+            body = response.read(MAX_HOOK_ANSWER + 1)
+    except (OSError, http.client.HTTPException, TimeoutError) as exc:
+        reason = str(exc) or type(exc).__name__
+        return Refusal(503, f"{HOOK_FAILED}: {reason[:100]}", "hook_error")
+    finally:
+        connection.close()
+    if len(body) > MAX_HOOK_ANSWER:
+        return Refusal(
+            503, f"{HOOK_FAILED}: an answer of more than {MAX_HOOK_ANSWER} bytes", "hook_error"
+        )
+    decision = hook_decision(response.status, body, cfg.max_channels_per_socket)
+    if isinstance(decision, Refusal):
+        return decision
+    return granted(hs, decision, path)
+
+
 # Origins and hosts: browsers send an Origin with every WebSocket handshake; other clients
 # may send none. A Host is only believed when it cannot be an attacker's rebound name.
 
@@ -1138,6 +1279,7 @@ class Handshake(NamedTuple):
     last: int
     channels: tuple = ()  # joined before the 101, in the order the URL names them
     since: tuple = ()  # (channel, epoch, offset) each: where a resume of that channel starts
+    meta: dict | None = None  # what --connect-url's app attached to the id
 
 
 def parse_channels(names: Sequence[str], limit: int) -> "tuple | Refusal":
@@ -1195,12 +1337,15 @@ def parse_handshake(
     max_channels: int = 100,
     client_id: str | None = None,
     websocket: bool = True,
+    id_optional: bool = False,
 ) -> "Handshake | Refusal":
     """The upgrade request as a Handshake, or the Refusal of a malformed one. client_id:
     the socket's id is given (a Pusher socket's is its socket id), not read from the URL.
     websocket=False: an event stream's GET, which resumes from its Last-Event-ID."""
     if not websocket:
-        return parse_stream_request(environ, http_version, address, trusted, max_channels)
+        return parse_stream_request(
+            environ, http_version, address, trusted, max_channels, id_optional
+        )
     if environ.get("REQUEST_METHOD") != "GET" or http_version != "HTTP/1.1":
         return Refusal(400, "WebSocket upgrades need GET over HTTP/1.1", "handshake")
     if "upgrade" not in environ.get("HTTP_CONNECTION", "").lower():
@@ -1218,7 +1363,9 @@ def parse_handshake(
         return Refusal(400, "Sec-WebSocket-Key must be 16 bytes in base64", "handshake")
     offered = environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in (p.strip() for p in offered.split(",")) else ""
-    return parsed_query(environ, address, trusted, max_channels, client_id, key, subprotocol)
+    return parsed_query(
+        environ, address, trusted, max_channels, client_id, key, subprotocol, id_optional
+    )
 
 
 def parse_stream_request(
@@ -1227,13 +1374,14 @@ def parse_stream_request(
     address: object,
     trusted: Sequence,
     max_channels: int,
+    id_optional: bool = False,
 ) -> "Handshake | Refusal":
     """An event stream's request (GET /events?…) as a Handshake, or its Refusal."""
     if environ.get("REQUEST_METHOD") != "GET" or http_version not in ("HTTP/1.0", "HTTP/1.1"):
         return Refusal(400, "An event stream is a GET over HTTP/1.x", "handshake")
     if environ.get("CONTENT_LENGTH", "0") not in ("", "0") or environ.get("HTTP_TRANSFER_ENCODING"):
         return Refusal(400, "An event stream's request has no body", "handshake")
-    hs = parsed_query(environ, address, trusted, max_channels, None, "", "")
+    hs = parsed_query(environ, address, trusted, max_channels, None, "", "", id_optional)
     last_event_id = environ.get("HTTP_LAST_EVENT_ID", "")
     if isinstance(hs, Refusal) or not last_event_id:
         return hs
@@ -1252,11 +1400,15 @@ def parsed_query(
     client_id: str | None,
     key: str,
     subprotocol: str,
+    id_optional: bool = False,
 ) -> "Handshake | Refusal":
-    """What a socket's URL asks (its id, channels, resume points and token) as a Handshake."""
+    """What a socket's URL asks (its id, channels, resume points and token) as a Handshake.
+    id_optional: the connect hook gives the id, so the URL may leave it out."""
     query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
     ids = query.get("id", []) if client_id is None else [client_id]
-    if len(ids) != 1 or not is_valid_client_id(ids[0]):
+    if id_optional and not ids:
+        ids = [""]
+    elif len(ids) != 1 or not is_valid_client_id(ids[0]):
         return Refusal(400, f"Invalid client id: give exactly one id of {CLIENT_ID_RULE}", "bad_id")
     channels = parse_channels(query.get("channel", []) if client_id is None else [], max_channels)
     if isinstance(channels, Refusal):
@@ -1893,10 +2045,17 @@ class WebSocketHandler(_GeventWebSocketHandler):
             board.cfg.max_channels_per_socket,
             client_id=protocol.given_id(board),
             websocket=protocol.websocket,
+            id_optional=bool(board.cfg.connect_url and protocol.hooked),
         )
         if isinstance(hs, Refusal):
             return self.refuse(hs)
-        refusal = access_refusal(hs, board.cfg, time.time(), signed=protocol.signed)
+        signed = protocol.signed
+        if board.cfg.connect_url and protocol.hooked:  # the app decides, not a token
+            hs = ask_connect_hook(board.cfg, hs, environ, path)
+            if isinstance(hs, Refusal):
+                return self.refuse(hs)
+            signed = False
+        refusal = access_refusal(hs, board.cfg, time.time(), signed=signed)
         if refusal is None:
             closing = protocol.closing(path, environ.get("QUERY_STRING", ""))
             if closing is not None:  # a refusal this protocol tells inside the socket
@@ -2468,6 +2627,7 @@ class SocketProtocol:
     websocket = True  # an upgrade to a WebSocket (else a response that streams)
     socket_class: type = BoardSocket  # what writes its frames and reads what comes
     status = "101 Switching Protocols"  # for the access log, which sockets keep out of
+    hooked = True  # with --connect-url the app decides who connects (Pusher signs its own)
 
     def matches(self, path: str) -> bool:
         raise NotImplementedError
@@ -3327,6 +3487,8 @@ class LocalHub:
         asked = self.sticky.ask(conn.client_id)  # a shared store answers while it registers
         self.registry.add(conn)
         self._keep_meta(conn.client_id)
+        if hs.meta is not None:  # what the connect hook's app attached to the id
+            self.meta[conn.client_id] = hs.meta
         self.sticky.connected(conn.client_id)
         limit = self.cfg.max_channels_per_socket  # hs.channels is bounded by it too
         joined = [channel for channel in hs.channels if self.registry.join(conn, channel, limit)]
@@ -7563,6 +7725,7 @@ class PusherApp(SocketProtocol):
     """The one Pusher app this process serves, as the protocol of /app/KEY (its sockets'
     frames in, Pusher's close codes) and its HTTP API."""
 
+    hooked = False  # its channels are signed one by one; its id is its socket id
     signed = False  # a Pusher socket's channels are signed one by one, not its id
 
     def __init__(self, board: "Board") -> None:
@@ -8337,6 +8500,7 @@ class Board:
             *([self.pusher] if self.pusher else []),
         ]
         self.refusals: collections.Counter = collections.Counter()
+        self.quiet_refusals = {"hook_error": Throttle(10)}
         self.counts = Counts()
         self.metrics = None  # prometheus_client's registry, made at the first scrape
         self.metrics_server: WSGIServer | None = None
@@ -8364,7 +8528,9 @@ class Board:
     def refused(self, kind: str, message: str, *args: object) -> None:
         """Refusals are logged once each and counted by kind; the admin page shows them."""
         self.refusals[kind] += 1
-        log.warning("refused " + message, *args)
+        throttle = self.quiet_refusals.get(kind)
+        if throttle is None or throttle():  # an app that is down: one line per burst
+            log.warning("refused " + message, *args)
 
     def new_conn_id(self) -> str:
         return f"{self.conn_prefix}.{next(self.conn_numbers)}"
