@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 import websocket
-from conftest import ROOT, free_port, wait_until
+from conftest import ROOT, ask_json, free_port, wait_until
 from selenium.webdriver.common.by import By
 from test_browser import browser, messages, wait  # noqa: F401 - the Chromium fixture
 from test_events import Stream
@@ -82,8 +82,8 @@ def lamp_server(server_factory, site):
 def apache(site):
     started = []
 
-    def start(upstream_port: int) -> str:
-        port = free_port()
+    def start(upstream_port: int, port: int = 0) -> str:
+        port = port or free_port()
         base = site["base"]
         php = glob.glob(os.path.join(MODULES, "libphp*.so"))[0]
         modules = {
@@ -198,6 +198,40 @@ def test_a_php_page_under_apache_pushes_to_chromium_through_the_proxy(
         assert "www-data" in users
         assert os.stat(site["control"]).st_gid == wsboard._group("www-data")
         assert oct(os.stat(site["control"]).st_mode & 0o777) == "0o660"
+
+
+def test_a_php_session_decides_who_connects_with_no_token_in_the_url(
+    browser,  # noqa: F811
+    server_factory,
+    site,
+    apache,
+):
+    """deploy/apache/www/connect.php is the hook: a browser that logged in (login.php) connects
+    on its PHP session alone and gets what is sent to its user; one that did not is refused."""
+    port = free_port()
+    hook = f"http://127.0.0.1:{port}/connect.php"
+    server = server_factory("--trusted-proxies", "127.0.0.1", "--connect-url", hook)
+    url = apache(server.port, port)
+    browser.get(url + "/session.php")  # no session yet
+    wait(browser, lambda d: d.find_element(By.ID, "status").text.startswith("closed"))
+    assert server.control().list() == []
+    assert "Refused by the app: not logged in" in server.log()
+    browser.get(url + "/login.php?user=ann-7")
+    wait(browser, lambda d: d.find_element(By.ID, "status").text == "connected")
+    assert browser.find_element(By.ID, "client_id").text == "ann-7"
+    assert server.wait_listed(1)[0].startswith("ann-7 ")
+    control = server.control()
+    assert control.ask("SEND MESSAGE ann-7 for ann") == "OK"
+    assert control.ask("PUBLISH private-user-ann-7 only ann's") == "OK 1"
+    wait(
+        browser,
+        lambda d: (
+            [li.text for li in d.find_elements(By.CSS_SELECTOR, "#messages li")]
+            == ["for ann", "only ann's"]
+        ),
+    )
+    (row,) = ask_json(control, {"op": "list"})["clients"]
+    assert row["meta"] == {"name": "ann-7"}
 
 
 def test_origin_checks_signed_ids_and_forwarded_addresses_hold_through_apache(
