@@ -76,6 +76,7 @@ import gc
 import getpass
 import grp
 import hashlib
+import heapq
 import hmac
 import http.client
 import ipaddress
@@ -343,6 +344,9 @@ OPTIONS = (
            "turns on signed client ids: sockets must bring exp and token=HMAC-SHA256(secret, "
            "'ID.EXP'); at least 16 characters"),
     Option("secret_file", "", str, "read the secret from this file instead"),
+    Option("secret_previous_file", "", str,
+           "a file with the secret before the current one: tokens it signed are accepted "
+           "while this is set (rotation); new tokens use the current one"),
     Option("token_ttl", "3600", _positive_int,
            "seconds a token minted by wsboard (board page, `wsboard token`) stays valid"),
     Option("connect_url", "", _url,
@@ -503,6 +507,9 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
         self.secret_key = load_secret(self.secret, self.secret_file)
+        self.previous_key = load_secret("", self.secret_previous_file)
+        if self.previous_key and not self.secret_key:
+            raise ConfigError("--secret-previous-file needs the current --secret or --secret-file")
         self.admin_hash = admin_hash(self.admin_password)
         pusher = (self.pusher_app_id, self.pusher_key, self.pusher_secret)
         if any(pusher) and not all(pusher):
@@ -667,6 +674,7 @@ class CloseCode(enum.IntEnum):
     SERVICE_RESTART = 1012
     TRY_AGAIN_LATER = 1013
     KICKED = 4000  # wsboard.js does not reconnect after it
+    TOKEN_EXPIRED = 4001  # its token's exp passed, or its refresh was refused
 
 
 # The codes a JSON kick may ask for: the ones a server may send for a reason of its own.
@@ -688,6 +696,7 @@ class EndReason(enum.Enum):
     RATE_LIMITED = "too many messages"
     KICKED = "kicked"
     SHUTDOWN = "server shutdown"
+    TOKEN_EXPIRED = "token expired"
 
 
 # Answers every front end gives in the same words.
@@ -1280,6 +1289,7 @@ class Handshake(NamedTuple):
     channels: tuple = ()  # joined before the 101, in the order the URL names them
     since: tuple = ()  # (channel, epoch, offset) each: where a resume of that channel starts
     meta: dict | None = None  # what --connect-url's app attached to the id
+    expires: int | None = None  # when its token (or the app's answer) runs out: it closes then
 
 
 def parse_channels(names: Sequence[str], limit: int) -> "tuple | Refusal":
@@ -1446,10 +1456,22 @@ def access_refusal(hs: Handshake, cfg: Config, now: float, signed: bool = True) 
         return Refusal(403, "Origin not allowed", "origin")
     if cfg.secret_key and signed:
         private = private_channels(hs.channels)
-        reason = token_refusal(cfg.secret_key, hs.client_id, hs.exp, hs.token, now, private)
+        reason = signed_refusal(cfg, hs.client_id, hs.exp, hs.token, now, private)
         if reason:
             return Refusal(403, "Signed id refused: " + reason, "token")
     return None
+
+
+def signed_refusal(
+    cfg: "Config", client_id: str, exp: str, token: str, now: float, private: Sequence[str]
+) -> str | None:
+    """Why a token does not sign client_id (and its private channels) until exp, with the
+    current secret or, while it is set, the previous one; None: it does."""
+    reason = token_refusal(cfg.secret_key, client_id, exp, token, now, private)
+    if reason and cfg.previous_key:
+        if token_refusal(cfg.previous_key, client_id, exp, token, now, private) is None:
+            return None
+    return reason
 
 
 class SocketReader:
@@ -1896,7 +1918,8 @@ class EventStream(BoardSocket):
         self.send_frame_bytes(b": ping\n\n")
 
     def closing_bytes(self, code: int, reason: str) -> bytes:
-        lines = named_event("close", {"code": code, "reason": reason})
+        name = "expired" if code == CloseCode.TOKEN_EXPIRED else "close"
+        lines = named_event(name, {"code": code, "reason": reason})
         if code in (CloseCode.GOING_AWAY, CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER):
             spread = 1000 + secrets.randbelow(int(1000 * self.cfg.drain_window) + 1)
             lines = f"retry: {spread}\n".encode() + lines  # when to come back
@@ -2049,13 +2072,16 @@ class WebSocketHandler(_GeventWebSocketHandler):
         )
         if isinstance(hs, Refusal):
             return self.refuse(hs)
-        signed = protocol.signed
-        if board.cfg.connect_url and protocol.hooked:  # the app decides, not a token
+        hooked = bool(board.cfg.connect_url and protocol.hooked)
+        if hooked:  # the app decides, not a token
             hs = ask_connect_hook(board.cfg, hs, environ, path)
             if isinstance(hs, Refusal):
                 return self.refuse(hs)
-            signed = False
+        signed = protocol.signed and not hooked
         refusal = access_refusal(hs, board.cfg, time.time(), signed=signed)
+        checked = hooked or (signed and bool(board.cfg.secret_key))
+        if refusal is None and hs.exp and checked:  # the socket closes when its exp passes
+            hs = hs._replace(expires=int(hs.exp))
         if refusal is None:
             closing = protocol.closing(path, environ.get("QUERY_STRING", ""))
             if closing is not None:  # a refusal this protocol tells inside the socket
@@ -2103,6 +2129,8 @@ class WebSocketHandler(_GeventWebSocketHandler):
             gevent.spawn_raw(close_after_close, ws, sock, board.cfg.close_timeout)
             return
         replay = board.hub.attach(conn, hs)  # admitted above, with nothing yielding since
+        if hs.expires is not None:
+            board.tokens.set(conn, hs.expires, private_channels(hs.channels))
         try:
             ws.open([protocol.head(hs), *replay])
         except WebSocketError as exc:  # a replay too big for its queue: it closes, and goes
@@ -2235,6 +2263,7 @@ def end_session(board: "Board", conn: "Connection", sock: socket.socket) -> None
     ws = conn.ws
     ws.watcher.stop()
     try:
+        board.tokens.forget(conn)
         board.hub.detach(conn)
         ws.close()
         board.counts.closes[ws.end_reason.name.lower()] += 1
@@ -2571,6 +2600,8 @@ def opening_plan(
         hello = {"inbox": True, "epoch": box.epoch, "seq": box.last_seq, "conn": conn.conn_id}
         if gap:
             gaps.append({"after": hs.last if hs.epoch == box.epoch else 0})
+    if hs.expires is not None:  # when it closes unless refreshed ({"refresh": ...})
+        hello["exp"] = hs.expires
     publications: list = []
     if history is not None:
         positions, channel_gaps, publications = resumed_channels(history, conn, hs, now)
@@ -2673,6 +2704,12 @@ class WebSocketProtocol(SocketProtocol):
         return FRAMINGS[hs.subprotocol]
 
     def receive(self, board: "Board", conn: "Connection", message: object) -> None:
+        if (
+            isinstance(message, str)
+            and message.startswith('{"refresh"')
+            and conn.framing.name == SUBPROTOCOL
+        ):
+            return refresh_token(board, conn, message)
         events = board.events
         if not events.wanted:
             return
@@ -2681,6 +2718,63 @@ class WebSocketProtocol(SocketProtocol):
         else:
             encoded = base64.b64encode(message).decode()
             events.emit("message", False, id=conn.client_id, conn=conn.conn_id, binary=encoded)
+
+
+def refresh_token(board: "Board", conn: "Connection", message: str) -> None:
+    """A wsboard.v1 socket's {"refresh":{"exp","token"}}: a new token for the same id and
+    channels moves its close on, answered {"refreshed":{"exp"}}; else it closes with 4001
+    and the reason."""
+    try:
+        refresh = strict_json(message).get("refresh")
+    except (BadRequest, AttributeError):
+        refresh = None
+    held = board.tokens.until.get(conn)
+    reason = None
+    if not isinstance(refresh, dict):
+        reason = 'a refresh is {"refresh":{"exp":…,"token":…}}'
+    elif held is None or not board.cfg.secret_key:
+        reason = "this socket has no token to refresh"
+    else:
+        exp, token = refresh.get("exp"), refresh.get("token")
+        exp = str(exp) if isinstance(exp, int) and not isinstance(exp, bool) else ""
+        token = token if isinstance(token, str) else ""
+        reason = signed_refusal(board.cfg, conn.client_id, exp, token, time.time(), held[1])
+    if reason is not None:
+        conn.ws.end(EndReason.TOKEN_EXPIRED, CloseCode.TOKEN_EXPIRED, f"refresh refused: {reason}")
+        return
+    board.tokens.set(conn, int(exp), held[1])
+    try:
+        conn.ws.send_frame_bytes(compact_frame({"refreshed": {"exp": int(exp)}}))
+    except WebSocketError:
+        pass
+
+
+class TokenClock:
+    """When each socket with a token (or a connect hook's exp) closes: a heap swept every
+    half second, so the close comes within a second of exp; a refresh moves it on."""
+
+    def __init__(self) -> None:
+        self.heap: list = []  # (exp, n, conn); stale entries are skipped when they come up
+        self.until: dict = {}  # conn -> (exp, the private channels its token signed)
+        self.numbers = itertools.count()
+
+    def set(self, conn: "Connection", exp: int, private: Sequence[str]) -> None:
+        self.until[conn] = (exp, tuple(private))
+        heapq.heappush(self.heap, (exp, next(self.numbers), conn))
+
+    def forget(self, conn: "Connection") -> None:
+        self.until.pop(conn, None)
+
+    def due(self, now: float) -> list:
+        """The sockets whose time is up, each once."""
+        due = []
+        while self.heap and self.heap[0][0] <= now:
+            exp, _, conn = heapq.heappop(self.heap)
+            held = self.until.get(conn)
+            if held is not None and held[0] == exp:
+                del self.until[conn]
+                due.append(conn)
+        return due
 
 
 class EventStreamFraming(V1Framing):
@@ -8501,6 +8595,7 @@ class Board:
         ]
         self.refusals: collections.Counter = collections.Counter()
         self.quiet_refusals = {"hook_error": Throttle(10)}
+        self.tokens = TokenClock()
         self.counts = Counts()
         self.metrics = None  # prometheus_client's registry, made at the first scrape
         self.metrics_server: WSGIServer | None = None
@@ -8635,6 +8730,13 @@ class Board:
             if n % 512 == 511:
                 gevent.sleep(0)  # let others run during a long round
 
+    def expiry_sweep(self) -> None:
+        """Close the sockets whose token ran out (4001), within a second of their exp."""
+        while True:
+            gevent.sleep(0.5)
+            for conn in self.tokens.due(time.time()):
+                conn.ws.end(EndReason.TOKEN_EXPIRED, CloseCode.TOKEN_EXPIRED, "token expired")
+
     def idle_sweep(self) -> None:
         """With --idle-timeout: close sockets that sent nothing for that long. Between
         messages no greenlet waits on a socket's recv, so its timeout cannot say it."""
@@ -8765,7 +8867,11 @@ class Board:
             self.webhook = Webhook(self.cfg.webhook, self.cfg.secret_key, self.cfg.webhook_queue)
             self.events.add(self.webhook)
             self.background.append(self.webhook.greenlet)
-        self.background += [gevent.spawn(self.heartbeat), gevent.spawn(self.settle_gc)]
+        self.background += [
+            gevent.spawn(self.heartbeat),
+            gevent.spawn(self.settle_gc),
+            gevent.spawn(self.expiry_sweep),
+        ]
         if self.cfg.idle_timeout:
             self.background.append(gevent.spawn(self.idle_sweep))
         self.hub.start()
