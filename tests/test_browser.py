@@ -631,3 +631,92 @@ def test_wsboard_js_connects_from_a_rendered_position_and_gets_what_came_after(
     assert got == [["after-the-render", {"sport": 2}], ["live", {"sport": 3}]]
     at = browser.execute_script("return window.client.channelPosition('sport')")
     assert at == {"epoch": epoch, "offset": 3}
+
+
+# Token lifetime ###############################################################
+
+
+def test_wsboard_js_refreshes_a_token_before_it_expires_and_stays_connected(
+    browser, server_factory, tmp_path
+):
+    import time
+
+    import wsboard_client
+
+    secret = "a-long-enough-secret-for-tests"
+    (tmp_path / "secret").write_text(secret)
+    server = server_factory("--secret-file", str(tmp_path / "secret"))
+    open_board(browser, server)  # a page of the server's origin to run wsboard.js in
+    exp, later = int(time.time()) + 4, int(time.time()) + 120
+    first = wsboard_client.mint_token(secret, "refresher", exp)
+    fresh = {"exp": later, "token": wsboard_client.mint_token(secret, "refresher", later)}
+    script = """
+        var done = arguments[arguments.length - 1];
+        window.got = [];
+        window.states = [];
+        var url = "ws://" + location.host + "/websocket?id=refresher&exp=" + arguments[0] +
+            "&token=" + arguments[1];
+        window.client = WSBoard.connect(url, {
+          refresh: function (give) { window.asked = (window.asked || 0) + 1; give(window.fresh); },
+          onMessage: function (text) { window.got.push(text); },
+          onStatus: function (state) {
+            window.states.push(state);
+            if (state === "connected") done(window.client.connectionId);
+          }
+        });
+    """
+    browser.execute_script("window.fresh = arguments[0];", fresh)
+    conn = browser.execute_async_script(script, exp, first)
+    time.sleep(max(0, exp + 2 - time.time()))  # past the first token's exp
+    assert browser.execute_script("return window.asked") == 1
+    assert browser.execute_script("return window.states") == ["connecting", "connected"]
+    assert browser.execute_script("return window.client.connectionId") == conn
+    assert server.control().ask("SEND MESSAGE refresher after the first exp") == "OK"
+    wait(browser, lambda d: d.execute_script("return window.got") == ["after the first exp"])
+
+
+def test_wsboard_js_reconnects_with_a_fresh_token_when_it_could_not_refresh_in_time(
+    browser, server_factory, tmp_path
+):
+    import time
+
+    import wsboard_client
+
+    secret = "a-long-enough-secret-for-tests"
+    (tmp_path / "secret").write_text(secret)
+    server = server_factory("--secret-file", str(tmp_path / "secret"), "--inbox", "10")
+    open_board(browser, server)
+    exp, later = int(time.time()) + 3, int(time.time()) + 120
+    first = wsboard_client.mint_token(secret, "late", exp)
+    fresh = {"exp": later, "token": wsboard_client.mint_token(secret, "late", later)}
+    browser.execute_script("window.fresh = arguments[0];", fresh)
+    conn = browser.execute_async_script(
+        """
+        var done = arguments[arguments.length - 1];
+        window.got = [];
+        window.states = [];
+        window.asked = 0;
+        var url = "ws://" + location.host + "/websocket?id=late&exp=" + arguments[0] +
+            "&token=" + arguments[1];
+        window.client = WSBoard.connect(url, {
+          refresh: function (give) {
+            window.asked++;
+            give(window.asked > 1 ? window.fresh : null);  // in time: none; at 4001: one
+          },
+          onMessage: function (text) { window.got.push(text); },
+          onStatus: function (state, code) {
+            window.states.push(code ? state + " " + code : state);
+            if (state === "connected" && window.states.length === 2) {
+              done(window.client.connectionId);
+            }
+          }
+        });
+        """,
+        exp,
+        first,
+    )
+    wait(browser, lambda d: d.execute_script("return window.states").count("connected") == 2)
+    assert "reconnecting 4001" in browser.execute_script("return window.states")
+    assert browser.execute_script("return window.client.connectionId") != conn
+    assert server.control().ask("SEND MESSAGE late on the fresh token") == "OK"
+    wait(browser, lambda d: d.execute_script("return window.got") == ["on the fresh token"])

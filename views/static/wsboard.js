@@ -12,6 +12,14 @@
 //   client.transport;         // "websocket" or "events"
 //   client.close();
 //
+// Tokens run out: a socket whose token has an exp (the hello says it) is closed at it with
+// 4001, unless it is refreshed first. Give {refresh: function (done) { … done({exp, token})
+// }} (or return a Promise of {exp, token}): the page asks its server (PHP mints a new token
+// for the same id and channels), and wsboard.js hands it over at a random point of the
+// token's last fifth, so pages loaded together do not all refresh together. When a refresh
+// could not be made in time, it reconnects with a fresh token and resumes. Without refresh,
+// a 4001 ends it, unless the URL carries no token (the connect hook decides each time).
+//
 // Where a WebSocket cannot be opened (a proxy or middlebox that drops upgrades), it falls
 // back to the event stream (/events, Server-Sent Events) with the same URL's query and the
 // same callbacks: after two WebSocket attempts in a row that never opened, on a page whose
@@ -58,6 +66,7 @@
     var everOpened = false;
     var unopened = 0;  // WebSocket attempts in a row that never opened
     var stream = null;
+    var refreshTimer = null;
     var members = {};  // channel -> [{id, meta}]
     var channels = {};  // channel -> {epoch, offset}: the last publication seen there
     var query = url.indexOf("?");
@@ -131,7 +140,10 @@
         epoch = frame.hello.epoch || "";
         client.connectionId = frame.hello.conn || null;
         onHello(frame.hello.channels);
+        scheduleRefresh(frame.hello.exp);
         call("onStatus", "connected");  // the hello comes first: now the socket is ready
+      } else if (frame.refreshed) {
+        scheduleRefresh(frame.refreshed.exp);
       } else if (frame.presence) {
         onPresence(frame.presence);
       } else if (frame.gap) {
@@ -162,6 +174,64 @@
       call("onPresence", p.channel, list.slice(), change);
     }
 
+    function param(name, value) {  // url with name=value in place of the one it had
+      var pattern = new RegExp("([?&])" + name + "=[^&]*");
+      var pair = name + "=" + encodeURIComponent(value);
+      url = pattern.test(url) ? url.replace(pattern, "$1" + pair) : url + (url.indexOf("?") < 0 ? "?" : "&") + pair;
+    }
+
+    function newToken(then) {  // ask the page for a token; then(fresh) or then(null)
+      if (typeof handlers.refresh !== "function") return then(null);
+      var answered = false;
+      function done(fresh) {
+        if (answered) return;
+        answered = true;
+        if (fresh && fresh.exp && fresh.token) {
+          param("exp", fresh.exp);
+          param("token", fresh.token);
+          then(fresh);
+        } else {
+          then(null);
+        }
+      }
+      try {
+        var promise = handlers.refresh(done);
+        if (promise && typeof promise.then === "function") {
+          promise.then(done, function () { done(null); });
+        }
+      } catch (error) {
+        if (global.console) global.console.error(error);
+        done(null);
+      }
+    }
+
+    function scheduleRefresh(exp) {
+      global.clearTimeout(refreshTimer);
+      if (!exp || typeof handlers.refresh !== "function") return;
+      var left = exp * 1000 - Date.now();
+      var at = Math.min(left * 0.8 + Math.random() * left * 0.2, left - 1000);
+      refreshTimer = global.setTimeout(function () {
+        newToken(function (fresh) {
+          if (fresh && socket && socket.readyState === 1) {
+            socket.send(JSON.stringify({refresh: {exp: fresh.exp, token: fresh.token}}));
+          }
+        });
+      }, Math.max(0, at));
+    }
+
+    function expired(code) {  // 4001: a fresh token, then a resume; or the end
+      if (typeof handlers.refresh === "function") {
+        newToken(function (fresh) {
+          if (fresh) retry(code);
+          else call("onStatus", "closed", code);
+        });
+      } else if (!/[?&]token=/.test(url)) {
+        retry(code);  // the connect hook decides again, on the page's cookies
+      } else {
+        call("onStatus", "closed", code);
+      }
+    }
+
     function retry(code) {
       var ceiling = Math.min(maxDelay, minDelay * Math.pow(2, attempt++));
       var delay = ceiling / 2 + Math.random() * ceiling / 2;  // jitter: spread the herd
@@ -189,7 +259,9 @@
           call("onStatus", "closed", event.code);
           return;
         }
+        global.clearTimeout(refreshTimer);
         if (!opened) unopened++;
+        if (event.code === 4001) return expired(event.code);
         retry(event.code);
       };
     }
@@ -234,6 +306,11 @@
       stream.addEventListener("gap", function (event) {
         call("onGap", JSON.parse(event.data));
       });
+      stream.addEventListener("expired", function (event) {
+        stream.close();
+        stream = null;
+        expired(JSON.parse(event.data).code);
+      });
       stream.addEventListener("close", function (event) {
         var end = JSON.parse(event.data);
         if (NO_RECONNECT[end.code]) {
@@ -260,6 +337,7 @@
     client.close = function () {
       stopped = true;
       global.clearTimeout(timer);
+      global.clearTimeout(refreshTimer);
       if (socket) socket.close(1000);
       if (stream) stream.close();
     };
