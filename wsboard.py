@@ -12,19 +12,27 @@ from the hubs up through the actions and the verb table to its connection.
   away) and ``Closing`` (a refusal told inside a socket), and the one error family every
   operation raises: ``Refused`` (``BadRequest``, ``NotFound``, ``LimitReached``,
   ``BackplaneError``) with the answer texts (``CLIENT_NOT_FOUND``, ``TIMEOUT`` ...).
-- Security: pure checks (tokens, origins, hosts, passwords, proxies, peers); the token scheme
-  itself is imported from ``wsboard_client``, its one home.
+- Security: pure checks (tokens, with the previous secret while rotating, origins, hosts,
+  passwords, proxies, peers); the token scheme itself is imported from ``wsboard_client``, its
+  one home. The connect hook (``ask_connect_hook``, --connect-url): the app decides each
+  handshake from the browser's cookies, its answer checked by ``hook_decision`` (pure).
 - WebSocket adapter: ``BoardSocket`` and ``WebSocketHandler`` (gevent-websocket's defects
-  mended), ``Handshake`` (an upgrade request parsed once). The handler looks the path up in
-  ``Board.protocols`` and upgrades with that protocol.
+  mended), ``EventStream`` (a text/event-stream response as a socket, with the same writer),
+  ``Handshake`` (a socket's request parsed once). The handler looks the path up in
+  ``Board.protocols``, asks the connect hook when there is one, and opens the socket with that
+  protocol (its 101, or an event stream's 200).
 - A socket's session: ``start_session`` ... ``end_session``, driven by a read watcher (no
   greenlet waits on an idle socket); each message goes to the socket's protocol.
-- Connections and delivery: ``Connection``, ``Registry``, the framings (plain, wsboard.v1),
-  ``SocketProtocol`` (a kind of socket: its handshake, framing, close codes and what it does
-  with a browser's message; a new transport is a subclass and one more entry of
-  ``Board.protocols``) and ``WebSocketProtocol`` (/websocket), ``Batch`` and ``deliver``.
-- Inbox, channel history and idempotency keys: ``Inbox`` (per id), ``History`` (per
-  channel: offsets within an epoch, what a resume from ``since=`` gets).
+- Connections and delivery: ``Connection``, ``Registry``, the framings (plain, wsboard.v1,
+  and the event stream's, one per stream since its ids carry the stream's position), what a
+  resuming socket gets first (``opening_plan``), token refreshes and ``TokenClock`` (sockets
+  close when their token's exp passes), ``SocketProtocol`` (a kind of socket: its request,
+  framing, close codes and what it does with a browser's message; a new transport is a
+  subclass and one more entry of ``Board.protocols``), ``WebSocketProtocol`` (/websocket) and
+  ``EventStreamProtocol`` (/events), ``Batch`` and ``deliver``.
+- Inbox, channel history, sticky joins and idempotency keys: ``Inbox`` (per id),
+  ``History`` (per channel: offsets within an epoch, what a resume from ``since=`` gets),
+  ``StickyJoins`` (channels an id's later sockets join too).
 - Hubs: ``Hub`` (what the rest of the file may call of a hub) and ``SocketLike`` (what a hub
   may touch of a socket), both typing.Protocols; ``LocalHub`` is this process's. A new hub
   implements ``Hub``, passes tests/test_hub.py and is added to ``HUBS``.
@@ -35,7 +43,8 @@ from the hubs up through the actions and the verb table to its connection.
   ``Answers``, ``Tally``, the message kinds between processes (``HANDLERS``). A new bus
   (NATS, PostgreSQL LISTEN/NOTIFY) is one class implementing ``Transport``, paired with
   ``Backplane`` in ``HUBS`` as ``redis_hub`` pairs ``RedisTransport`` (the connection, the
-  pub/sub link, the outbox, the Lua scripts, ``RedisInbox``); see docs/scaleout.md.
+  pub/sub link, the outbox, the Lua scripts, ``RedisInbox``, ``RedisHistory``,
+  ``RedisSticky``); see docs/scaleout.md.
 - Events: ``Events`` tells its registered sinks (watchers, the webhook, admin pages); a new
   sink is any object with ``push(line, lifecycle)``, added with ``Events.add``.
 - Actions: ``Actions``, one method per operation (send, publish, kick, join, ...), for every
