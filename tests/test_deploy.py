@@ -138,13 +138,13 @@ def apache(site):
         proc.wait(timeout=10)
 
 
-def serving(url: str, proc: subprocess.Popen, log: str) -> bool:
-    """Whether the proxy at url serves page.js yet; it must not have exited."""
+def serving(url: str, proc: subprocess.Popen, log: str, path: str = "/page.js") -> bool:
+    """Whether the proxy at url serves path yet; it must not have exited."""
     if proc.poll() is not None:
         logged = open(log).read() if os.path.exists(log) else ""
         raise AssertionError(f"{proc.args[0]} exited with {proc.returncode}: {logged}")
     try:
-        with urllib.request.urlopen(url + "/page.js", timeout=2) as response:
+        with urllib.request.urlopen(url + path, timeout=2) as response:
             return response.status == 200
     except OSError:
         return False
@@ -312,7 +312,8 @@ def test_a_page_behind_a_proxy_that_drops_upgrades_gets_its_messages_by_the_even
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: serving_page(url, proc, site["base"]), what="nginx")
+        log = site["base"] + "/nginx-error.log"
+        wait_until(lambda: serving(url, proc, log, "/"), what="nginx")
         browser.get(url + "/")
         wait(browser, lambda d: d.find_element(By.ID, "status").text == "connected", timeout=30)
         assert browser.execute_script("return document.body.dataset.transport") == "events"
@@ -325,16 +326,6 @@ def test_a_page_behind_a_proxy_that_drops_upgrades_gets_its_messages_by_the_even
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-
-
-def serving_page(url: str, proc: subprocess.Popen, base: str) -> bool:
-    if proc.poll() is not None:
-        raise AssertionError(f"nginx exited: {open(base + '/nginx-error.log').read()}")
-    try:
-        with urllib.request.urlopen(url + "/", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def test_nginx_runs_the_shipped_config(server_factory, site):
