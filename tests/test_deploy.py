@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 
@@ -82,7 +83,9 @@ def lamp_server(server_factory, site):
 def apache(site):
     started = []
 
-    def start(upstream_port: int, port: int = 0) -> str:
+    def start(upstream_port: int, port: int = 0, timeout: int = 0) -> str:
+        """Apache on port, proxying to upstream_port; timeout: its Timeout (the proxy's idle
+        limit) when not the default 60 s."""
         port = port or free_port()
         base = site["base"]
         php = glob.glob(os.path.join(MODULES, "libphp*.so"))[0]
@@ -102,6 +105,7 @@ def apache(site):
             f"Mutex file:{base} default",
             f"ErrorLog {base}/apache-error.log",
             "LogLevel warn",
+            *([f"Timeout {timeout}"] if timeout else []),
             "ServerName 127.0.0.1",
             f"Listen 127.0.0.1:{port}",
             "TypesConfig /etc/mime.types",
@@ -323,6 +327,57 @@ def test_a_page_behind_a_proxy_that_drops_upgrades_gets_its_messages_by_the_even
         for text in ("first", "second"):
             assert control.ask(f"SEND MESSAGE {board_id} " + json.dumps({"message": text})) == "OK"
         wait(browser, lambda d: messages(d) == ["first", "second"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.slow  # holds streams idle past the proxies' timeouts
+def test_pings_keep_an_idle_stream_open_through_apache_and_nginx_past_their_timeouts(
+    server_factory, site, apache
+):
+    """The proxies' idle limits, shrunk to 2 s (Apache's Timeout, nginx's
+    proxy_read_timeout in the shipped file), against pings every second: an idle stream
+    outlives them; without pings the proxy cuts it."""
+    server = server_factory("--ping-interval", "1", "--trusted-proxies", "127.0.0.1")
+    quiet = server_factory(
+        "--ping-interval", "0", "--control", os.path.join(site["base"], "quiet.sock")
+    )
+    apache_port = urllib.parse.urlsplit(apache(server.port, timeout=2)).port
+    with open(os.path.join(DEPLOY, "nginx", "wsboard.conf")) as f:
+        shipped = f.read()
+    nginx_port, quiet_port = free_port(), free_port()
+    for old, new in (
+        ("server 127.0.0.1:8080;", f"server 127.0.0.1:{server.port};"),
+        ("listen 80;", f"listen 127.0.0.1:{nginx_port};"),
+        ("root /var/www/wsboard;", f"root {site['docroot']};"),
+        ("proxy_read_timeout 75s;", "proxy_read_timeout 2s;"),
+    ):
+        assert old in shipped
+        shipped = shipped.replace(old, new)
+    shipped += (  # the same location, to a server that does not ping
+        f"server {{ listen 127.0.0.1:{quiet_port}; location /events {{ proxy_pass "
+        f"http://127.0.0.1:{quiet.port}; proxy_http_version 1.1; proxy_buffering off; "
+        "proxy_read_timeout 2s; } }\n"
+    )
+    proc = start_nginx(site["base"], shipped)
+    try:
+        log = site["base"] + "/nginx-error.log"
+        wait_until(lambda: serving(f"http://127.0.0.1:{nginx_port}", proc, log), what="nginx")
+        streams = [Stream(p, f"id=idle-{p}") for p in (apache_port, nginx_port)]
+        cut = Stream(quiet_port, "id=unpinged")
+        for stream in (*streams, cut):
+            assert stream.event()["event"] == "hello"
+        time.sleep(5)  # idle, but for the pings
+        control = server.control()
+        for stream in streams:
+            assert control.ask(f"SEND MESSAGE idle-{stream.sock.getpeername()[1]} alive") == "OK"
+        for stream in streams:
+            assert stream.event() == {"data": "alive"}  # the pings before it were comments
+        assert quiet.control().ask("SEND MESSAGE unpinged lost") in ("OK", "ERROR Client Not Found")
+        with pytest.raises((EOFError, OSError)):
+            while True:
+                cut.event()  # nginx cut it: it ends before any "lost" comes
     finally:
         proc.terminate()
         proc.wait(timeout=10)
