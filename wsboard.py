@@ -5356,11 +5356,10 @@ class RedisSticky:
     StickyJoins). They are made and ended by the backplane (RedisTransport.stick and
     unstick); this process keeps those of the ids it holds alive (keep_sticky)."""
 
-    away: dict = {}  # in Redis: the ids with no socket anywhere just expire there
-
     def __init__(self, transport: "RedisTransport") -> None:
         self.transport = transport
         self.held: set = set()  # ids with sticky joins and a socket here
+        self.away: dict = {}  # none here: in Redis, the ids with no socket just expire
 
     def __len__(self) -> int:
         return len(self.held)

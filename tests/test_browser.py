@@ -647,7 +647,7 @@ def test_wsboard_js_refreshes_a_token_before_it_expires_and_stays_connected(
     (tmp_path / "secret").write_text(secret)
     server = server_factory("--secret-file", str(tmp_path / "secret"))
     open_board(browser, server)  # a page of the server's origin to run wsboard.js in
-    exp, later = int(time.time()) + 4, int(time.time()) + 120
+    exp, later = int(time.time()) + 8, int(time.time()) + 120  # time enough to connect
     first = wsboard_client.mint_token(secret, "refresher", exp)
     fresh = {"exp": later, "token": wsboard_client.mint_token(secret, "refresher", later)}
     script = """
@@ -686,7 +686,7 @@ def test_wsboard_js_reconnects_with_a_fresh_token_when_it_could_not_refresh_in_t
     (tmp_path / "secret").write_text(secret)
     server = server_factory("--secret-file", str(tmp_path / "secret"), "--inbox", "10")
     open_board(browser, server)
-    exp, later = int(time.time()) + 3, int(time.time()) + 120
+    exp, later = int(time.time()) + 5, int(time.time()) + 120
     first = wsboard_client.mint_token(secret, "late", exp)
     fresh = {"exp": later, "token": wsboard_client.mint_token(secret, "late", later)}
     browser.execute_script("window.fresh = arguments[0];", fresh)

@@ -336,14 +336,14 @@ def test_a_page_behind_a_proxy_that_drops_upgrades_gets_its_messages_by_the_even
 def test_pings_keep_an_idle_stream_open_through_apache_and_nginx_past_their_timeouts(
     server_factory, site, apache
 ):
-    """The proxies' idle limits, shrunk to 2 s (Apache's Timeout, nginx's
+    """The proxies' idle limits, shrunk to 3 s (Apache's Timeout, nginx's
     proxy_read_timeout in the shipped file), against pings every second: an idle stream
     outlives them; without pings the proxy cuts it."""
     server = server_factory("--ping-interval", "1", "--trusted-proxies", "127.0.0.1")
     quiet = server_factory(
         "--ping-interval", "0", "--control", os.path.join(site["base"], "quiet.sock")
     )
-    apache_port = urllib.parse.urlsplit(apache(server.port, timeout=2)).port
+    apache_port = urllib.parse.urlsplit(apache(server.port, timeout=3)).port
     with open(os.path.join(DEPLOY, "nginx", "wsboard.conf")) as f:
         shipped = f.read()
     nginx_port, quiet_port = free_port(), free_port()
@@ -351,14 +351,14 @@ def test_pings_keep_an_idle_stream_open_through_apache_and_nginx_past_their_time
         ("server 127.0.0.1:8080;", f"server 127.0.0.1:{server.port};"),
         ("listen 80;", f"listen 127.0.0.1:{nginx_port};"),
         ("root /var/www/wsboard;", f"root {site['docroot']};"),
-        ("proxy_read_timeout 75s;", "proxy_read_timeout 2s;"),
+        ("proxy_read_timeout 75s;", "proxy_read_timeout 3s;"),
     ):
         assert old in shipped
         shipped = shipped.replace(old, new)
     shipped += (  # the same location, to a server that does not ping
         f"server {{ listen 127.0.0.1:{quiet_port}; location /events {{ proxy_pass "
         f"http://127.0.0.1:{quiet.port}; proxy_http_version 1.1; proxy_buffering off; "
-        "proxy_read_timeout 2s; } }\n"
+        "proxy_read_timeout 3s; } }\n"
     )
     proc = start_nginx(site["base"], shipped)
     try:
@@ -368,7 +368,7 @@ def test_pings_keep_an_idle_stream_open_through_apache_and_nginx_past_their_time
         cut = Stream(quiet_port, "id=unpinged")
         for stream in (*streams, cut):
             assert stream.event()["event"] == "hello"
-        time.sleep(5)  # idle, but for the pings
+        time.sleep(7)  # idle for more than twice the limit, but for the pings
         control = server.control()
         for stream in streams:
             assert control.ask(f"SEND MESSAGE idle-{stream.sock.getpeername()[1]} alive") == "OK"

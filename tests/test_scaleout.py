@@ -683,7 +683,7 @@ def test_a_sticky_join_made_on_one_process_holds_for_sockets_opened_on_another(
 ):
     import redis as redis_py
 
-    p0, p1 = cluster(2, "--history", "10", "--session-ttl", "2")
+    p0, p1 = cluster(2, "--history", "10", "--session-ttl", "3")
     join = {"op": "join", "channel": "news", "id": "sam", "sticky": True}
     assert ask_json(Control(p0.control_path), join) == {"ok": True, "sockets": 0}
     ws, hello = v1_socket(p1, "sam")  # names no channel: the sticky join puts it in
@@ -692,7 +692,7 @@ def test_a_sticky_join_made_on_one_process_holds_for_sockets_opened_on_another(
     assert json.loads(ws.recv())["data"] == "hi"
     key = f"{p0.prefix}:st:sam"
     client = redis_py.Redis.from_url(redis_server.url)
-    time.sleep(3)  # past --session-ttl: the open socket on p1 keeps it alive
+    time.sleep(4)  # past --session-ttl: the open socket on p1 keeps it alive (every 0.6 s)
     assert client.exists(key)
     ws.close()
     wait_until(lambda: not client.exists(key), timeout=10, what="the sticky join to expire")

@@ -39,7 +39,8 @@ def test_a_socket_closes_with_4001_when_its_token_expires(secret_server):
     ws, hello = v1(secret_server, signed("brief", exp))
     assert hello["exp"] == exp
     assert close_frame(ws) == (4001, "token expired")
-    assert time.time() < exp + 1.5  # at exp itself, within a second, never much later
+    # At exp itself: the server promises a second; the rest is slack for a loaded machine.
+    assert time.time() < exp + 2.5
     plain = websocket.create_connection(
         f"ws://127.0.0.1:{secret_server.port}/websocket?{signed('plain', exp + 1)}", timeout=10
     )
@@ -47,7 +48,7 @@ def test_a_socket_closes_with_4001_when_its_token_expires(secret_server):
 
 
 def test_a_refreshed_socket_stays_past_its_first_exp(secret_server):
-    exp = int(time.time()) + 2
+    exp = int(time.time()) + 4
     ws, _ = v1(secret_server, signed("kept", exp))
     later = exp + 30
     token = wsboard_client.mint_token(SECRET, "kept", later)
@@ -85,7 +86,7 @@ def test_a_stream_ends_with_event_expired(secret_server):
 def test_the_connect_hooks_exp_closes_the_socket_too(server_factory):
     app = App()
     try:
-        exp = int(time.time()) + 2
+        exp = int(time.time()) + 3
         app.answer = {"id": "hooked", "exp": exp}
         server = server_factory("--connect-url", app.url)
         ws, hello = v1(server, "")
