@@ -238,6 +238,11 @@ def _url(text: str) -> str:
     return text
 
 
+def _urls(text: str) -> tuple:
+    """URLs separated by blanks (a repeated flag's values are joined so)."""
+    return tuple(_url(part) for part in text.split())
+
+
 def _redis_url(text: str) -> str:
     if not text:
         return text
@@ -312,6 +317,17 @@ def _pusher_name(text: str) -> str:
     return text
 
 
+def _pusher_webhook_events(text: str) -> frozenset:
+    """Names of Pusher webhook events (comma-separated); empty: all of them."""
+    names = frozenset(_words(text)) or frozenset(PUSHER_WEBHOOK_EVENTS)
+    unknown = names - set(PUSHER_WEBHOOK_EVENTS)
+    if unknown:
+        raise ValueError(
+            f"{sorted(unknown)[0][:40]!r} is not one of {', '.join(PUSHER_WEBHOOK_EVENTS)}"
+        )
+    return names
+
+
 def _log_level(text: str) -> str:
     if text.lower() not in ("debug", "info", "warning", "error"):
         raise ValueError("must be one of debug, info, warning, error")
@@ -334,6 +350,15 @@ class Option(NamedTuple):
 
 
 AUTO_CONTROL = "auto"  # see control_socket_path()
+PUSHER_WEBHOOK_EVENTS = (  # what Pusher's webhooks may tell, by its names
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+    "client_event",
+    "cache_miss",
+    "subscription_count",
+)
 
 # fmt: off
 OPTIONS = (
@@ -461,8 +486,8 @@ OPTIONS = (
            "may fill half of it, connects and disconnects the rest; past it: dropped"),
     Option("webhook", "", _url, "URL that events are POSTed to, signed with the secret"),
     Option("webhook_queue", "10000", _positive_int,
-           "events that may wait for the webhook, shared as for --watch-queue; past it: "
-           "dropped and counted"),
+           "events that may wait for the webhook, shared as for --watch-queue, and for each "
+           "--pusher-webhook; past it: dropped and counted"),
     # Scale-out
     Option("redis", "", _redis_url,
            "Redis URL (redis://[:password@]host:port/db, rediss://..., unix:///path) that "
@@ -492,6 +517,15 @@ OPTIONS = (
            "seconds of silence after which pusher-js pings (told in connection_established)"),
     Option("pusher_max_event", "10240", _positive_int,
            "largest event data in bytes that the HTTP API or a client event may carry"),
+    Option("pusher_webhook", "", _urls,
+           "URL that webhooks in Pusher's format are POSTed to (signed with --pusher-secret, "
+           "batched, retried); repeat the flag (or separate URLs by blanks) for several"),
+    Option("pusher_webhook_events", "", _pusher_webhook_events,
+           "the webhook events to send, comma-separated, of " + ", ".join(
+               PUSHER_WEBHOOK_EVENTS) + "; empty: all"),
+    Option("pusher_subscription_count", "no", _yes_no,
+           "tell sockets in a channel (not presence-) how many subscriptions it has, over all "
+           "processes, when it changes (pusher:subscription_count; throttled)"),
     # Operations
     Option("metrics_port", "0", _port_or_off,
            "also serve /metrics, /healthz and /readyz, without a password, on this port "
@@ -527,6 +561,11 @@ class Config:
             )
         if self.pusher_secret and len(self.pusher_secret) < PASSWORD_MIN:
             raise ConfigError(f"--pusher-secret: at least {PASSWORD_MIN} characters")
+        if (self.pusher_webhook or self.pusher_subscription_count) and not self.pusher_key:
+            raise ConfigError(
+                "--pusher-webhook and --pusher-subscription-count need the Pusher protocol "
+                "(--pusher-app-id, --pusher-key, --pusher-secret)"
+            )
 
     def __repr__(self) -> str:
         def shown(name: str) -> str:
@@ -607,6 +646,7 @@ def argument_parser() -> argparse.ArgumentParser:
             dest=option.name,
             metavar=option.name.upper(),
             help=f"{option.help} [{option.env}, default: {option.default}]",
+            **({"action": "append"} if option.parse is _urls else {}),
         )
     return parser
 
@@ -618,6 +658,8 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] = os.enviro
     for option in OPTIONS:
         if flags.get(option.name) is not None:
             source, raw = option.flag, flags[option.name]
+            if isinstance(raw, list):  # a repeated flag
+                raw = " ".join(raw)
         elif option.env in environ:
             source, raw = option.env, environ[option.env]
         else:
@@ -654,6 +696,29 @@ MAX_META_BYTES = 1024
 
 def is_valid_channel(value: object) -> bool:
     return isinstance(value, str) and CHANNEL_NAME.fullmatch(value) is not None
+
+
+# Pusher's user channels carry events to the sockets signed in as one user (pusher:signin):
+# the app publishes to them; no socket joins one but those signed in as its user.
+USER_CHANNEL_PREFIX = "#server-to-user-"
+PUBLISH_CHANNEL_RULE = f"{CHANNEL_RULE}, or {USER_CHANNEL_PREFIX}<user id>"
+
+
+def user_channel(user_id: str) -> str:
+    return USER_CHANNEL_PREFIX + user_id
+
+
+def is_user_channel(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and value.startswith(USER_CHANNEL_PREFIX)
+        and is_valid_client_id(value[len(USER_CHANNEL_PREFIX) :])
+    )
+
+
+def is_publish_channel(value: object) -> bool:
+    """A channel the app may publish to: any channel, or a signed-in user's."""
+    return is_valid_channel(value) or is_user_channel(value)
 
 
 def bounded_int(text: str, digits: int) -> int | None:
@@ -2283,8 +2348,14 @@ def end_session(board: "Board", conn: "Connection", sock: socket.socket) -> None
             time.time() - conn.connected_at,
             ws.end_text,
         )
+        signed_in = {"user": conn.user} if conn.user is not None else {}
         board.events.emit(
-            "disconnect", id=conn.client_id, conn=conn.conn_id, peer=conn.peer, reason=ws.end_text
+            "disconnect",
+            id=conn.client_id,
+            conn=conn.conn_id,
+            peer=conn.peer,
+            reason=ws.end_text,
+            **signed_in,
         )
     finally:
         ws.watcher.close()
@@ -2310,6 +2381,7 @@ class Connection:
         "connected_at",
         "channels",
         "users",
+        "user",
     )
 
     def __init__(
@@ -2332,6 +2404,7 @@ class Connection:
         self.connected_at = time.time()
         self.channels: set | None = None  # the channels it is in, once it joins any
         self.users: dict | None = None  # channel -> the user it is there as (Pusher presence)
+        self.user: str | None = None  # the user it signed in as (pusher:signin)
 
     def member(self, channel: str) -> str:
         """Who this socket is in a presence channel: its id, or the user a Pusher auth named."""
@@ -2348,6 +2421,7 @@ class Registry:
 
     def __init__(self, watch: Callable[[str, bool], None] | None = None) -> None:
         self.watch = watch  # told (name, True) when an id or channel gets its first socket here
+        self.changed: set | None = None  # when counting: the channels joined or left since read
         self._by_id: dict[str, dict[Connection, None]] = {}
         self._by_conn: dict[str, Connection] = {}
         self._channels: dict[str, dict[Connection, None]] = {}
@@ -2401,6 +2475,8 @@ class Registry:
             if self.watch is not None:
                 self.watch(CHANNEL_ROUTE + channel, True)
         members[conn] = None
+        if self.changed is not None and not channel.startswith(USER_CHANNEL_PREFIX):
+            self.changed.add(channel)
         if channel.startswith(PRESENCE_PREFIX):
             member = conn.member(channel)
             self._presence.setdefault(channel, collections.Counter())[member] += 1
@@ -2416,6 +2492,8 @@ class Registry:
         conn.channels.discard(channel)
         members = self._channels[channel]
         del members[conn]
+        if self.changed is not None and not channel.startswith(USER_CHANNEL_PREFIX):
+            self.changed.add(channel)
         if not members:
             del self._channels[channel]
             if self.watch is not None:
@@ -2471,6 +2549,10 @@ class Registry:
 
     def channel_names(self) -> list:
         return list(self._channels)
+
+    def channel_size(self, channel: str) -> int:
+        """The sockets registered in channel, closing ones included."""
+        return len(self._channels.get(channel, ()))
 
     def ids(self) -> list:
         """Every id with a registered socket here, closing ones included."""
@@ -2532,6 +2614,11 @@ class Framing:
     def presence_members(self, conn: "Connection", channel: str, members: list) -> bytes:
         """Who is in a presence channel conn just joined: [{"id", "meta"}, ...]."""
         return compact_frame({"presence": {"channel": channel, "members": members}})
+
+    def subscription_count(self, channel: str, count: int) -> bytes | None:
+        """How many subscriptions channel has (--pusher-subscription-count), for framings
+        that tell it; None: not told."""
+        return None
 
     def refusal(self, closing: "Closing") -> list:
         """Frames before the close, for a protocol that refuses after its 101."""
@@ -3131,7 +3218,9 @@ class History:
         return len(self.streams)
 
     def keeps(self, channel: str) -> bool:
-        return self.size > 0 or channel.startswith(CACHE_PREFIXES)
+        return (
+            self.size > 0 and not channel.startswith(USER_CHANNEL_PREFIX)
+        ) or channel.startswith(CACHE_PREFIXES)
 
     def read_many(self, asks: list, now: float, reader: object = None) -> list:
         """For each (channel, epoch, offset): what since() answers; an epoch of None asks
@@ -3513,6 +3602,7 @@ class ClientRow(NamedTuple):
     protocol: str
     queued_bytes: int
     meta: dict | None = None
+    user: str | None = None  # the user it signed in as (Pusher)
 
 
 class LocalHooks(typing.Protocol):
@@ -3526,6 +3616,34 @@ class LocalHooks(typing.Protocol):
     def member_left(self, channel: str, client_id: str) -> None: ...  # its last one, after grace
 
     def members_frames(self, conn: "Connection", channel: str) -> list: ...  # conn's member list
+
+    def channels_counted(self, rows: list) -> None: ...  # (channel, sockets here, held here)
+
+
+CHANNEL_COUNT_PERIOD = 0.5  # seconds between counts of the channels that changed (throttle)
+CHANNEL_WEBHOOK_EVENTS = frozenset({"channel_occupied", "channel_vacated"})
+
+
+def counts_channels(cfg: Config) -> bool:
+    """Whether channels are counted: for subscription counts, or for a Pusher webhook that
+    tells channels occupied and vacated."""
+    wanted = cfg.pusher_webhook_events & CHANNEL_WEBHOOK_EVENTS
+    return bool(cfg.pusher_subscription_count or (cfg.pusher_webhook and wanted))
+
+
+def count_notices(
+    channel: str, was_held: bool, held: bool, old: int, new: int, counting: bool
+) -> list:
+    """What the observers are told of a channel whose count went from old to new sockets
+    over every process, held (occupied) before and after: [(kind, fields)], in order."""
+    notices = []
+    if held and not was_held:
+        notices.append(("occupied", {"channel": channel}))
+    if counting and new != old and new > 0 and not channel.startswith(PRESENCE_PREFIX):
+        notices.append(("subscription_count", {"channel": channel, "count": new}))
+    if was_held and not held:
+        notices.append(("vacated", {"channel": channel}))
+    return notices
 
 
 class LocalHub:
@@ -3567,6 +3685,10 @@ class LocalHub:
         self.sticky = sticky
         self.keys = IdempotencyKeys(cfg.idempotency_window)
         self.delivered = Delivered()
+        self.told_counts: dict = {}  # channel -> its sockets when last counted, while held
+        self.counter: gevent.Greenlet | None = None
+        if counts_channels(cfg):
+            self.registry.changed = set()
 
     # Sockets coming and going: admit and attach are called back to back, nothing yielding
     # between them, so no limit can be passed by handshakes in flight.
@@ -3611,13 +3733,19 @@ class LocalHub:
         """Wait until a socket just registered can be reached from everywhere (here: it is)."""
 
     def start(self) -> None:
-        """Begin the hub's background work (none here)."""
+        """Begin the hub's background work: counting channels, when anything wants it."""
+        if self.registry.changed is not None and self.counter is None:
+            self.counter = gevent.spawn(self._count_channels_forever)
 
     def sync(self) -> None:
         """Wait until what this hub changed is in force everywhere (here it is at once)."""
 
     def stop(self) -> None:
-        """End it, after the sockets have gone."""
+        """End it, after the sockets have gone: their channels are counted a last time."""
+        if self.counter is not None:
+            self.counter.kill(block=False)
+            self.counter = None
+            self.count_channels()
 
     def drop_timers(self) -> None:
         """Forget the delayed leaves and metadata drops (a composing hub's stop tells them)."""
@@ -3699,6 +3827,8 @@ class LocalHub:
     def _joined(self, conn: Connection, channel: str) -> list:
         """After conn joined channel: tell the others when its id is new there; return the
         member list for conn (a wsboard.v1 socket)."""
+        if self.registry.channel_size(channel) == 1:  # occupied before anything else is told
+            self._count_now(channel)
         if not channel.startswith(PRESENCE_PREFIX):
             return []
         member = conn.member(channel)
@@ -3710,6 +3840,79 @@ class LocalHub:
         if not conn.framing.tells_presence:
             return []
         return self.hooks.members_frames(conn, channel)
+
+    # Channel counts: the channels joined or left are counted every CHANNEL_COUNT_PERIOD
+    # (a channel's first socket here and its last member's leave at once, so that the
+    # observers hear channel_occupied before member_added and member_removed before
+    # channel_vacated). A channel is held while it has sockets or members in their grace.
+
+    def _count_channels_forever(self) -> None:
+        while True:
+            gevent.sleep(CHANNEL_COUNT_PERIOD)
+            try:
+                self.count_channels()
+            except Exception:
+                log.exception("counting channels failed")
+
+    def count_channels(self, only: Sequence[str] | None = None) -> None:
+        """Count the channels that changed since last counted (or only those) and hand
+        (channel, sockets here, held here) each to the hooks."""
+        changed = self.registry.changed
+        if changed is None:
+            return
+        if only is None:
+            names, self.registry.changed = changed, set()
+        else:
+            names = only
+            changed.difference_update(only)
+        if names:
+            self.hooks.channels_counted(self.channel_rows(names))
+
+    def channel_rows(self, names: Iterable[str] | None = None) -> list:
+        """(channel, sockets here, held here) of names (every channel held here by default)."""
+        grace = {channel for channel, _ in self.leaving}
+        if names is None:
+            names = {*self.registry.channel_names(), *grace}
+            names = [n for n in names if not n.startswith(USER_CHANNEL_PREFIX)]
+        rows = []
+        for channel in names:
+            sockets = self.registry.channel_size(channel)
+            rows.append((channel, sockets, bool(sockets) or channel in grace))
+        return rows
+
+    def _count_now(self, channel: str) -> None:
+        if self.registry.changed is not None:
+            self.count_channels([channel])
+
+    def channels_counted(self, rows: list) -> None:
+        """One process: its counts are the channels' counts."""
+        counting = self.cfg.pusher_subscription_count
+        for channel, sockets, held in rows:
+            was = self.told_counts.get(channel)
+            if held:
+                self.told_counts[channel] = sockets
+            else:
+                self.told_counts.pop(channel, None)
+            new = sockets if held else 0
+            notices = count_notices(channel, was is not None, held, was or 0, new, counting)
+            for kind, fields in notices:
+                if kind == "subscription_count":
+                    self.tell_count(channel, new)
+                self.events.notice(kind, **fields)
+
+    def tell_count(self, channel: str, total: int) -> None:
+        """Tell channel's sockets here (those whose framing says it) its subscription count
+        over every process."""
+        frames: dict = {}  # encoded once per framing
+        for conn in self.registry.members(channel):
+            frame = frames.get(conn.framing)
+            if frame is None:
+                frame = frames[conn.framing] = conn.framing.subscription_count(channel, total)
+            if frame:
+                try:
+                    conn.ws.send_frame_bytes(frame)
+                except WebSocketError:
+                    pass
 
     def member_joined(self, channel: str, member: dict) -> None:
         """An id became one of channel's members: tell the others and the sinks."""
@@ -3732,6 +3935,10 @@ class LocalHub:
     def _leave_now(self, client_id: str, channel: str) -> None:
         if not self.registry.presence_sockets(channel, client_id):
             self.hooks.member_left(channel, client_id)
+            if not self.registry.channel_size(channel) and all(
+                key[0] != channel for key in self.leaving
+            ):  # vacated after its last member left
+                self._count_now(channel)
 
     def set_meta(self, client_id: str, meta: dict | None) -> int:
         """Attach meta to an id with open sockets (None takes it off); return its sockets."""
@@ -3894,11 +4101,12 @@ class LocalHub:
         return True
 
     def terminate_user(self, user_id: str, code: int, reason: str) -> int:
-        """Close every socket of id user_id, and every socket in a presence channel as that
-        user (Pusher's terminate_connections); return how many."""
+        """Close every socket of id user_id, every socket signed in as that user and every
+        socket in a presence channel as that user (Pusher's terminate_connections); return
+        how many."""
         conns = dict.fromkeys(self.registry.sockets_of(user_id))
         for conn in self.registry.open_connections():
-            if conn.users and user_id in conn.users.values():
+            if conn.user == user_id or (conn.users and user_id in conn.users.values()):
                 conns[conn] = None
         for conn in conns:
             conn.ws.end(EndReason.KICKED, code, reason, f"kicked ({code} {reason})")
@@ -4004,6 +4212,7 @@ class LocalHub:
             c.framing.name,
             c.ws.queued_bytes,
             self.meta.get(c.client_id),
+            c.user,
         )
 
     def stats(self) -> dict:
@@ -4178,6 +4387,8 @@ class Transport(typing.Protocol):
 
     def rejoin(self, memberships: dict) -> None: ...  # {"channel id": meta} held here
 
+    def count_channels(self, rows: list, whole: bool = False) -> None: ...  # whole: all held here
+
     def sync(self) -> None: ...  # the membership changes queued so far are in force
 
     def set_watching(self, watched: bool) -> None: ...
@@ -4253,11 +4464,14 @@ class Backplane:
 
     def start(self) -> None:
         self.transport.start()
+        self.here.start()
         self.heart = gevent.spawn(self._heartbeat)
 
     def stop(self) -> None:
-        """Leave: end this process's memberships (their leaves are told) and its record."""
+        """Leave: end this process's memberships (their leaves are told), its channel
+        counts and its record."""
         self.here.drop_timers()
+        self.here.stop()
         if self.heart is not None:
             self.heart.kill(block=True, timeout=1)
         self.transport.stop()
@@ -4413,6 +4627,8 @@ class Backplane:
         """The link is (back) up: the bus's view of this process is made true again."""
         try:
             self.transport.rejoin(self._memberships())
+            if self.registry.changed is not None:
+                self.transport.count_channels(self.here.channel_rows(), whole=True)
             self.transport.beat()
             self._recount()
             self._recount_watchers()
@@ -4949,6 +5165,9 @@ class Backplane:
         elif self.watch_notice_at < asked:  # no watcher came meanwhile
             self.events.remove(self.relay)
 
+    def _on_count(self, message: dict, batch: Batch) -> None:
+        self.here.tell_count(message["c"], message["n"])
+
     HANDLERS = {
         "s": _on_send,
         "sc": _on_send_to_connection,
@@ -4967,6 +5186,7 @@ class Backplane:
         "here": _on_here,
         "gone": _on_gone,
         "watching": _on_watching,
+        "cnt": _on_count,
     }
 
     # Presence across processes: the transport keeps this process's memberships in the
@@ -4975,6 +5195,11 @@ class Backplane:
 
     def member_joined(self, channel: str, member: dict) -> None:
         self.transport.member_changed("join", channel, member["id"], member["meta"])
+
+    def channels_counted(self, rows: list) -> None:
+        """This process's counts go to the shared store, in order with the memberships;
+        what they change over every process is told by the process that changed it."""
+        self.transport.count_channels(rows)
 
     def member_left(self, channel: str, client_id: str) -> None:
         self.transport.member_changed("leave", channel, client_id, None)
@@ -5094,6 +5319,57 @@ redis.call('DEL', KEYS[1], KEYS[3])
 redis.call('ZREM', KEYS[2], ARGV[2])
 redis.call('SREM', ARGV[1] .. ':watching', ARGV[2])
 return left
+"""
+
+# A process's count of a channel: KEYS the channel's counts (node -> sockets, while held),
+# the process's counted channels, the channel's route; ARGV the node, the channel, its
+# sockets there, held (1/0), whether a changed total is published (1/0). Returns {held
+# before, held after, total before, total after} over every process; publishes a changed
+# total to the channel's route for its sockets' subscription counts.
+CHANNEL_COUNT = """
+local function total(key)
+  local n = 0
+  for _, v in ipairs(redis.call('HVALS', key)) do n = n + tonumber(v) end
+  return n
+end
+local was_held, old = redis.call('EXISTS', KEYS[1]), total(KEYS[1])
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  redis.call('SADD', KEYS[2], ARGV[2])
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('SREM', KEYS[2], ARGV[2])
+end
+local held, new = redis.call('EXISTS', KEYS[1]), total(KEYS[1])
+if ARGV[5] == '1' and new ~= old and new > 0 then
+  local told = '{"k":"cnt","c":' .. cjson.encode(ARGV[2]) .. ',"n":' .. new .. '}'
+  redis.call('PUBLISH', KEYS[3], told)
+end
+return {was_held, held, old, new}
+"""
+
+# A process is gone: KEYS its counted channels; ARGV the prefix, its name, whether changed
+# totals are published (1/0). Takes its counts out; returns {channel, held after, total
+# before, total after} of each channel it held.
+REAP_COUNTS = """
+local told = {}
+for _, channel in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local counts = ARGV[1] .. ':cc:' .. channel
+  local old = 0
+  for _, v in ipairs(redis.call('HVALS', counts)) do old = old + tonumber(v) end
+  local new = old - tonumber(redis.call('HGET', counts, ARGV[2]) or '0')
+  redis.call('HDEL', counts, ARGV[2])
+  if ARGV[3] == '1' and new ~= old and new > 0 and string.sub(channel, 1, 9) ~= 'presence-' then
+    redis.call('PUBLISH', ARGV[1] .. ':c:' .. channel,
+      '{"k":"cnt","c":' .. cjson.encode(channel) .. ',"n":' .. new .. '}')
+  end
+  table.insert(told, channel)
+  table.insert(told, redis.call('EXISTS', counts))
+  table.insert(told, old)
+  table.insert(told, new)
+end
+redis.call('DEL', KEYS[1])
+return told
 """
 
 # Channel history: KEYS a meta hash and a list per channel (meta1, list1, meta2, ...), then
@@ -5272,7 +5548,9 @@ class RedisHistory:
         return 0
 
     def keeps(self, channel: str) -> bool:
-        return self.size > 0 or channel.startswith(CACHE_PREFIXES)
+        return (
+            self.size > 0 and not channel.startswith(USER_CHANNEL_PREFIX)
+        ) or channel.startswith(CACHE_PREFIXES)
 
     def _read(self, channel: str, after: int = -1, last: int = 0, epoch: str = "") -> tuple:
         transport = self.transport
@@ -5431,6 +5709,8 @@ class RedisTransport:
                 ("join", PRESENCE_JOIN),
                 ("leave", PRESENCE_LEAVE),
                 ("reap", REAP),
+                ("count", CHANNEL_COUNT),
+                ("reap_counts", REAP_COUNTS),
                 ("beat", BEAT),
             )
         }
@@ -5810,11 +6090,44 @@ class RedisTransport:
         args = [f"{channel} {client_id}", client_id, message, int(quiet)]
         return self.call(self.scripts[kind], self._presence_keys(channel), args)
 
+    def count_channels(self, rows: list, whole: bool = False) -> None:
+        """This process's counts of channels ((channel, sockets, held) each), queued for
+        the presence writer; whole: they are all it holds (the others it counted end)."""
+        self._enqueue(("count", rows, "", whole), self.presence_queue)
+
+    def _count(self, rows: list, whole: bool) -> None:
+        """Write this process's counts in one round trip; tell what they changed."""
+        if whole:
+            held = {row[0] for row in rows}
+            counted = self.call("SMEMBERS", self.key("cn", self.node))
+            rows = [*rows, *((c, 0, False) for c in map(bytes.decode, counted) if c not in held)]
+        publish = self.cfg.pusher_subscription_count
+        pipe = self.redis.pipeline(transaction=False)
+        for channel, sockets, held in rows:
+            keys = [self.key("cc", channel), self.key("cn", self.node)]
+            keys.append(self.key(CHANNEL_ROUTE + channel))
+            told = int(publish and not channel.startswith(PRESENCE_PREFIX))
+            self.scripts["count"](keys, [self.node, channel, sockets, int(held), told], client=pipe)
+        replies = self.call(pipe.execute, False)
+        for (channel, _, _), reply in zip(rows, replies, strict=True):
+            if isinstance(reply, Exception):
+                log.error("redis refused a channel count: %s", reply)
+                continue
+            was_held, held, old, new = reply
+            for kind, fields in count_notices(channel, was_held, held, old, new, publish):
+                self.events.notice(kind, **fields)
+
     def _presence_writer(self) -> None:
         while True:
             kind, channel, client_id, meta = self.presence_queue.get()
             if kind == "sync":
                 channel.set()
+                continue
+            if kind == "count":
+                try:
+                    self._count(channel, meta)
+                except BackplaneError:
+                    pass  # counted anew when the link is back
                 continue
             try:
                 if self._presence_change(kind, channel, client_id, meta):
@@ -5907,6 +6220,13 @@ class RedisTransport:
         left = self.call(self.scripts["reap"], keys, [self.cfg.redis_prefix, node])
         for channel, client_id in zip(left[::2], left[1::2], strict=True):
             self.events.emit("leave", channel=channel.decode(), id=client_id.decode())
+        publish = self.cfg.pusher_subscription_count
+        args = [self.cfg.redis_prefix, node, int(publish)]
+        told = self.call(self.scripts["reap_counts"], [self.key("cn", node)], args)
+        for n in range(0, len(told), 4):
+            channel, held, old, new = told[n].decode(), *told[n + 1 : n + 4]
+            for kind, fields in count_notices(channel, True, held, old, new, publish):
+                self.events.notice(kind, **fields)
 
     # The outbox: requests, answers and events, many per round trip, in order.
 
@@ -5974,10 +6294,12 @@ HUBS: dict = {"local": LocalHub, "redis": redis_hub}
 
 
 class Events:
-    """Builds each event once and hands it to every registered sink."""
+    """Builds each event once and hands it to every registered sink; observers (the Pusher
+    webhooks) get each event's kind and fields, and the notices no sink is told."""
 
     def __init__(self) -> None:
         self.sinks: list = []
+        self.observers: list = []  # callables (kind, fields)
         self.changed: Callable[[], None] | None = None  # told when a sink comes or goes
 
     def add(self, sink: object) -> None:
@@ -6001,8 +6323,21 @@ class Events:
     def wanted(self) -> bool:
         return bool(self.sinks)
 
+    @property
+    def noticed(self) -> bool:
+        """An observer wants notices (see notice)."""
+        return bool(self.observers)
+
+    def notice(self, kind: str, **fields: object) -> None:
+        """Tell the observers of something only they are told (a channel occupied or
+        vacated, a client event, a cache miss, a subscription count)."""
+        for observer in self.observers:
+            observer(kind, fields)
+
     def emit(self, kind: str, lifecycle: bool = True, **fields: object) -> None:
-        """Tell every sink that something happened; never waits for any."""
+        """Tell every sink and observer that something happened; never waits for any."""
+        for observer in self.observers:
+            observer(kind, fields)
         if not self.sinks:
             return
         event = {"event": kind, "time": round(time.time(), 3), **fields}
@@ -6370,12 +6705,12 @@ def parse_text(raw: bytes) -> str | Command:
         return Command("error", (BAD_UTF8,))
 
 
-def parse_channel(raw: bytes) -> str | Command:
+def parse_channel(raw: bytes, valid: Callable[[object], bool] = is_valid_channel) -> str | Command:
     """raw as a channel name, or the error Command that refuses it."""
     if not raw:
         return Command("error", (MISSING_CHANNEL,))
     name = raw.decode("ascii", "replace")
-    return name if is_valid_channel(name) else Command("error", (INVALID_CHANNEL,))
+    return name if valid(name) else Command("error", (INVALID_CHANNEL,))
 
 
 MAX_ONLINE_IDS = 1000
@@ -6391,6 +6726,11 @@ def id_arg(raw: bytes) -> str | Command:
 
 def channel_arg(raw: bytes) -> str | Command:
     return parse_channel(raw.rstrip(b" "))
+
+
+def publish_channel_arg(raw: bytes) -> str | Command:
+    """A channel PUBLISH may name: a user's (#server-to-user-<id>) too."""
+    return parse_channel(raw.rstrip(b" "), is_publish_channel)
 
 
 def optional_channel_arg(raw: bytes) -> str | None | Command:
@@ -6474,7 +6814,7 @@ VERBS = {
         lambda actions, batch, channel, client_id: actions.leave(channel, client_id),
         lambda count: [f"OK {count}"]),
     b"PUBLISH": Verb(
-        "publish", (channel_arg, text_arg), "PUBLISH <channel> <text>",
+        "publish", (publish_channel_arg, text_arg), "PUBLISH <channel> <text>",
         lambda actions, batch, channel, text: actions.publish([channel], text, batch=batch),
         lambda count: [f"OK {count}"]),
     b"ONLINE": Verb(
@@ -6628,7 +6968,7 @@ def json_channels(request: dict) -> list:
     if not isinstance(channels, list) or not 1 <= len(channels) <= 100:
         raise BadRequest('"channel" must be a channel name or a list of 1-100 of them')
     for channel in channels:
-        if not is_valid_channel(channel):
+        if not is_publish_channel(channel):
             raise BadRequest(f"invalid channel name: {str(channel)[:170]!r}")
     return channels
 
@@ -6675,6 +7015,7 @@ def client_row_json(row: ClientRow) -> dict:
         "protocol": row.protocol,
         "queued_bytes": row.queued_bytes,
         "meta": row.meta,
+        **({"user": row.user} if row.user is not None else {}),
     }
 
 
@@ -7217,11 +7558,10 @@ def parse_admin_query(query: Mapping[str, str]) -> "tuple | Refusal":
 
 
 def client_matches(row: ClientRow, text: str) -> bool:
-    """The filter: a case-insensitive part of the id, connection id, peer, origin or protocol."""
-    return any(
-        text in field.lower()
-        for field in (row.client_id, row.conn_id, row.peer, row.origin, row.protocol or "plain")
-    )
+    """The filter: a case-insensitive part of the id, connection id, peer, origin, protocol
+    or signed-in user."""
+    fields = (row.client_id, row.conn_id, row.peer, row.origin, row.protocol or "plain")
+    return any(text in field.lower() for field in (*fields, row.user or ""))
 
 
 def client_json(row: ClientRow) -> dict:
@@ -7234,6 +7574,7 @@ def client_json(row: ClientRow) -> dict:
         "protocol": row.protocol or "plain",
         "queued": row.queued_bytes,
         "meta": row.meta,
+        "user": row.user,
     }
 
 
@@ -7253,6 +7594,7 @@ def admin_state(board: "Board", text: str, offset: int, limit: int) -> dict:
             "watchers": board.watcher_count(),
             "delivered": hub.delivered.messages,
             "refused": sum(board.refusals.values()),
+            "webhook_dropped": board.webhook_dropped(),
             "backplane": ("down" if hub.unready_reason() else "up") if board.cfg.redis else "off",
         },
         "clients": {
@@ -7655,6 +7997,43 @@ def pusher_auth_refusal(
     return None
 
 
+PUSHER_MAX_USER_DATA = 10240  # bytes of a pusher:signin's user_data
+
+
+def pusher_user_auth(key: str, secret: str, socket_id: str, user_data: str) -> str:
+    """The auth a backend gives pusher-js to sign in (the SDKs' authenticateUser):
+    key:hex(HMAC-SHA256(secret, "socket_id::user::user_data"))."""
+    return f"{key}:{pusher_sign(secret, f'{socket_id}::user::{user_data}')}"
+
+
+def pusher_signed_user(key: str, secret: str, socket_id: str, data: object) -> str:
+    """The user id a pusher:signin's data ({auth, user_data}) signs for this socket.
+    Raises BadRequest saying why it signs none."""
+    if not isinstance(data, dict):
+        raise BadRequest('pusher:signin needs {"auth", "user_data"}')
+    auth, user_data = data.get("auth"), data.get("user_data")
+    if not isinstance(user_data, str):
+        raise BadRequest("user_data must be a JSON string")
+    if len(user_data.encode("utf-8", "replace")) > PUSHER_MAX_USER_DATA:
+        raise BadRequest(f"user_data is larger than {PUSHER_MAX_USER_DATA} bytes")
+    if not isinstance(auth, str) or not auth:
+        raise BadRequest("Auth required to sign in")
+    expected = pusher_user_auth(key, secret, socket_id, user_data)
+    if not hmac.compare_digest(auth.encode("utf-8", "replace"), expected.encode()):
+        raise BadRequest(
+            f"Invalid signature: expected HMAC SHA256 hex digest of {socket_id}::user::user_data"
+        )
+    user = strict_json(user_data)  # BadRequest when it is not JSON
+    if not isinstance(user, dict):
+        raise BadRequest("user_data must be a JSON object")
+    user_id = user.get("id")
+    if isinstance(user_id, int) and not isinstance(user_id, bool):
+        user_id = str(user_id)
+    if not is_valid_client_id(user_id):
+        raise BadRequest(f"user_data's id must be {CLIENT_ID_RULE}")
+    return user_id
+
+
 def pusher_user(channel_data: str) -> "tuple | str":
     """(user_id, user_info) from a presence subscription's channel_data, or why not."""
     try:
@@ -7764,6 +8143,10 @@ class PusherFraming(Framing):
         data = json.dumps({"presence": presence})
         return pusher_event("pusher_internal:subscription_succeeded", data, channel)
 
+    def subscription_count(self, channel: str, count: int) -> bytes | None:
+        data = json.dumps({"subscription_count": count})
+        return pusher_event("pusher_internal:subscription_count", data, channel)
+
 
 PUSHER_INFO = frozenset({"subscription_count", "user_count"})  # what info= may ask of a channel
 
@@ -7811,8 +8194,8 @@ def pusher_trigger_request(body: dict, max_event: int) -> PusherTrigger:
     if not isinstance(channels, list) or not 1 <= len(channels) <= PUSHER_MAX_CHANNELS:
         raise BadRequest(f"channels must be a list of 1-{PUSHER_MAX_CHANNELS} channel names")
     for channel in channels:
-        if not is_valid_channel(channel):
-            raise BadRequest(f"Invalid channel name {str(channel)[:170]!r}: {CHANNEL_RULE}")
+        if not is_publish_channel(channel):
+            raise BadRequest(f"Invalid channel name {str(channel)[:170]!r}: {PUBLISH_CHANNEL_RULE}")
     socket_id = body.get("socket_id")
     if socket_id is not None and not (isinstance(socket_id, str) and CONN_ID.fullmatch(socket_id)):
         raise BadRequest("socket_id must be a socket id: digits.digits")
@@ -7821,6 +8204,16 @@ def pusher_trigger_request(body: dict, max_event: int) -> PusherTrigger:
         raise BadRequest("info must be a string: attribute names separated by commas")
     wanted = channel_info_wanted(info or "", channels)
     return PusherTrigger(name, data, list(dict.fromkeys(channels)), socket_id, wanted)
+
+
+def decoded(data: object) -> object:
+    """A client frame's data: some clients send it as a JSON string (None if it is not JSON)."""
+    if not isinstance(data, str):
+        return data
+    try:
+        return strict_json(data)
+    except BadRequest:
+        return None
 
 
 class PusherApp(SocketProtocol):
@@ -7899,20 +8292,38 @@ class PusherApp(SocketProtocol):
         if name == "pusher:ping":
             return self.write(conn, pusher_event("pusher:pong", "{}"))
         if name in ("pusher:subscribe", "pusher:unsubscribe"):
-            if isinstance(data, str):  # some clients send data as a JSON string
-                try:
-                    data = strict_json(data)
-                except BadRequest:
-                    data = None
-            if not isinstance(data, dict) or not is_valid_channel(data.get("channel")):
-                return self.error(conn, f"{name} needs a channel name of {CHANNEL_RULE}")
+            data = decoded(data)
+            if not isinstance(data, dict) or not is_publish_channel(data.get("channel")):
+                return self.error(conn, f"{name} needs a channel name of {PUBLISH_CHANNEL_RULE}")
             if name == "pusher:unsubscribe":
                 self.board.hub.unsubscribe(conn, data["channel"])
                 return None
             return self.subscribe(conn, data["channel"], data)
+        if name == "pusher:signin":
+            return self.signin(conn, decoded(data))
         if name.startswith("client-"):
             return self.client_event(conn, name, event.get("channel"), data)
         return self.error(conn, f"Unsupported event {name[:PUSHER_MAX_EVENT_NAME]!r}")
+
+    def signin(self, conn: Connection, data: object) -> None:
+        """pusher:signin: bind the socket to the user its app signed, and put it in that
+        user's channel, so that events to the user reach it from now on."""
+        try:
+            user_id = pusher_signed_user(self.key, self.secret, conn.conn_id, data)
+        except BadRequest as exc:
+            self.board.refused("pusher", "sign-in of %s: %s", conn.conn_id, exc)
+            return self.error(conn, f"Sign-in refused: {exc}", PusherCode.UNAUTHORIZED)
+        if conn.user not in (None, user_id):
+            return self.error(conn, f"Signed in as {conn.user} already", PusherCode.UNAUTHORIZED)
+        if self.board.hub.subscribe(conn, user_channel(user_id)) is None:
+            limit = self.board.cfg.max_channels_per_socket
+            return self.error(conn, f"Sign-in refused: too many channels (limit {limit})")
+        conn.user = user_id
+        assert isinstance(data, dict)
+        user_data = json.dumps({"user_data": data["user_data"]})
+        self.write(conn, pusher_event("pusher:signin_success", user_data))
+        self.board.events.emit("signin", id=conn.client_id, conn=conn.conn_id, user=user_id)
+        return None
 
     def subscription_error(self, conn: Connection, channel: str, reason: str, status: int) -> None:
         self.board.refused("pusher", "subscription of %s to %s: %s", conn.conn_id, channel, reason)
@@ -7921,6 +8332,9 @@ class PusherApp(SocketProtocol):
 
     def subscribe(self, conn: Connection, channel: str, data: dict) -> None:
         user = None
+        if channel.startswith(USER_CHANNEL_PREFIX) and channel != user_channel(conn.user or ""):
+            reason = "Only a socket signed in as its user may subscribe to " + channel
+            return self.subscription_error(conn, channel, reason, 403)
         if channel.startswith(PRIVATE_PREFIXES):
             channel_data = data.get("channel_data")
             reason = pusher_auth_refusal(
@@ -7950,6 +8364,7 @@ class PusherApp(SocketProtocol):
         except BadRequest:  # not a channel that keeps history
             last = []
         if not last:
+            self.board.events.notice("cache_miss", channel=channel)
             return compact_frame({"event": "pusher:cache_miss", "channel": channel})
         _, text, event = last[-1]
         return pusher_event(event or PUSHER_DEFAULT_EVENT, text, channel)
@@ -7972,6 +8387,12 @@ class PusherApp(SocketProtocol):
             self.board.actions.publish([channel], text, conn.conn_id, event=name, user_id=user_id)
         except Refused as exc:
             return self.error(conn, f"Not delivered: {exc}")
+        if self.board.events.noticed:
+            fields = {"user_id": user_id} if user_id is not None else {}
+            self.board.events.notice(
+                "client_event", channel=channel, event=name, data=text, socket_id=conn.conn_id,
+                **fields,
+            )  # fmt: skip
         return None
 
     # The HTTP API: what the server SDKs call.
@@ -8124,6 +8545,167 @@ def pusher_api(app_id: str, resource: str) -> str:
         return pusher_json(400, {"error": str(exc)})
 
 
+# Pusher's webhooks: what happened to channels, members and client events, in Pusher's
+# format, batched within Pusher's quarter second and signed with the app secret, so the
+# SDKs' validators accept them. They are told where it happened, once over every process
+# (Events' observers); each URL has its own bounded queue and sender, so a slow endpoint
+# delays only itself and never a delivery to a browser.
+
+PUSHER_WEBHOOK_WINDOW = 0.25  # seconds an event waits for others to share its POST (Pusher's)
+PUSHER_WEBHOOK_BATCH = 100  # events one POST may carry
+PUSHER_WEBHOOK_TIMEOUT = 4  # seconds an endpoint has to answer (Pusher asks for 4)
+PUSHER_WEBHOOK_RETRY_FOR = 300  # seconds a failed POST is retried, backing off (Pusher's 5 min)
+PUSHER_WEBHOOK_KINDS = frozenset(
+    {"join", "leave", "occupied", "vacated", "client_event", "cache_miss", "subscription_count"}
+)
+
+
+def pusher_webhook_event(kind: str, fields: Mapping) -> dict | None:
+    """A wsboard event or notice (kind, fields) as Pusher's webhooks name it, or None."""
+    channel = fields.get("channel")
+    if kind not in PUSHER_WEBHOOK_KINDS or not is_valid_channel(channel):
+        return None  # a user's channel is no channel of the app's
+    if kind in ("join", "leave"):
+        name = "member_added" if kind == "join" else "member_removed"
+        return {"name": name, "channel": channel, "user_id": fields["id"]}
+    if kind in ("occupied", "vacated"):
+        return {"name": f"channel_{kind}", "channel": channel}
+    if kind == "subscription_count":
+        return {"name": kind, "channel": channel, "subscription_count": fields["count"]}
+    if kind == "cache_miss":
+        return {"name": kind, "channel": channel}
+    event = {"name": kind, "channel": channel, "event": fields["event"], "data": fields["data"]}
+    event["socket_id"] = fields["socket_id"]
+    if fields.get("user_id") is not None:
+        event["user_id"] = fields["user_id"]
+    return event
+
+
+def pusher_webhook_request(key: str, secret: str, events: list, now: float) -> tuple:
+    """(body, headers) of one webhook POST: X-Pusher-Signature is hex(HMAC-SHA256(secret,
+    body)), as the SDKs' validators check it."""
+    body = json.dumps({"time_ms": int(now * 1000), "events": events}, separators=(",", ":"))
+    raw = body.encode()
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": f"wsboard/{__version__}",
+        "X-Pusher-Key": key,
+        "X-Pusher-Signature": hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest(),
+    }
+    return raw, headers
+
+
+class PusherWebhook:
+    """One --pusher-webhook URL: a bounded queue of events, POSTed in batches, in order,
+    by one greenlet; a failed POST is retried with backoff for PUSHER_WEBHOOK_RETRY_FOR
+    seconds, meanwhile what does not fit the queue is dropped, counted and logged."""
+
+    def __init__(self, url: str, key: str, secret: str, size: int) -> None:
+        self.url, self.key, self.secret, self.size = url, key, secret, size
+        self.queue: collections.deque = collections.deque()
+        self.ready = gevent.event.Event()
+        self.idle = gevent.event.Event()  # nothing queued, nothing being posted
+        self.idle.set()
+        self.warned = Throttle(10)
+        self.delivered = self.failed = self.dropped = self.posts = 0  # events, but posts
+        self.greenlet = gevent.spawn(self.run)
+
+    def push(self, event: dict) -> None:
+        if len(self.queue) >= self.size:
+            self.dropped += 1
+            if self.warned():
+                log.warning(
+                    "pusher webhook %s is not keeping up: %d events dropped so far",
+                    self.url,
+                    self.dropped,
+                )
+            return
+        self.queue.append(event)
+        self.idle.clear()
+        self.ready.set()
+
+    def run(self) -> None:
+        while True:
+            self.ready.wait()
+            if len(self.queue) < PUSHER_WEBHOOK_BATCH:
+                gevent.sleep(PUSHER_WEBHOOK_WINDOW)  # what comes meanwhile shares the POST
+            count = min(len(self.queue), PUSHER_WEBHOOK_BATCH)
+            batch = [self.queue.popleft() for _ in range(count)]
+            if batch:
+                self.post(batch)
+            if not self.queue:
+                self.ready.clear()
+                self.idle.set()
+
+    def post(self, batch: list) -> bool:
+        body, headers = pusher_webhook_request(self.key, self.secret, batch, time.time())
+        give_up_at, delay = time.monotonic() + PUSHER_WEBHOOK_RETRY_FOR, 0.5
+        while True:
+            self.posts += 1
+            try:
+                with gevent.Timeout(PUSHER_WEBHOOK_TIMEOUT, TimeoutError("no answer in time")):
+                    request = urllib.request.Request(self.url, data=body, headers=headers)
+                    with urllib.request.urlopen(request, timeout=PUSHER_WEBHOOK_TIMEOUT) as answer:
+                        answer.read(65536)
+                self.delivered += len(batch)
+                return True
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                if time.monotonic() + delay > give_up_at:
+                    log.error(
+                        "pusher webhook %s gave up on %d events: %s", self.url, len(batch), exc
+                    )
+                    self.failed += len(batch)
+                    return False
+                if self.warned():
+                    log.warning("pusher webhook %s failed, retrying: %s", self.url, exc)
+                gevent.sleep(delay)
+                delay = min(30.0, delay * 2)
+
+    def stats(self) -> dict:
+        return {
+            "url": self.url,
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "dropped": self.dropped,
+            "waiting": len(self.queue),
+            "posts": self.posts,
+        }
+
+
+class PusherWebhooks:
+    """The observer (of Events) that turns what happens into Pusher's webhook events, for
+    each --pusher-webhook URL."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.wanted = cfg.pusher_webhook_events
+        self.hooks = [
+            PusherWebhook(url, cfg.pusher_key, cfg.pusher_secret, cfg.webhook_queue)
+            for url in cfg.pusher_webhook
+        ]
+
+    def __call__(self, kind: str, fields: Mapping) -> None:
+        if kind not in PUSHER_WEBHOOK_KINDS:  # most events (messages) stop here
+            return
+        event = pusher_webhook_event(kind, fields)
+        if event is not None and event["name"] in self.wanted:
+            for hook in self.hooks:
+                hook.push(event)
+
+    @property
+    def greenlets(self) -> list:
+        return [hook.greenlet for hook in self.hooks]
+
+    def flush(self, timeout: float) -> None:
+        """Wait (at most timeout) until what is queued has been posted (at shutdown)."""
+        gevent.wait([hook.idle for hook in self.hooks], timeout=timeout)
+
+    def totals(self) -> dict:
+        return {
+            result: sum(getattr(hook, result) for hook in self.hooks)
+            for result in ("delivered", "failed", "dropped")
+        }
+
+
 ###############################################################################
 # Metrics and health ##########################################################
 ###############################################################################
@@ -8250,11 +8832,13 @@ class BoardCollector:
             value=counts.closes["queue_full"] + counts.closes["write_timeout"],
         )
         webhook = board.webhook
+        pusher_hooks = board.pusher_webhooks.totals() if board.pusher_webhooks else {}
         backplane = hub.stats()["backplane"]
         overflows = {
             "socket": counts.closes["queue_full"],
             "watcher": counts.watchers_cut,
             "webhook": webhook.dropped if webhook else 0,
+            "pusher_webhook": pusher_hooks.get("dropped", 0),
             "backplane": backplane.get("dropped", 0),
         }
         yield self.labelled("wsboard_queue_overflows", "Bounded queues that overflowed", "queue",
@@ -8263,6 +8847,12 @@ class BoardCollector:
             "wsboard_webhook_events", "Events the webhook posted or gave up on", "result",
             {"ok": webhook.delivered if webhook else 0, "failed": webhook.failed if webhook else 0},
         )  # fmt: skip
+        yield self.labelled(
+            "wsboard_pusher_webhook_events",
+            "Pusher webhook events posted, given up on or dropped (queue full), every URL",
+            "result",
+            {r: pusher_hooks.get(r, 0) for r in ("delivered", "failed", "dropped")},
+        )
         yield self.labelled("wsboard_control_commands", "Control commands by verb (or JSON op)",
                             "verb", counts.commands)  # fmt: skip
         latency = HistogramMetricFamily(
@@ -8616,6 +9206,7 @@ class Board:
         self.verified_passwords: set = set()  # digests of passwords PBKDF2 already accepted
         self.conn_numbers = itertools.count(1)
         self.webhook: Webhook | None = None
+        self.pusher_webhooks: PusherWebhooks | None = None
         self.background: list = []
         self.http: WSGIServer | None = None
         self.control: ControlServer | None = None
@@ -8680,8 +9271,16 @@ class Board:
             "sends": dict(self.counts.sends),
             "closes": dict(self.counts.closes),
             "webhook_dropped": self.webhook.dropped if self.webhook else 0,
+            "pusher_webhooks": [h.stats() for h in self.pusher_webhooks.hooks]
+            if self.pusher_webhooks
+            else [],
             "gc": self.gc_watch.stats(),
         }
+
+    def webhook_dropped(self) -> int:
+        """Events dropped by the webhooks (--webhook, --pusher-webhook) for a full queue."""
+        dropped = self.webhook.dropped if self.webhook else 0
+        return dropped + (self.pusher_webhooks.totals()["dropped"] if self.pusher_webhooks else 0)
 
     def watcher_count(self) -> int:
         return sum(isinstance(s, ControlConnection) for s in self.events.sinks)
@@ -8875,6 +9474,10 @@ class Board:
             self.webhook = Webhook(self.cfg.webhook, self.cfg.secret_key, self.cfg.webhook_queue)
             self.events.add(self.webhook)
             self.background.append(self.webhook.greenlet)
+        if self.cfg.pusher_webhook:
+            self.pusher_webhooks = PusherWebhooks(self.cfg)
+            self.events.observers.append(self.pusher_webhooks)
+            self.background += self.pusher_webhooks.greenlets
         self.background += [
             gevent.spawn(self.heartbeat),
             gevent.spawn(self.settle_gc),
@@ -8901,6 +9504,10 @@ class Board:
         if self.webhook is not None:
             self.events.remove(self.webhook)
             self.webhook = None
+        if self.pusher_webhooks is not None:  # the leaves and vacated channels of the drain
+            self.pusher_webhooks.flush(PUSHER_WEBHOOK_TIMEOUT / 2)
+            self.events.observers.remove(self.pusher_webhooks)
+            self.pusher_webhooks = None
         if self.gc_watch in gc.callbacks:
             gc.callbacks.remove(self.gc_watch)
         gevent.killall(self.background, block=False)

@@ -532,6 +532,7 @@ MARKS_BY_FILE = {
     "test_php.py": ("php",),
     "test_php_client.py": ("php",),
     "test_pusher.py": ("node",),
+    "test_pusher_surface.py": ("node",),
     "test_scaleout.py": ("slow", "redis"),
 }
 

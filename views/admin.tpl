@@ -18,6 +18,7 @@
       <div><dt>Watchers</dt><dd id="stat_watchers">{{stats["watchers"]}}</dd></div>
       <div><dt>Delivered</dt><dd id="stat_delivered">{{stats["delivered"]}}</dd></div>
       <div><dt>Refused</dt><dd id="stat_refused">{{stats["refused"]}}</dd></div>
+      <div><dt>Webhook drops</dt><dd id="stat_webhook_dropped">{{stats["webhook_dropped"]}}</dd></div>
       <div><dt>Backplane</dt><dd id="stat_backplane">{{stats["backplane"]}}</dd></div>
     </dl>
     <p id="live" role="status">not live: reload to see changes</p>
@@ -28,17 +29,17 @@
       <div class="toolbar">
         <label for="filter">Filter</label>
         <input id="filter" type="search" maxlength="200" autocomplete="off"
-               placeholder="id, connection, address, origin, protocol">
+               placeholder="id, connection, address, origin, protocol, user">
         <button id="prev" type="button">&lsaquo; Previous</button>
         <span id="page_info">{{min(clients["matched"], 1)}}–{{len(clients["rows"])}} of {{clients["matched"]}}</span>
         <button id="next" type="button">Next &rsaquo;</button>
       </div>
       <div class="scroll">
         <table id="client_table">
-          <thead><tr><th>Client id</th><th>Host</th><th>Connection</th><th>Since</th><th>Origin</th><th>Protocol</th><th>Queued</th><th>Metadata</th><th>Actions</th></tr></thead>
+          <thead><tr><th>Client id</th><th>Host</th><th>Connection</th><th>Since</th><th>Origin</th><th>Protocol</th><th>User</th><th>Queued</th><th>Metadata</th><th>Actions</th></tr></thead>
           <tbody>
           % for c in clients["rows"]:
-            <tr data-conn="{{c['conn']}}" data-id="{{c['id']}}"><td>{{c['id']}}</td><td>{{c['peer']}}</td><td>{{c['conn']}}</td><td class="since" data-since="{{c['since']}}"></td><td>{{c['origin']}}</td><td>{{c['protocol']}}</td><td>{{c['queued']}}</td><td class="meta">{{meta_text(c['meta'])}}</td><td><button class="target" type="button">Send here</button> <button class="kick" type="button">Kick</button></td></tr>
+            <tr data-conn="{{c['conn']}}" data-id="{{c['id']}}"><td>{{c['id']}}</td><td>{{c['peer']}}</td><td>{{c['conn']}}</td><td class="since" data-since="{{c['since']}}"></td><td>{{c['origin']}}</td><td>{{c['protocol']}}</td><td>{{c['user'] or ""}}</td><td>{{c['queued']}}</td><td class="meta">{{meta_text(c['meta'])}}</td><td><button class="target" type="button">Send here</button> <button class="kick" type="button">Kick</button></td></tr>
           % end
           </tbody>
         </table>

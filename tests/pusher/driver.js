@@ -14,6 +14,7 @@ const sdk = new PusherServer({
   encryptionMasterKeyBase64: config.encryptionMasterKeyBase64,
 });
 let user = config.user || null; // {user_id, user_info} for presence channels
+let signinAs = config.signinAs || null; // {id, ...}: the user_data pusher.signin() is signed for
 
 function out(value) {
   process.stdout.write(JSON.stringify(value) + '\n');
@@ -30,6 +31,15 @@ const options = {
         callback(null, sdk.authorizeChannel(params.socketId, params.channelName, user));
       } else {
         callback(null, sdk.authorizeChannel(params.socketId, params.channelName));
+      }
+    },
+  },
+  userAuthentication: {
+    customHandler: (params, callback) => {
+      if (config.badAuth) {
+        callback(null, { auth: config.key + ':' + '0'.repeat(64), user_data: JSON.stringify(signinAs) });
+      } else {
+        callback(null, sdk.authenticateUser(params.socketId, signinAs));
       }
     },
   },
@@ -51,6 +61,7 @@ async function start() {
   pusher.connection.bind('error', (error) => out({ type: 'error', error }));
   pusher.bind_global((event, data) => out({ type: 'global', event, data }));
   pusher.connection.bind('message', (event) => out({ type: 'raw', ...event }));
+  pusher.user.bind_global((event, data) => out({ type: 'user', event, data }));
 }
 
 
@@ -79,6 +90,7 @@ const commands = {
   trigger: (c) => out({ type: 'triggered', ok: pusher.channel(c.channel).trigger(c.event, c.data) }),
   send: (c) => { pusher.connection.send(c.raw); },
   user: (c) => { user = c.user; },
+  signin: (c) => { if (c.as) { signinAs = c.as; } pusher.signin(); },
   disconnect: () => pusher.disconnect(),
   connect: () => pusher.connect(),
   socket_id: () => out({ type: 'socket_id', socket_id: echo ? echo.socketId() : pusher.connection.socket_id }),

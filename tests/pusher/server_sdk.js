@@ -1,5 +1,6 @@
 // The npm `pusher` server SDK against wsboard's HTTP API: triggers, a batch and channel
-// queries, each answer printed as one JSON object. Usage: node server_sdk.js CONFIG_JSON
+// queries, each answer printed as one JSON object; or, with "sendToUser" in the config, that
+// one call. Usage: node server_sdk.js CONFIG_JSON
 'use strict';
 const Pusher = require('pusher');
 
@@ -10,6 +11,11 @@ const sdk = new Pusher({
 });
 
 (async () => {
+  if (config.sendToUser) { // [user id, event, data]: what a Laravel app's sendToUser does
+    const answer = await sdk.sendToUser(...config.sendToUser);
+    console.log(JSON.stringify({ status: answer.status }));
+    return;
+  }
   const out = {};
   out.trigger = (await sdk.trigger('lobby', 'hello', { from: 'node' })).status;
   out.batch = (await sdk.triggerBatch([{ channel: 'lobby', name: 'b1', data: 'x' }])).status;

@@ -87,6 +87,7 @@
       cell(tr, "", "since").setAttribute("data-since", c.since);
       cell(tr, c.origin);
       cell(tr, c.protocol);
+      cell(tr, c.user === null ? "" : c.user);
       cell(tr, String(c.queued));
       cell(tr, c.meta === null ? "" : JSON.stringify(c.meta), "meta");
       var actions = cell(tr, "");
@@ -171,6 +172,7 @@
     $("stat_watchers").textContent = stats.watchers;
     $("stat_delivered").textContent = stats.delivered;
     $("stat_refused").textContent = stats.refused;
+    $("stat_webhook_dropped").textContent = stats.webhook_dropped;
     $("stat_backplane").textContent = stats.backplane;
   }
 
