@@ -332,7 +332,7 @@ ECHO_PAGE = """<!doctype html>
 <script src="/pusher.min.js"></script><script src="/echo.iife.js"></script>
 <ul id="seen"></ul>
 <script>
-const user = new URLSearchParams(location.search).get("user");
+const params = new URLSearchParams(location.search), user = params.get("user");
 function saw(text) {
   const li = document.createElement("li"); li.textContent = text;
   document.getElementById("seen").appendChild(li);
@@ -341,7 +341,12 @@ window.echo = new Echo.default({
   broadcaster: "reverb", key: "%(key)s", wsHost: "127.0.0.1", wsPort: %(port)d,
   forceTLS: false, enabledTransports: ["ws"], authEndpoint: "/broadcasting/auth",
   auth: {headers: {"X-User": user}},
+  userAuthentication: {endpoint: "/broadcasting/user-auth", headers: {"X-User": user}},
 });
+if (params.get("signin")) {  // pusher.signin(): events sent to this user reach the page
+  echo.connector.signin();
+  echo.connector.pusher.user.bind("Note", (e) => saw("note " + e.text));
+}
 echo.connector.pusher.connection.bind("connected", () => saw("connected"));
 echo.channel("news").listen(".Posted", (e) => saw("news " + e.title));
 echo.private("App.Models.User." + user).listen(".Ping", (e) => saw("ping " + e.n));
@@ -391,9 +396,14 @@ def laravel_app(tmp_path):
         def do_POST(self):
             form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
             user = self.headers.get("X-User", "")
+            sdk = pusher_sdk.Pusher(APP_ID, KEY, SECRET, ssl=False)
+            if self.path == "/broadcasting/user-auth" and user in names:  # sign-in
+                state["signins"] = state.get("signins", 0) + 1
+                who = {"id": user, "user_info": {"name": names[user]}}
+                auth = sdk.authenticate_user(form["socket_id"][0], who)
+                return self.answer(200, json.dumps(auth).encode(), "application/json")
             channel, socket_id = form["channel_name"][0], form["socket_id"][0]
             state["auth_requests"] += 1
-            sdk = pusher_sdk.Pusher(APP_ID, KEY, SECRET, ssl=False)
             if channel.startswith("private-App.Models.User.") and channel.endswith("." + user):
                 auth = sdk.authenticate(channel, socket_id)
             elif channel.startswith("presence-") and user in names:
@@ -445,6 +455,44 @@ def test_laravel_echo_in_chromium_receives_events_and_sees_who_is_present(
     browser.switch_to.window(ann)
     wait(browser, lambda d: seen(d)[-2:] == ["joining Bob", "leaving Bob"])
     assert laravel_app.state["auth_requests"] == 4  # two private and two presence channels
+
+
+def test_laravel_echo_in_chromium_signs_in_and_its_app_hears_of_it_by_webhook(
+    browser, server_factory, laravel_app
+):
+    """Echo's signin() through the app's /broadcasting/user-auth; sendToUser reaches the
+    page; the app's webhook endpoint hears the channel and the member come and go."""
+    from test_pusher import PUSHER, sdk
+    from test_pusher_surface import Receiver
+
+    hook = Receiver()
+    server = server_factory(
+        *PUSHER, "--allowed-origins", laravel_app.url, "--presence-grace", "0",
+        "--pusher-webhook", hook.url,
+    )  # fmt: skip
+    laravel_app.state["ws_port"] = server.port
+    try:
+        browser.get(f"{laravel_app.url}/page?user=1&signin=1")
+        wait(browser, lambda d: "here Ann" in seen(d))
+        hook.wait_for(name="member_added", channel="presence-room", user_id="1")
+        control = server.control()
+        wait(browser, lambda d: [c.get("user") for c in list_rows(control)] == ["1"])
+        sdk(server).send_to_user("1", "Note", {"text": "for Ann alone"})
+        wait(browser, lambda d: "note for Ann alone" in seen(d))
+        assert laravel_app.state["signins"] == 1
+        browser.execute_script("echo.disconnect()")  # Ann leaves, the channels empty
+        wait(browser, lambda d: not list_rows(control))
+        hook.wait_for(name="member_removed", channel="presence-room", user_id="1")
+        hook.wait_for(name="channel_vacated", channel="news")
+        occupied = [e["channel"] for e in hook.events if e["name"] == "channel_occupied"]
+        assert sorted(occupied) == ["news", "presence-room", "private-App.Models.User.1"]
+        control.close()
+    finally:
+        hook.close()
+
+
+def list_rows(control) -> list:
+    return json.loads(control.ask(json.dumps({"op": "list"})))["clients"]
 
 
 # The live admin page.

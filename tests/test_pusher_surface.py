@@ -6,6 +6,7 @@ import http.server
 import json
 import os
 import queue
+import signal
 import subprocess
 import threading
 import time
@@ -14,7 +15,7 @@ import pusher as pusher_sdk
 import pytest
 import test_pusher
 import websocket
-from conftest import ROOT, wait_until
+from conftest import ROOT, new_prefix, wait_until
 from test_pusher import (
     APP_ID,
     KEY,
@@ -568,3 +569,106 @@ def test_sockets_are_told_their_channels_subscription_count_as_it_changes(
 def counted(client, channel: str) -> int:
     event = client.expect(type="event", channel=channel, event="pusher:subscription_count")
     return event["data"]["subscription_count"]
+
+
+def counted_to(client, channel: str, count: int) -> None:
+    """Counts the client is told until count (throttled: a passing one may be skipped)."""
+    told = []
+    while count not in told:
+        told.append(counted(client, channel))
+
+
+# Two processes on one real redis-server: each thing told once, wherever it happened.
+
+
+def two_processes(server_factory, redis_server, tmp_path, *extra: str) -> tuple:
+    common = (*PUSHER, "--redis", redis_server.url, "--redis-prefix", new_prefix(), *extra)
+    one = server_factory(*common, "--control", str(tmp_path / "one.sock"))
+    two = server_factory(*common, "--control", str(tmp_path / "two.sock"))
+    return one, two
+
+
+def test_over_two_processes_each_channel_and_member_is_told_once(
+    server_factory, redis_server, clients, receiver, tmp_path
+):
+    hook = receiver()
+    one, two = two_processes(
+        server_factory, redis_server, tmp_path, "--pusher-webhook", hook.url,
+        "--presence-grace", "0", "--pusher-subscription-count", "yes",
+    )  # fmt: skip
+    ann = clients(one, user={"user_id": "ann"})
+    ann_tab = clients(two, user={"user_id": "ann"})  # ann's second tab, on the other process
+    bob = clients(two, user={"user_id": "bob"})
+    for client in (ann, ann_tab, bob):
+        client.connected()
+    ann.subscribe("news")
+    hook.wait_for(name="channel_occupied", channel="news")
+    bob.subscribe("news")
+    counted_to(bob, "news", 2)  # over both processes
+    counted_to(ann, "news", 2)
+    ann.subscribe("presence-room")
+    ann_tab.subscribe("presence-room")
+    bob.subscribe("presence-room")
+    hook.wait_for(name="member_added", user_id="bob")
+    ann.do("unsubscribe", channel="news")
+    counted_to(bob, "news", 1)
+    ann.do("unsubscribe", channel="presence-room")  # her tab on two holds her in
+    bob.close()
+    hook.wait_for(name="member_removed", user_id="bob")
+    ann_tab.close()
+    hook.wait_for(name="member_removed", user_id="ann")
+    hook.wait_for(name="channel_vacated", channel="presence-room")
+    hook.wait_for(name="channel_vacated", channel="news")
+    hook.collect(1.5)  # a second telling by the other process would have come by now
+    events = hook.events  # each process posts what it told, in order; the two interleave
+    room = sorted(names_of(events, "presence-room"))
+    assert room == sorted(
+        ["channel_occupied", "member_added", "member_added", "member_removed", "member_removed",
+         "channel_vacated"]
+    )  # fmt: skip
+    assert names_of(events, "presence-room")[-1] == "channel_vacated"
+    news = [(e["name"], e.get("subscription_count")) for e in events if e["channel"] == "news"]
+    assert news[0] == ("channel_occupied", None) and news[-1] == ("channel_vacated", None)
+    assert [n for name, n in news if name == "subscription_count"] == [1, 2, 1]
+
+
+def test_a_user_signed_in_on_one_process_gets_what_is_sent_through_the_other(
+    server_factory, redis_server, clients, tmp_path
+):
+    one, two = two_processes(server_factory, redis_server, tmp_path)
+    ann = clients(two, signinAs={"id": "ann"})
+    ann.connected()
+    signed_in(ann)
+    ann.expect(type="raw", event="pusher_internal:subscription_succeeded")
+    sdk(one).send_to_user("ann", "note", {"via": "one"})
+    assert ann.expect(type="user", event="note")["data"] == {"via": "one"}
+    control = one.control()
+    rows = wsboard_json(control, {"op": "list"})["clients"]
+    assert [c.get("user") for c in rows] == ["ann"]  # listed from the other process too
+    control.close()
+    sdk(one).terminate_user_connections("ann")
+    assert_refused_for_good(ann, 4009)
+
+
+def test_a_process_that_dies_has_its_channels_vacated_by_another(
+    server_factory, redis_server, clients, receiver, tmp_path
+):
+    hook = receiver()
+    one, two = two_processes(
+        server_factory, redis_server, tmp_path, "--pusher-webhook", hook.url,
+        "--presence-grace", "0", "--node-timeout", "1",
+    )  # fmt: skip
+    ann = clients(one, user={"user_id": "ann"})
+    ann.connected()
+    ann.subscribe("presence-room")
+    ann.subscribe("news")
+    hook.wait_for(name="member_added", user_id="ann")
+    hook.wait_for(name="channel_occupied", channel="news")
+    one.stop(sig=signal.SIGKILL)
+    hook.wait_for(name="member_removed", user_id="ann", timeout=15)
+    hook.wait_for(name="channel_vacated", channel="news")
+    hook.wait_for(name="channel_vacated", channel="presence-room")
+    assert names_of(hook.events, "presence-room") == [
+        "channel_occupied", "member_added", "member_removed", "channel_vacated"
+    ]  # fmt: skip
+    assert two.ready()
