@@ -34,8 +34,9 @@ from the hubs up through the actions and the verb table to its connection.
   ``History`` (per channel: offsets within an epoch, what a resume from ``since=`` gets),
   ``StickyJoins`` (channels an id's later sockets join too).
 - Hubs: ``Hub`` (what the rest of the file may call of a hub) and ``SocketLike`` (what a hub
-  may touch of a socket), both typing.Protocols; ``LocalHub`` is this process's. A new hub
-  implements ``Hub``, passes tests/test_hub.py and is added to ``HUBS``.
+  may touch of a socket), both typing.Protocols; ``LocalHub`` is this process's (it also
+  counts its channels' sockets when something wants it: ``count_notices`` says what a change
+  tells). A new hub implements ``Hub``, passes tests/test_hub.py and is added to ``HUBS``.
 - Scale-out: ``Backplane``, the hub of one process among many, composed of this process's
   ``LocalHub`` (which hands it presence and routing through ``LocalHooks``) and a
   ``Transport`` (a typing.Protocol: publish to a route, subscriptions per route, a home for
@@ -46,7 +47,9 @@ from the hubs up through the actions and the verb table to its connection.
   pub/sub link, the outbox, the Lua scripts, ``RedisInbox``, ``RedisHistory``,
   ``RedisSticky``); see docs/scaleout.md.
 - Events: ``Events`` tells its registered sinks (watchers, the webhook, admin pages); a new
-  sink is any object with ``push(line, lifecycle)``, added with ``Events.add``.
+  sink is any object with ``push(line, lifecycle)``, added with ``Events.add``. Its observers
+  (the Pusher webhooks) get each event's kind and fields, and the notices no sink is told
+  (channels occupied, counted and vacated, client events, cache misses).
 - Actions: ``Actions``, one method per operation (send, publish, kick, join, ...), for every
   front end: it checks the domain input, counts, and returns a result or raises ``Refused``.
   A new operation is a method here.
@@ -56,8 +59,10 @@ from the hubs up through the actions and the verb table to its connection.
 - Control connections: one greenlet per connection, batches, watchers.
 - Web routes: the Bottle routes (a new route goes here); each finds its ``Board`` in the
   request and calls the actions. The admin page's JSON, Server-Sent Events and actions.
-- The Pusher protocol: ``PusherFraming``, the signature checks (pure), ``PusherApp`` (the
-  protocol of /app/KEY, and the HTTP API, which calls the same actions); see docs/pusher.md.
+- The Pusher protocol: ``PusherFraming``, the signature checks (pure: channels, sign-in,
+  API requests), ``PusherApp`` (the protocol of /app/KEY with its user sign-in, and the HTTP
+  API, which calls the same actions), ``PusherWebhooks`` (Pusher's webhooks, an observer of
+  ``Events``); see docs/pusher.md.
 - Metrics and health: ``Counts`` and ``Buckets`` (plain counters the hot paths add to),
   ``BoardCollector`` (prometheus_client reads them at each scrape), ``/healthz``, ``/readyz``,
   ``/metrics`` and the ``--metrics-port`` app.
