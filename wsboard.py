@@ -8483,7 +8483,9 @@ class PusherApp(SocketProtocol):
         if "user_count" in wanted and not prefix.startswith(PRESENCE_PREFIX):
             raise BadRequest("user_count needs filter_by_prefix=presence-")
         counts = actions.channels()  # every process's counts in one round trip
-        names = sorted(name for name in counts if name.startswith(prefix))
+        names = sorted(  # users' channels are no channels of the app's, as in Pusher
+            name for name in counts if name.startswith(prefix) and is_valid_channel(name)
+        )
         listed: dict = {name: {} for name in names}
         for name in names:
             if "subscription_count" in wanted:

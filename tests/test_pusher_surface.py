@@ -465,6 +465,7 @@ def test_pusher_js_signs_in_and_gets_what_both_sdks_send_to_its_user(app_server,
     assert npm_send_to_user(app_server, "ann", "note", {"text": "from node"}) == 200
     assert ann.expect(type="user", event="note")["data"] == {"text": "from node"}
     bob.never(type="user", event="note")
+    assert sdk(app_server).channels_info() == {"channels": {}}  # users' channels are not listed
     control = app_server.control()
     rows = {c["conn"]: c for c in wsboard_json(control, {"op": "list"})["clients"]}
     assert rows[ann_id]["user"] == "ann" and rows[tab_id]["user"] == "ann"
