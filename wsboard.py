@@ -5747,6 +5747,7 @@ class RedisTransport:
         self.probe_at = 0.0
         self.nodes_seen = 0
         self.boot = None  # the token of the Redis this process last saw; a new one: it lost all
+        self.recount_quietly = False
         self.greenlets: list = []
         self.warned = Throttle(10)
         self.stopping = False
@@ -6114,11 +6115,16 @@ class RedisTransport:
             told = int(publish and not channel.startswith(PRESENCE_PREFIX))
             self.scripts["count"](keys, [self.node, channel, sockets, int(held), told], client=pipe)
         replies = self.call(pipe.execute, False)
+        quiet = whole and self.recount_quietly
+        if whole:
+            self.recount_quietly = False
         for (channel, _, _), reply in zip(rows, replies, strict=True):
             if isinstance(reply, Exception):
                 log.error("redis refused a channel count: %s", reply)
                 continue
             was_held, held, old, new = reply
+            if quiet and held:
+                continue  # Redis lost its counts: these channels did not just fill
             for kind, fields in count_notices(channel, was_held, held, old, new, publish):
                 self.events.notice(kind, **fields)
 
@@ -6148,6 +6154,7 @@ class RedisTransport:
         boot = self.call("GET", self.key("boot"))
         quiet = self.boot is not None and boot != self.boot  # Redis began anew
         self.boot = boot
+        self.recount_quietly = quiet  # the channels held here were not newly occupied
         recorded = {m.decode() for m in self.call("SMEMBERS", self.key("pn", self.node))}
         for member in memberships.keys() - recorded:
             channel, _, client_id = member.partition(" ")
@@ -6337,12 +6344,15 @@ class Events:
         """Tell the observers of something only they are told (a channel occupied or
         vacated, a client event, a cache miss, a subscription count)."""
         for observer in self.observers:
-            observer(kind, fields)
+            try:
+                observer(kind, fields)
+            except Exception:  # an observer's bug must not fail what happened
+                log.exception("an observer failed on a %s event", kind)
 
     def emit(self, kind: str, lifecycle: bool = True, **fields: object) -> None:
         """Tell every sink and observer that something happened; never waits for any."""
-        for observer in self.observers:
-            observer(kind, fields)
+        if self.observers:
+            self.notice(kind, **fields)
         if not self.sinks:
             return
         event = {"event": kind, "time": round(time.time(), 3), **fields}
@@ -8324,9 +8334,8 @@ class PusherApp(SocketProtocol):
             limit = self.board.cfg.max_channels_per_socket
             return self.error(conn, f"Sign-in refused: too many channels (limit {limit})")
         conn.user = user_id
-        assert isinstance(data, dict)
-        user_data = json.dumps({"user_data": data["user_data"]})
-        self.write(conn, pusher_event("pusher:signin_success", user_data))
+        signed = typing.cast(dict, data)["user_data"]  # a string: pusher_signed_user checked it
+        self.write(conn, pusher_event("pusher:signin_success", json.dumps({"user_data": signed})))
         self.board.events.emit("signin", id=conn.client_id, conn=conn.conn_id, user=user_id)
         return None
 
@@ -8638,8 +8647,12 @@ class PusherWebhook:
                 gevent.sleep(PUSHER_WEBHOOK_WINDOW)  # what comes meanwhile shares the POST
             count = min(len(self.queue), PUSHER_WEBHOOK_BATCH)
             batch = [self.queue.popleft() for _ in range(count)]
-            if batch:
-                self.post(batch)
+            try:
+                if batch:
+                    self.post(batch)
+            except Exception:  # a bug must cost one batch, never the webhook
+                log.exception("pusher webhook %s failed on %d events", self.url, len(batch))
+                self.failed += len(batch)
             if not self.queue:
                 self.ready.clear()
                 self.idle.set()

@@ -15,7 +15,7 @@ import pusher as pusher_sdk
 import pytest
 import test_pusher
 import websocket
-from conftest import ROOT, new_prefix, wait_until
+from conftest import ROOT, RedisServer, new_prefix, wait_until
 from test_pusher import (
     APP_ID,
     KEY,
@@ -582,8 +582,9 @@ def counted_to(client, channel: str, count: int) -> None:
 # Two processes on one real redis-server: each thing told once, wherever it happened.
 
 
-def two_processes(server_factory, redis_server, tmp_path, *extra: str) -> tuple:
-    common = (*PUSHER, "--redis", redis_server.url, "--redis-prefix", new_prefix(), *extra)
+def two_processes(server_factory, redis_server, tmp_path, *extra: str, prefix="") -> tuple:
+    prefix = prefix or new_prefix()
+    common = (*PUSHER, "--redis", redis_server.url, "--redis-prefix", prefix, *extra)
     one = server_factory(*common, "--control", str(tmp_path / "one.sock"))
     two = server_factory(*common, "--control", str(tmp_path / "two.sock"))
     return one, two
@@ -673,3 +674,34 @@ def test_a_process_that_dies_has_its_channels_vacated_by_another(
         "channel_occupied", "member_added", "member_removed", "channel_vacated"
     ]  # fmt: skip
     assert two.ready()
+
+
+def test_a_redis_restarted_empty_gets_the_counts_back_without_them_told_again(
+    server_factory, clients, receiver, tmp_path
+):
+    own = RedisServer(tmp_path / "own-redis").start()
+    try:
+        hook, prefix = receiver(), new_prefix()
+        one, two = two_processes(
+            server_factory, own, tmp_path, "--pusher-webhook", hook.url,
+            "--pusher-subscription-count", "yes", prefix=prefix,
+        )  # fmt: skip
+        ann, bob = clients(one), clients(two)
+        ann.connected()
+        bob.connected()
+        ann.subscribe("news")
+        bob.subscribe("news")
+        counted_to(ann, "news", 2)
+        hook.wait_for(name="channel_occupied", channel="news")
+        own.stop()
+        own.start()  # empty: it kept nothing
+        client = own.client()
+        wait_until(
+            lambda: len(client.hkeys(f"{prefix}:cc:news")) == 2, timeout=15, what="counts back"
+        )
+        bob.do("unsubscribe", channel="news")
+        counted_to(ann, "news", 1)
+        hook.collect(1.5)
+        assert names_of(hook.events, "news").count("channel_occupied") == 1
+    finally:
+        own.stop()
