@@ -9,6 +9,7 @@ import threading
 from urllib.parse import parse_qs
 
 import pytest
+import websocket
 from conftest import free_port
 from selenium import webdriver
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
@@ -346,6 +347,8 @@ window.echo = new Echo.default({
 if (params.get("signin")) {  // pusher.signin(): events sent to this user reach the page
   echo.connector.signin();
   echo.connector.pusher.user.bind("Note", (e) => saw("note " + e.text));
+  echo.connector.pusher.channel("news")
+    .bind("pusher:subscription_count", (e) => saw("news count " + e.subscription_count));
 }
 echo.connector.pusher.connection.bind("connected", () => saw("connected"));
 echo.channel("news").listen(".Posted", (e) => saw("news " + e.title));
@@ -461,20 +464,24 @@ def test_laravel_echo_in_chromium_signs_in_and_its_app_hears_of_it_by_webhook(
     browser, server_factory, laravel_app
 ):
     """Echo's signin() through the app's /broadcasting/user-auth; sendToUser reaches the
-    page; the app's webhook endpoint hears the channel and the member come and go."""
+    page, and so do its channel's subscription counts; the app's webhook endpoint hears the
+    channels and the member come and go."""
     from test_pusher import PUSHER, sdk
     from test_pusher_surface import Receiver
 
     hook = Receiver()
     server = server_factory(
         *PUSHER, "--allowed-origins", laravel_app.url, "--presence-grace", "0",
-        "--pusher-webhook", hook.url,
+        "--pusher-webhook", hook.url, "--pusher-subscription-count", "yes",
     )  # fmt: skip
     laravel_app.state["ws_port"] = server.port
     try:
         browser.get(f"{laravel_app.url}/page?user=1&signin=1")
-        wait(browser, lambda d: "here Ann" in seen(d))
+        wait(browser, lambda d: "here Ann" in seen(d) and "news count 1" in seen(d))
         hook.wait_for(name="member_added", channel="presence-room", user_id="1")
+        other = websocket.create_connection(server.ws_url("other") + "&channel=news")
+        wait(browser, lambda d: "news count 2" in seen(d))  # a /websocket socket counts too
+        other.close()
         control = server.control()
         wait(browser, lambda d: [c.get("user") for c in list_rows(control)] == ["1"])
         sdk(server).send_to_user("1", "Note", {"text": "for Ann alone"})

@@ -16,6 +16,7 @@ import pytest
 import test_pusher
 import websocket
 from conftest import ROOT, RedisServer, new_prefix, wait_until
+from test_operations import scrape
 from test_pusher import (
     APP_ID,
     KEY,
@@ -415,6 +416,10 @@ def test_a_hanging_endpoint_and_a_flood_cost_a_counted_drop_and_slow_nothing(
     assert server.log().count("not keeping up") == 1  # once per burst, not per event
     state = json.loads(admin_state(server))
     assert state["stats"]["webhook_dropped"] >= dropped
+    samples = scrape(server.url + "/metrics")
+    told = samples[("wsboard_pusher_webhook_events_total", (("result", "dropped"),))]
+    assert told >= dropped
+    assert samples[("wsboard_queue_overflows_total", (("queue", "pusher_webhook"),))] == told
     control.close()
     watcher.close()
 
