@@ -209,6 +209,20 @@ class Server:
     def control(self) -> Control:
         return Control(self.control_path)
 
+    def wait_linked(self) -> "Server":
+        """Wait until its Redis link is up (a process serves before it is: it says
+        Backplane Unavailable to what needs the others until then)."""
+
+        def up() -> bool:
+            control = self.control()
+            try:
+                return ask_json(control, {"op": "stats"})["backplane"]["state"] == "up"
+            finally:
+                control.close()
+
+        wait_until(up, what=f"the redis link; log:\n{self.log()}")
+        return self
+
     def websocket(self, client_id: str, **kwargs) -> websocket.WebSocket:
         return websocket.create_connection(self.ws_url(client_id), timeout=10, **kwargs)
 

@@ -347,8 +347,8 @@ window.echo = new Echo.default({
 if (params.get("signin")) {  // pusher.signin(): events sent to this user reach the page
   echo.connector.signin();
   echo.connector.pusher.user.bind("Note", (e) => saw("note " + e.text));
-  echo.connector.pusher.channel("news")
-    .bind("pusher:subscription_count", (e) => saw("news count " + e.subscription_count));
+  echo.channel("news")
+    .on("pusher:subscription_count", (e) => saw("news count " + e.subscription_count));
 }
 echo.connector.pusher.connection.bind("connected", () => saw("connected"));
 echo.channel("news").listen(".Posted", (e) => saw("news " + e.title));
@@ -479,7 +479,9 @@ def test_laravel_echo_in_chromium_signs_in_and_its_app_hears_of_it_by_webhook(
         browser.get(f"{laravel_app.url}/page?user=1&signin=1")
         wait(browser, lambda d: "here Ann" in seen(d) and "news count 1" in seen(d))
         hook.wait_for(name="member_added", channel="presence-room", user_id="1")
-        other = websocket.create_connection(server.ws_url("other") + "&channel=news")
+        other = websocket.create_connection(
+            server.ws_url("other") + "&channel=news", origin=laravel_app.url
+        )
         wait(browser, lambda d: "news count 2" in seen(d))  # a /websocket socket counts too
         other.close()
         control = server.control()

@@ -874,8 +874,8 @@ def test_pusher_sockets_span_processes_on_the_redis_hub(
         "--pusher-client-events",
         "yes",
     )
-    one = server_factory(*common, "--control", str(tmp_path / "one.sock"))
-    two = server_factory(*common, "--control", str(tmp_path / "two.sock"))
+    one = server_factory(*common, "--control", str(tmp_path / "one.sock")).wait_linked()
+    two = server_factory(*common, "--control", str(tmp_path / "two.sock")).wait_linked()
     ann = clients(one, user={"user_id": "ann"})
     bob = clients(two, user={"user_id": "bob"})
     ann_id, bob_id = ann.connected(), bob.connected()
@@ -914,10 +914,10 @@ def test_subscription_counts_of_every_channel_take_one_round_trip_over_redis(
     server_factory, redis_server, tmp_path
 ):
     common = (*PUSHER, "--redis", redis_server.url, "--redis-prefix", new_prefix())
-    one = server_factory(*common, "--control", str(tmp_path / "one.sock"))
+    one = server_factory(*common, "--control", str(tmp_path / "one.sock")).wait_linked()
     two = server_factory(
         *common, "--control", str(tmp_path / "two.sock"), "--max-channels-per-socket", "500"
-    )
+    ).wait_linked()
     reader = two.websocket("reader")
     control = two.control()
     control.send(b"".join(f"JOIN c{n} reader\n".encode() for n in range(500)))

@@ -590,8 +590,8 @@ def counted_to(client, channel: str, count: int) -> None:
 def two_processes(server_factory, redis_server, tmp_path, *extra: str, prefix="") -> tuple:
     prefix = prefix or new_prefix()
     common = (*PUSHER, "--redis", redis_server.url, "--redis-prefix", prefix, *extra)
-    one = server_factory(*common, "--control", str(tmp_path / "one.sock"))
-    two = server_factory(*common, "--control", str(tmp_path / "two.sock"))
+    one = server_factory(*common, "--control", str(tmp_path / "one.sock")).wait_linked()
+    two = server_factory(*common, "--control", str(tmp_path / "two.sock")).wait_linked()
     return one, two
 
 
