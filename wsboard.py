@@ -112,7 +112,7 @@ import typing
 import urllib.request
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
-from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit
 
 import bottle
 import gevent
@@ -151,7 +151,13 @@ except ImportError:  # pragma: no cover - the extra is installed wherever tests 
 try:  # optional: only --redis needs it (pip install 'wsboard[redis]')
     import redis
     import redis.retry
+    import redis.sentinel
     from redis.backoff import NoBackoff
+
+    class SentinelBlockingPool(redis.sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
+        """redis-py's pool that finds the primary through the sentinels, waiting for a free
+        connection as wsboard's other pool does (its two parents, composed by their MRO)."""
+
 except ImportError:  # pragma: no cover - the extra is installed wherever tests run
     redis = None
 
@@ -248,12 +254,52 @@ def _urls(text: str) -> tuple:
     return tuple(_url(part) for part in text.split())
 
 
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+class SentinelTarget(NamedTuple):
+    """What a redis+sentinel:// URL names: the sentinels and the primary's service."""
+
+    sentinels: tuple  # ((host, port), ...)
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+
+
+def parse_sentinel_url(text: str) -> SentinelTarget:
+    """redis+sentinel://[user:password@]HOST:PORT[,HOST:PORT...]/SERVICE[?db=N] as a
+    SentinelTarget; ValueError saying what is wrong."""
+    parts = urlsplit(text)
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    sentinels = []
+    for host_port in hosts.split(","):
+        host, _, port = host_port.rpartition(":")
+        number = bounded_int(port, 5)
+        if not host or number is None or not 0 < number < 65536:
+            raise ValueError(f"sentinel {host_port[:60]!r} must be HOST:PORT")
+        sentinels.append((host.strip("[]"), number))
+    service = parts.path.strip("/")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", service):
+        raise ValueError("must name the primary's service: redis+sentinel://HOST:PORT/NAME")
+    query = dict(parse_qsl(parts.query))
+    db = bounded_int(query.pop("db", "0"), 5)
+    if db is None or query:
+        raise ValueError("takes ?db=N alone")
+    username, _, password = credentials.partition(":")
+    return SentinelTarget(
+        tuple(sentinels), service, db, unquote(username) or None, unquote(password) or None
+    )
+
+
 def _redis_url(text: str) -> str:
     if not text:
         return text
     parts = urlsplit(text)
-    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
-        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    if parts.scheme == SENTINEL_SCHEME:
+        parse_sentinel_url(text)
+    elif parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
+        raise ValueError("must be a redis://, rediss://, unix:// or redis+sentinel:// URL")
     if redis is None:
         raise ValueError("needs the redis package: pip install 'wsboard[redis]'")
     return text
@@ -495,9 +541,10 @@ OPTIONS = (
            "--pusher-webhook; past it: dropped and counted"),
     # Scale-out
     Option("redis", "", _redis_url,
-           "Redis URL (redis://[:password@]host:port/db, rediss://..., unix:///path) that "
-           "turns on scale-out: every process given it shares one id space; empty: one "
-           "process, no Redis"),
+           "Redis URL (redis://[:password@]host:port/db, rediss://..., unix:///path, or "
+           "redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[?db=N] to find "
+           "the primary through Sentinel) that turns on scale-out: every process given it "
+           "shares one id space; empty: one process, no Redis"),
     Option("redis_prefix", "wsboard", _redis_prefix,
            "prefix of wsboard's Redis keys and channels, so installations can share a Redis"),
     Option("redis_timeout", "1", _seconds,
@@ -5679,6 +5726,76 @@ OUTBOX_SIZE = 100_000  # publishes (or membership changes) that may wait for Red
 OUTBOX_READS = frozenset({"HKEYS"})  # plain reads that may ride in the outbox's round trip
 
 
+def redis_pool(cfg: Config) -> "redis.ConnectionPool":
+    """The connection pool of --redis: to its URL, or to the primary the sentinels name
+    (found again after a failover)."""
+    settings = dict(
+        max_connections=16,
+        timeout=cfg.redis_timeout,  # for a free connection: a full pool is an outage too
+        socket_timeout=cfg.redis_timeout,
+        socket_connect_timeout=cfg.redis_timeout,
+        socket_keepalive=True,
+        health_check_interval=0,
+        protocol=2,  # pub/sub as plain replies, read by our own loop
+        retry=redis.retry.Retry(NoBackoff(), 0),  # a retry hides an outage, or doubles
+    )
+    if not cfg.redis.startswith(SENTINEL_SCHEME + ":"):
+        return redis.BlockingConnectionPool.from_url(cfg.redis, **settings)
+    target = parse_sentinel_url(cfg.redis)
+    asking = {"socket_timeout": cfg.redis_timeout, "socket_connect_timeout": cfg.redis_timeout}
+    sentinel = redis.sentinel.Sentinel(list(target.sentinels), sentinel_kwargs=asking)
+    credentials = {"db": target.db, "username": target.username, "password": target.password}
+    return SentinelBlockingPool(target.service, sentinel, **credentials, **settings)
+
+
+def redis_address(pool: "redis.ConnectionPool") -> str:
+    """Where the pool's commands go (host:port or a socket path), asking the sentinels when
+    it has them. Raises redis.RedisError."""
+    if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        host, port = pool.get_master_address()
+        return f"{format_host(host)}:{port} (primary of {pool.service_name!r}, from the sentinels)"
+    kwargs = pool.connection_kwargs
+    if "path" in kwargs:
+        return kwargs["path"]
+    return f"{format_host(kwargs.get('host', 'localhost'))}:{kwargs.get('port', 6379)}"
+
+
+NO_CLUSTER = (
+    "not supported (wsboard counts PUBLISH's listeners, which Cluster's plain pub/sub "
+    "miscounts; see docs/scaleout.md): give a standalone or Sentinel-managed Redis"
+)
+
+
+def redis_at_start(cfg: Config) -> tuple:
+    """(where --redis leads now, why it may not be used or None), asked once at start-up:
+    a Redis Cluster is refused; an unreachable Redis is not (the link keeps trying)."""
+    pool = redis_pool(cfg)
+    try:
+        where = redis_address(pool)
+        cluster = redis.Redis(connection_pool=pool).info("cluster").get("cluster_enabled")
+    except (redis.RedisError, OSError) as exc:
+        return f"unreachable for now ({type(exc).__name__}: {exc})", None
+    finally:
+        pool.disconnect()
+    return where, f"{where} is a Redis Cluster node: {NO_CLUSTER}" if cluster else None
+
+
+def link_address(link: object) -> str:
+    """Where a connection is: host:port or its socket path."""
+    path = getattr(link, "path", None)
+    if path:
+        return path
+    return f"{format_host(getattr(link, 'host', '?'))}:{getattr(link, 'port', '?')}"
+
+
+def not_primary(exc: BaseException) -> bool:
+    """Whether a Redis reply says the node is no primary to write to (a replica, a primary
+    cut from its replicas, one loading its data): for wsboard, a link down."""
+    errors = redis.exceptions
+    kinds = (errors.ReadOnlyError, errors.MasterDownError, errors.BusyLoadingError)
+    return isinstance(exc, kinds) or str(exc).startswith(("READONLY", "MASTERDOWN", "LOADING"))
+
+
 class RedisTransport:
     """A Backplane's bus on Redis (see the banner): implements Transport."""
 
@@ -5689,17 +5806,7 @@ class RedisTransport:
         self.cfg = cfg = backplane.cfg
         self.node = backplane.node
         self.events = backplane.events  # presence changes are told where Redis confirms them
-        self.pool = redis.BlockingConnectionPool.from_url(
-            cfg.redis,
-            max_connections=16,
-            timeout=cfg.redis_timeout,  # for a free connection: a full pool is an outage too
-            socket_timeout=cfg.redis_timeout,
-            socket_connect_timeout=cfg.redis_timeout,
-            socket_keepalive=True,
-            health_check_interval=0,
-            protocol=2,  # pub/sub as plain replies, read by our own loop
-            retry=redis.retry.Retry(NoBackoff(), 0),  # a retry hides an outage, or doubles
-        )
+        self.pool = redis_pool(cfg)
         self.redis = redis.Redis(connection_pool=self.pool)
         self.scripts = {
             name: self.redis.register_script(source)
@@ -5747,6 +5854,7 @@ class RedisTransport:
         self.probe_at = 0.0
         self.nodes_seen = 0
         self.boot = None  # the token of the Redis this process last saw; a new one: it lost all
+        self.address = "?"  # where the link is (or was last)
         self.recount_quietly = False
         self.greenlets: list = []
         self.warned = Throttle(10)
@@ -5771,6 +5879,8 @@ class RedisTransport:
             raise BackplaneError(UNAVAILABLE) from None
 
     def _trouble(self, exc: Exception) -> None:
+        if not_primary(exc):
+            self._cut(f"{self.address} answered {str(exc)[:80]!r}: not the primary")
         self.link_error = f"{type(exc).__name__}: {exc}"
         if self.warned():
             log.warning("redis: %s", self.link_error)
@@ -5911,10 +6021,20 @@ class RedisTransport:
         late = redis.TimeoutError("Redis did not answer the link's set-up in time")
         with gevent.Timeout(self.cfg.redis_timeout, late):  # a frozen Redis still accepts
             link.connect()
+            link.send_command("ROLE")
+            role = link.read_response()[0]
+            link.send_command("INFO", "cluster")
+            cluster = b"cluster_enabled:1" in link.read_response()
             link.send_command("CLIENT", "SETNAME", f"wsboard-{self.node}")
             link.read_response()
             link.send_command("CLIENT", "ID")
             self.link_client_id = int(link.read_response())
+        self.address = link_address(link)
+        if cluster:
+            raise redis.ConnectionError(f"{self.address} is a Redis Cluster node: {NO_CLUSTER}")
+        if role != b"master":  # a demoted primary (or a replica) serves reads, not us
+            self.pool.disconnect()  # its connections too: found anew (through the sentinels)
+            raise redis.ConnectionError(f"{self.address} is a {role.decode()}, not the primary")
         self.changes.clear()
         routes = self.backplane.wanted_routes()
         self.subscribed = set(routes)
@@ -5925,6 +6045,15 @@ class RedisTransport:
         # Up once Redis confirms every route; a link that cannot get there starts again.
         gevent.spawn_later(self.cfg.redis_timeout + len(routes) / 20_000, self._up_or_cut, link)
         self._read(link, done)
+
+    def _cut(self, why: str) -> None:
+        """The node is no primary to write to: the link goes down (and comes back through
+        _link_once, which checks ROLE), the pool's connections are made anew."""
+        link = self.link
+        if link is not None:
+            log.warning("redis: %s; reconnecting", why)
+            link.disconnect()
+        self.pool.disconnect()
 
     def _up_or_cut(self, link: object) -> None:
         if self.link is link and not self.up:
@@ -5972,7 +6101,9 @@ class RedisTransport:
         self.up = True
         self.link_since = time.time()
         self.reconnects += 1
-        log.info("redis link up (node %s, client %d)", self.node, self.link_client_id)
+        log.info(
+            "redis link up to %s (node %s, client %d)", self.address, self.node, self.link_client_id
+        )
         self.backplane.link_came_up()
 
     # What lives in Redis: numbered sends, idempotency keys, presence, watchers.
@@ -6177,6 +6308,10 @@ class RedisTransport:
 
     def beat(self) -> None:
         self._check_probe()
+        role = self.call("ROLE")[0]
+        if role != b"master":  # demoted under us: REPLICAOF, or a failover behind a proxy
+            self._cut(f"{self.address} is a {role.decode()} now, not the primary")
+            raise BackplaneError(UNAVAILABLE)
         record = self.key("node", self.node)
         self.call(
             "HSET",
@@ -6275,6 +6410,7 @@ class RedisTransport:
         for (command, _, answers), reply in zip(items, replies, strict=True):
             if isinstance(reply, Exception):
                 log.error("redis refused a command: %s", reply)
+                self._trouble(reply)
                 if answers is not None:
                     answers.fail(UNAVAILABLE)
             elif answers is None:
@@ -9555,6 +9691,14 @@ class Board:
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror or exc)
             return 1
+        backplane = ""
+        if cfg.redis:
+            where, refusal = redis_at_start(cfg)
+            if refusal is not None:
+                log.error("cannot use --redis: %s", refusal)
+                self.http.close()
+                return 2
+            backplane = f", redis {where}"
         try:
             self.open_control()
         except (ControlSocketInUse, ConfigError, OSError) as exc:
@@ -9568,11 +9712,12 @@ class Board:
         self.start_metrics()
         self.started = True
         log.info(
-            "wsboard %s on http://%s:%d, control socket %s",
+            "wsboard %s on http://%s:%d, control socket %s%s",
             __version__,
             format_host(cfg.host),
             self.http.server_port,
             self.control_path,
+            backplane,
         )
         self.stopping.wait()
         log.info("shutting down")
@@ -9669,11 +9814,18 @@ def check_config_command(argv: Sequence[str]) -> int:
         print(
             "usage: wsboard check-config [OPTIONS]\n\nCheck the settings (flags and WSBOARD_* "
             "variables, as `wsboard` would read them) and exit 0, or print what is wrong and "
-            "exit 2. gunicorn.conf.py runs it before any worker starts."
+            "exit 2; with --redis, also say which Redis (which primary, through the sentinels) "
+            "it would use, and refuse a Redis Cluster. gunicorn.conf.py runs it before any "
+            "worker starts."
         )
         return 0
     cfg = load_config(argv)
     print(f"wsboard: settings are good; control socket {control_socket_path(cfg.control)}")
+    if cfg.redis:
+        where, refusal = redis_at_start(cfg)
+        if refusal is not None:
+            raise ConfigError(f"--redis: {refusal}")
+        print(f"wsboard: redis {where}")
     return 0
 
 

@@ -409,9 +409,10 @@ class RedisServer:
     """A real redis-server on loopback with its own port and directory, no persistence
     (so a restart comes back empty, as an unconfigured Redis does)."""
 
-    def __init__(self, directory) -> None:
+    def __init__(self, directory, *args: str) -> None:
         self.port = free_port()
         self.directory = str(directory)
+        self.args = args  # more of redis-server's options: --replicaof HOST PORT, ...
         self.proc = None
 
     @property
@@ -435,6 +436,7 @@ class RedisServer:
                 self.directory,
                 "--loglevel",
                 "warning",
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -547,6 +549,7 @@ MARKS_BY_FILE = {
     "test_php_client.py": ("php",),
     "test_pusher.py": ("node",),
     "test_pusher_surface.py": ("node",),
+    "test_failover.py": ("slow", "redis"),
     "test_scaleout.py": ("slow", "redis"),
 }
 

@@ -1,0 +1,238 @@
+"""A backplane that survives failover: a real primary, a replica and three real sentinels
+(redis-server --sentinel), a primary demoted under wsboard (REPLICAOF), a Redis Cluster
+node refused."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import websocket
+from conftest import ROOT, Control, RedisServer, ask_json, free_port, new_prefix, wait_until
+
+import wsboard
+
+SERVICE = "wsboard-primary"
+
+
+def test_a_sentinel_url_names_its_sentinels_service_and_credentials():
+    target = wsboard.parse_sentinel_url(
+        "redis+sentinel://app:p%40ss@10.0.0.1:26379,[::1]:26380/main?db=3"
+    )
+    assert target == wsboard.SentinelTarget(
+        (("10.0.0.1", 26379), ("::1", 26380)), "main", 3, "app", "p@ss"
+    )
+    plain = wsboard.parse_sentinel_url("redis+sentinel://127.0.0.1:26379/main")
+    assert (plain.db, plain.username, plain.password) == (0, None, None)
+
+
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("redis+sentinel://127.0.0.1/main", "HOST:PORT"),
+        ("redis+sentinel://127.0.0.1:99999/main", "HOST:PORT"),
+        ("redis+sentinel://127.0.0.1:26379/", "service"),
+        ("redis+sentinel://127.0.0.1:26379/main?db=x", "db=N"),
+        ("redis+sentinel://127.0.0.1:26379/main?timeout=1", "db=N"),
+    ],
+)
+def test_a_bad_sentinel_url_stops_start_up_saying_why(url, reason):
+    with pytest.raises(wsboard.ConfigError, match=reason):
+        wsboard.load_config(["--redis", url], {})
+
+
+class Sentinels:
+    """Three redis-server --sentinel processes watching one primary: quorum 2, a primary
+    taken for down after 1 s without an answer."""
+
+    def __init__(self, directory, primary: RedisServer) -> None:
+        self.procs, self.ports = [], []
+        for n in range(3):
+            port = free_port()
+            conf = os.path.join(str(directory), f"sentinel-{n}.conf")
+            os.makedirs(str(directory), exist_ok=True)
+            with open(conf, "w") as f:
+                f.write(
+                    f"port {port}\nbind 127.0.0.1\nsentinel resolve-hostnames no\n"
+                    f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 2\n"
+                    f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+                    f"sentinel failover-timeout {SERVICE} 5000\n"
+                    f"sentinel parallel-syncs {SERVICE} 1\n"
+                )
+            self.procs.append(
+                subprocess.Popen(
+                    ["redis-server", conf, "--sentinel", "--loglevel", "warning"],
+                    stdout=subprocess.DEVNULL,
+                )
+            )
+            self.ports.append(port)
+        wait_until(lambda: self.primary() == primary.port, timeout=15, what="the sentinels")
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        return f"redis+sentinel://{hosts}/{SERVICE}"
+
+    def primary(self) -> int | None:
+        import redis
+
+        try:
+            client = redis.Redis(port=self.ports[0], socket_timeout=2)
+            return int(client.sentinel_get_master_addr_by_name(SERVICE)[1])
+        except Exception:
+            return None
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def replicated(tmp_path):
+    """A primary, its replica and three sentinels."""
+    primary = RedisServer(tmp_path / "primary").start()
+    replica = RedisServer(tmp_path / "replica", "--replicaof", "127.0.0.1", "0").start()
+    replica.client().replicaof("127.0.0.1", primary.port)
+    wait_until(
+        lambda: replica.client().info("replication").get("master_link_status") == "up",
+        what="the replica in sync",
+    )
+    sentinels = Sentinels(tmp_path / "sentinels", primary)
+    yield primary, replica, sentinels
+    sentinels.stop()
+    replica.stop()
+    primary.stop()
+
+
+def stats(server) -> dict:
+    control = Control(server.control_path)
+    try:
+        return ask_json(control, {"op": "stats"})
+    finally:
+        control.close()
+
+
+def test_check_config_and_the_start_up_line_name_the_primary_the_sentinels_give(
+    replicated, server_factory
+):
+    primary, _, sentinels = replicated
+    checked = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "wsboard.py"),
+            "check-config",
+            "--redis",
+            sentinels.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert f"redis 127.0.0.1:{primary.port} (primary of '{SERVICE}'" in checked.stdout
+    server = server_factory("--redis", sentinels.url, "--redis-prefix", new_prefix())
+    server.wait_linked()
+    assert f"redis 127.0.0.1:{primary.port} (primary of '{SERVICE}'" in server.log()
+    assert f"redis link up to 127.0.0.1:{primary.port}" in server.log()
+
+
+def test_a_failover_never_gets_a_false_ok_and_heals_without_a_restart(
+    replicated, server_factory, tmp_path
+):
+    """kill -9 of the primary: every SEND answered OK meanwhile reached its socket; after
+    the failover SEND, PUBLISH, presence and listings work across processes again."""
+    primary, replica, sentinels = replicated
+    prefix = new_prefix()
+    common = ("--redis", sentinels.url, "--redis-prefix", prefix, "--presence-grace", "0")
+    one = server_factory(*common, "--control", str(tmp_path / "one.sock")).wait_linked()
+    two = server_factory(*common, "--control", str(tmp_path / "two.sock")).wait_linked()
+    there = websocket.create_connection(two.ws_url("there") + "&channel=news", timeout=10)
+    member = websocket.create_connection(
+        two.ws_url("member") + "&channel=presence-room", subprotocols=["wsboard.v1"], timeout=10
+    )
+    control = Control(one.control_path)
+    assert control.ask("SEND MESSAGE there before") == "OK"
+    assert there.recv() == "before"
+    primary.stop()  # kill -9
+    answered_ok, started, n = [], time.monotonic(), 0
+    while time.monotonic() - started < 30:
+        n += 1
+        answer = control.ask(f"SEND MESSAGE there during {n}")
+        assert answer in ("OK", "ERROR Backplane Unavailable", "ERROR Timeout"), answer
+        if answer == "OK":
+            answered_ok.append(f"during {n}")
+            if len(answered_ok) >= 3 and sentinels.primary() == replica.port:
+                break
+        time.sleep(0.05)
+    assert sentinels.primary() == replica.port, "the sentinels did not fail over"
+    assert len(answered_ok) >= 3, "sends did not come back after the failover"
+    received = [there.recv() for _ in answered_ok]
+    assert received == answered_ok  # every OK reached the socket, in order
+    assert control.ask("PUBLISH news after the failover") == "OK 1"
+    assert there.recv() == "after the failover"
+    wait_until(lambda: len(control.list()) == 2, what="both sockets listed again")
+    presence = ask_json(control, {"op": "presence", "channel": "presence-room"})
+    assert [m["id"] for m in presence["members"]] == ["member"]
+    assert f"redis link up to 127.0.0.1:{replica.port}" in one.log()
+    control.close()
+    there.close()
+    member.close()
+
+
+def test_a_primary_demoted_with_replicaof_is_a_link_down_and_heals(server_factory, tmp_path):
+    """REPLICAOF sent to the node wsboard is connected to (what a proxy that keeps old
+    sessions open does after a failover): no OK while it is a replica; back when it is a
+    primary again."""
+    node = RedisServer(tmp_path / "node").start()
+    other = RedisServer(tmp_path / "other").start()
+    try:
+        prefix = new_prefix()
+        common = ("--redis", node.url, "--redis-prefix", prefix, "--node-timeout", "2")
+        one = server_factory(*common, "--control", str(tmp_path / "one.sock")).wait_linked()
+        two = server_factory(*common, "--control", str(tmp_path / "two.sock")).wait_linked()
+        there = websocket.create_connection(two.ws_url("there"), timeout=10)
+        control = Control(one.control_path)
+        assert control.ask("SEND MESSAGE there before") == "OK"
+        assert there.recv() == "before"
+        node.client().replicaof("127.0.0.1", other.port)
+        answers = []  # what a SEND got until the demotion was noticed: each OK was true
+        wait_until(
+            lambda: answers.append(control.ask("SEND MESSAGE there x")) or answers[-1] != "OK",
+            timeout=10,
+            what="the demotion noticed",
+        )
+        assert [there.recv() for _ in range(answers.count("OK"))] == ["x"] * answers.count("OK")
+        for _ in range(10):
+            assert control.ask("SEND MESSAGE there during").startswith("ERROR")
+        wait_until(lambda: stats(one)["backplane"]["state"] == "down", what="the link down")
+        assert "not the primary" in one.log()
+        node.client().replicaof("no", "one")  # a primary again
+        wait_until(
+            lambda: control.ask("SEND MESSAGE there after") == "OK", timeout=15, what="the heal"
+        )
+        assert there.recv() == "after"
+        control.close()
+        there.close()
+    finally:
+        node.stop()
+        other.stop()
+
+
+def test_a_redis_cluster_node_is_refused_at_start(server_factory, tmp_path):
+    node = RedisServer(tmp_path / "cluster", "--cluster-enabled", "yes").start()
+    try:
+        server = server_factory("--redis", node.url, start=False)
+        server.start(wait=False)
+        assert server.proc.wait(30) == 2
+        assert "Redis Cluster" in server.log() and "docs/scaleout.md" in server.log()
+        checked = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "wsboard.py"), "check-config", "--redis", node.url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert checked.returncode == 2 and "Redis Cluster" in checked.stderr
+    finally:
+        node.stop()
