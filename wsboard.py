@@ -550,6 +550,12 @@ OPTIONS = (
     Option("redis_timeout", "1", _seconds,
            "seconds Redis gets to answer and a process holding a target gets to confirm; "
            "past it: ERROR Timeout (or ERROR Backplane Unavailable)"),
+    Option("redis_wait", "0", _count_or_off,
+           "replicas that a write which keeps data (an inbox message, channel history, an "
+           "idempotency key) must reach (Redis WAIT) before wsboard answers OK or queued; not "
+           "reached within --redis-timeout: ERROR Timeout (a message delivered to a socket of "
+           "this process is OK at once); 0: none (a failover may lose the last writes: "
+           "docs/scaleout.md)"),
     Option("node_timeout", "10", _seconds,
            "seconds a process may miss its heartbeats (every fifth of this) before the others "
            "take it for dead: its subscriptions are cut and its presence memberships end"),
@@ -4433,7 +4439,7 @@ class Transport(typing.Protocol):
 
     def claim(self, key: str) -> SendResult | None: ...
 
-    def settle_key(self, key: str, result: SendResult) -> None: ...
+    def settle_key(self, key: str, result: SendResult) -> bool: ...  # False: not replicated
 
     def member_changed(self, kind: str, channel: str, client_id: str, meta: object) -> None: ...
 
@@ -4771,8 +4777,8 @@ class Backplane:
             if earlier is not None:
                 return earlier._replace(duplicate=True)
         (result,) = self.send_many([(ids, text, keep_offline)], batch, count_all)
-        if key is not None:
-            self.transport.settle_key(key, result)
+        if key is not None and not self.transport.settle_key(key, result):
+            raise BackplaneError(TIMEOUT)  # done, but its key may not outlive a failover
         return result
 
     def send_many(
@@ -5315,8 +5321,9 @@ return {heard, seq, epoch}
 """
 
 # A socket opens: KEYS box meta, box list; ARGV an epoch for a new box, ttl, take (1: only
-# what was kept while the id had no socket). Returns {epoch, last seq, first undelivered,
-# items}; the undelivered mark is cleared, so they are given once.
+# what was kept while the id had no socket), the reader's epoch and last seq. Returns
+# {epoch, last seq, first undelivered, items}; the undelivered mark is cleared, so they are
+# given once. A reader ahead of the box in its epoch saw what Redis lost: a new epoch.
 INBOX_OPEN = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -5324,6 +5331,11 @@ if not epoch then
   epoch = ARGV[1]
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'undelivered', 0)
   redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+if ARGV[4] == epoch and tonumber(ARGV[5]) > tonumber(redis.call('HGET', KEYS[1], 'seq')) then
+  epoch = ARGV[1]  -- the reader saw numbers this Redis lost (a failover): number anew
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'undelivered', 0)
+  redis.call('DEL', KEYS[2])
 end
 local first = tonumber(redis.call('HGET', KEYS[1], 'undelivered'))
 redis.call('HSET', KEYS[1], 'undelivered', 0)
@@ -5454,7 +5466,8 @@ return result
 
 # A channel's history read: KEYS meta, list; ARGV an epoch for a new channel, the meta
 # ttl, the offset to read after (-1: none), how many of the last to read, the reader's
-# epoch. Returns {epoch, last offset, entries}: all kept when the reader's epoch differs.
+# epoch. Returns {epoch, last offset, entries}: all kept when the reader's epoch differs;
+# a reader ahead of the channel in its epoch saw what Redis lost: a new epoch.
 HISTORY_READ = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -5464,6 +5477,12 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
 local after, want = tonumber(ARGV[3]), tonumber(ARGV[4])
+if after > offset and ARGV[5] == epoch then
+  epoch = ARGV[1]  -- the reader saw offsets this Redis lost (a failover): number anew
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('DEL', KEYS[2])
+  return {epoch, 0, {}}
+end
 if after >= 0 then
   if ARGV[5] ~= epoch then return {epoch, offset, redis.call('LRANGE', KEYS[2], 0, -1)} end
   want = offset - after
@@ -5537,10 +5556,10 @@ class RedisInbox:
         self.transport = transport
         self.opened: dict = {}  # id -> the last number its latest opening read (see attach)
 
-    def _open(self, client_id: str, take: bool) -> list:
+    def _open(self, client_id: str, take: bool, epoch: str = "", last: int = 0) -> list:
         transport = self.transport
         keys = [transport.key("im", client_id), transport.key("ib", client_id)]
-        args = [secrets.token_hex(4), int(transport.cfg.inbox_ttl), int(take)]
+        args = [secrets.token_hex(4), int(transport.cfg.inbox_ttl), int(take), epoch, last]
         return transport.call(transport.scripts["inbox_open"], keys, args)
 
     def _items(self, raw: list, now: float) -> list:
@@ -5561,7 +5580,7 @@ class RedisInbox:
 
     def missed(self, client_id: str, epoch: str, last: int, now: float) -> tuple:
         try:
-            box_epoch, last_seq, _, raw = self._open(client_id, take=False)
+            box_epoch, last_seq, _, raw = self._open(client_id, False, epoch, last)
         except BackplaneError:  # numbered by nothing now: a new epoch tells of the gap later
             return BoxView(secrets.token_hex(4), 0), [], bool(epoch)
         box_epoch = box_epoch.decode() if isinstance(box_epoch, bytes) else box_epoch
@@ -5724,6 +5743,7 @@ class RedisSticky:
 
 OUTBOX_SIZE = 100_000  # publishes (or membership changes) that may wait for Redis
 OUTBOX_READS = frozenset({"HKEYS"})  # plain reads that may ride in the outbox's round trip
+OUTBOX_KEEPS = frozenset({"inbox_send", "history_publish"})  # writes --redis-wait waits for
 
 
 def redis_pool(cfg: Config) -> "redis.ConnectionPool":
@@ -5786,6 +5806,11 @@ def link_address(link: object) -> str:
     if path:
         return path
     return f"{format_host(getattr(link, 'host', '?'))}:{getattr(link, 'port', '?')}"
+
+
+def replicated(reply: object, replicas: int) -> bool:
+    """Whether a WAIT's reply says the writes before it reached replicas replicas."""
+    return isinstance(reply, int) and reply >= replicas
 
 
 def not_primary(exc: BaseException) -> bool:
@@ -5855,6 +5880,8 @@ class RedisTransport:
         self.nodes_seen = 0
         self.boot = None  # the token of the Redis this process last saw; a new one: it lost all
         self.address = "?"  # where the link is (or was last)
+        # WAIT gives up within the round trip's own timeout, so its answer always comes.
+        self.wait_ms = max(1, int(cfg.redis_timeout * 1000 * 0.8))
         self.recount_quietly = False
         self.greenlets: list = []
         self.warned = Throttle(10)
@@ -6190,17 +6217,23 @@ class RedisTransport:
                 raise
             return None  # no Redis: no other process can be sent to anyway
 
-    def settle_key(self, key: str, result: SendResult) -> None:
+    def settle_key(self, key: str, result: SendResult) -> bool:
+        """Keep the send's result under key; False: --redis-wait's replicas did not get it
+        in time (a failover could forget it, and a retry deliver twice)."""
         name = self.key("key", key)
         try:
             if result.sockets or result.queued:
                 fields = [*result[:4], list(result.unconfirmed), result.trouble]
                 window = int(self.cfg.idempotency_window * 1000)
                 self.call("SET", name, json.dumps(fields), "XX", "PX", window)
+                if self.cfg.redis_wait:
+                    acked = self.call("WAIT", self.cfg.redis_wait, self.wait_ms)
+                    return replicated(acked, self.cfg.redis_wait)
             else:
                 self.call("DEL", name)  # a failed send may be tried again
         except BackplaneError:
             pass
+        return True
 
     def member_changed(self, kind: str, channel: str, client_id: str, meta: object) -> None:
         """An id joined ("join") or left ("leave") a presence channel here: queued for the
@@ -6400,6 +6433,10 @@ class RedisTransport:
                 pipe.execute_command(command, *args)
             else:
                 self.scripts[command](*args, client=pipe)
+        replicas = self.cfg.redis_wait
+        waits = replicas and any(command in OUTBOX_KEEPS for command, _, _ in items)
+        if waits:  # one WAIT covers every write of this round trip
+            pipe.execute_command("WAIT", replicas, self.wait_ms)
         try:
             replies = self.call(pipe.execute, False)  # one failed script fails only itself
         except BackplaneError as exc:
@@ -6407,8 +6444,14 @@ class RedisTransport:
                 if answers is not None:
                     answers.fail(str(exc))
             raise
+        unreplicated = waits and not replicated(replies.pop(), replicas)
         for (command, _, answers), reply in zip(items, replies, strict=True):
-            if isinstance(reply, Exception):
+            if unreplicated and command in OUTBOX_KEEPS and not isinstance(reply, Exception):
+                reply = BackplaneError(TIMEOUT)  # kept by the primary alone: a failover loses it
+            if isinstance(reply, BackplaneError):
+                if answers is not None:
+                    answers.fail(str(reply))
+            elif isinstance(reply, Exception):
                 log.error("redis refused a command: %s", reply)
                 self._trouble(reply)
                 if answers is not None:

@@ -2,6 +2,7 @@
 (redis-server --sentinel), a primary demoted under wsboard (REPLICAOF), a Redis Cluster
 node refused."""
 
+import json
 import os
 import subprocess
 import sys
@@ -236,3 +237,97 @@ def test_a_redis_cluster_node_is_refused_at_start(server_factory, tmp_path):
         assert checked.returncode == 2 and "Redis Cluster" in checked.stderr
     finally:
         node.stop()
+
+
+def send_json(control, request: dict) -> dict:
+    return json.loads(control.ask(json.dumps(request)))
+
+
+def test_with_redis_wait_what_was_queued_before_a_failover_is_delivered_after_it(
+    replicated, server_factory, tmp_path
+):
+    primary, replica, sentinels = replicated
+    prefix = new_prefix()
+    common = (
+        "--redis", sentinels.url, "--redis-prefix", prefix, "--inbox", "100", "--offline-ok",
+        "--redis-wait", "1",
+    )  # fmt: skip
+    one = server_factory(*common, "--control", str(tmp_path / "one.sock")).wait_linked()
+    control = Control(one.control_path)
+    for n in range(20):
+        answer = send_json(control, {"op": "send", "to": "away", "data": f"kept {n}"})
+        assert answer == {"ok": True, "sockets": 0, "queued": 1, "seq": {"away": n + 1}}, answer
+    keyed = send_json(control, {"op": "send", "to": "away", "data": "once", "key": "k-1"})
+    assert keyed["ok"] is True
+    primary.stop()  # kill -9: the replica has every write answered above
+    wait_until(lambda: sentinels.primary() == replica.port, timeout=30, what="the failover")
+    wait_until(lambda: stats_state(one) == "up", timeout=30, what="the link on the new primary")
+    again = send_json(control, {"op": "send", "to": "away", "data": "once", "key": "k-1"})
+    assert again.get("duplicate") is True  # the idempotency key outlived the failover
+    away = websocket.create_connection(one.ws_url("away"), subprotocols=["wsboard.v1"])
+    assert "hello" in json.loads(away.recv())
+    got = [json.loads(away.recv())["data"] for _ in range(21)]
+    assert got == [f"kept {n}" for n in range(20)] + ["once"]
+    away.close()
+    control.close()
+
+
+def stats_state(server) -> str:
+    return stats(server)["backplane"]["state"]
+
+
+def test_with_redis_wait_a_write_no_replica_took_answers_timeout(tmp_path, server_factory):
+    alone = RedisServer(tmp_path / "alone").start()  # no replica at all
+    try:
+        common = ("--redis", alone.url, "--redis-prefix", new_prefix(), "--inbox", "10")
+        one = server_factory(*common, "--offline-ok", "--redis-wait", "1").wait_linked()
+        control = Control(one.control_path)
+        assert control.ask("SEND MESSAGE away kept alone") == "ERROR Timeout"
+        here = websocket.create_connection(one.ws_url("here"))
+        # delivered to a socket now: OK says so, whatever the store keeps for its resumes
+        assert control.ask("SEND MESSAGE here delivered") == "OK"
+        assert here.recv() == "delivered"
+        control.close()
+        here.close()
+    finally:
+        alone.stop()
+
+
+def test_a_reader_ahead_of_what_redis_kept_gets_a_gap_and_a_new_epoch(redis_server, server_factory):
+    """Redis replicates asynchronously: after a failover the new primary may lack the last
+    numbers a client already has. Its resume gets a gap and a new epoch, never a number it
+    would take for one it has (simulated here by taking the numbers back in Redis)."""
+    prefix = new_prefix()
+    server = server_factory(
+        "--redis", redis_server.url, "--redis-prefix", prefix, "--inbox", "10", "--history", "10"
+    ).wait_linked()
+    control = Control(server.control_path)
+    ws = websocket.create_connection(
+        server.ws_url("ann") + "&channel=news", subprotocols=["wsboard.v1"], timeout=10
+    )
+    hello = json.loads(ws.recv())["hello"]
+    for n in range(5):
+        assert control.ask(f"SEND MESSAGE ann direct {n}") == "OK"
+        assert control.ask(f"PUBLISH news chan {n}") == "OK 1"
+    seen = [json.loads(ws.recv()) for _ in range(10)]
+    last_seq = max(m["seq"] for m in seen if m.get("seq"))
+    news = [m for m in seen if "offsets" in m][-1]["offsets"]["news"]
+    ws.close()
+    client = redis_server.client()
+    client.hset(f"{prefix}:im:ann", "seq", 2)  # what a replica promoted too early may hold
+    client.hset(f"{prefix}:hm:news", "offset", 2)
+    epoch, channel_epoch = hello["epoch"], hello["channels"]["news"]["epoch"]
+    resumed = websocket.create_connection(
+        server.ws_url("ann")
+        + f"&epoch={epoch}&last={last_seq}&channel=news&since=news:{channel_epoch}:{news}",
+        subprotocols=["wsboard.v1"],
+        timeout=10,
+    )
+    opening = [json.loads(resumed.recv()) for _ in range(3)]
+    again = opening[0]["hello"]
+    assert again["epoch"] != epoch and again["channels"]["news"]["epoch"] != channel_epoch
+    assert {"gap": {"after": 0}} in opening
+    assert control.ask("SEND MESSAGE ann after") == "OK"
+    assert json.loads(resumed.recv())["seq"] == 1  # numbered anew, in the new epoch
+    resumed.close()
+    control.close()
