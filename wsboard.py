@@ -629,10 +629,22 @@ class Config:
         def shown(name: str) -> str:
             value = getattr(self, name)
             hidden = ("secret", "admin_password", "pusher_secret")
+            if name == "redis":
+                return repr(without_password(value))
             return "'***'" if name in hidden and value else repr(value)
 
         fields = ", ".join(f"{o.name}={shown(o.name)}" for o in OPTIONS)
         return f"Config({fields})"
+
+
+def without_password(url: str) -> str:
+    """url with the password in it (user:password@) shown as ***."""
+    parts = urlsplit(url)
+    credentials, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    user = credentials.partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{hosts}").geturl()
 
 
 def load_secret(secret: str, secret_file: str) -> bytes:

@@ -443,10 +443,16 @@ class RedisServer:
         wait_until(self.ping, timeout=10, what="redis-server to answer")
         return self
 
+    def start_with(self, password: str) -> "RedisServer":
+        """start() for a Redis that asks the default user for password."""
+        self.password = password
+        return self.start()
+
     def client(self):
         import redis
 
-        return redis.Redis(port=self.port, socket_timeout=5, protocol=2)
+        password = getattr(self, "password", None)
+        return redis.Redis(port=self.port, socket_timeout=5, protocol=2, password=password)
 
     def ping(self) -> bool:
         try:

@@ -331,3 +331,94 @@ def test_a_reader_ahead_of_what_redis_kept_gets_a_gap_and_a_new_epoch(redis_serv
     assert json.loads(resumed.recv())["seq"] == 1  # numbered anew, in the new epoch
     resumed.close()
     control.close()
+
+
+# Authentication and TLS to Redis, against a real redis-server configured for them.
+
+
+def two_linked(server_factory, url: str, tmp_path) -> tuple:
+    prefix = new_prefix()
+    common = ("--redis", url, "--redis-prefix", prefix)
+    one = server_factory(*common, "--control", str(tmp_path / "one.sock")).wait_linked()
+    two = server_factory(*common, "--control", str(tmp_path / "two.sock")).wait_linked()
+    return one, two
+
+
+def sends_across(one, two) -> None:
+    there = websocket.create_connection(two.ws_url("there"), timeout=10)
+    control = Control(one.control_path)
+    try:
+        assert control.ask("SEND MESSAGE there across") == "OK"
+        assert there.recv() == "across"
+    finally:
+        control.close()
+        there.close()
+
+
+def test_a_password_and_an_acl_user_are_used_and_never_shown(server_factory, tmp_path):
+    node = RedisServer(
+        tmp_path / "auth", "--requirepass", "default-pw",
+        "--user", "app", "on", ">app-pw", "~*", "&*", "+@all",
+    ).start_with(password="default-pw")  # fmt: skip
+    try:
+        one, two = two_linked(
+            server_factory, f"redis://:default-pw@127.0.0.1:{node.port}/0", tmp_path
+        )
+        sends_across(one, two)
+        acl = f"redis://app:app-pw@127.0.0.1:{node.port}/0"
+        (tmp_path / "acl").mkdir()
+        three, four = two_linked(server_factory, acl, tmp_path / "acl")
+        sends_across(three, four)
+        for server in (one, two, three, four):
+            assert "default-pw" not in server.log() and "app-pw" not in server.log()
+        wrong = server_factory(
+            "--redis", f"redis://app:wrong@127.0.0.1:{node.port}/0", "--redis-prefix", new_prefix()
+        )
+        wait_until(lambda: "AuthenticationError" in stats(wrong)["backplane"]["error"], what="why")
+        assert stats(wrong)["backplane"]["state"] == "down"
+        control = Control(wrong.control_path)
+        assert control.ask("SEND MESSAGE anyone x") == "ERROR Backplane Unavailable"
+        control.close()
+    finally:
+        node.stop()
+
+
+def make_certificates(directory) -> dict:
+    """A CA and a certificate for 127.0.0.1 it signed, made with openssl for this test."""
+    os.makedirs(directory, exist_ok=True)
+    names = ("ca.key", "ca.crt", "r.key", "r.csr", "r.crt", "ext")
+    path = {name: os.path.join(str(directory), name) for name in names}
+    with open(path["ext"], "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for command in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", path["ca.key"], "-out",
+         path["ca.crt"], "-days", "2", "-subj", "/CN=wsboard test CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", path["r.key"], "-out", path["r.csr"],
+         "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", path["r.csr"], "-CA", path["ca.crt"], "-CAkey", path["ca.key"],
+         "-CAcreateserial", "-out", path["r.crt"], "-days", "2", "-extfile", path["ext"]],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *command], check=True, capture_output=True)
+    return path
+
+
+def test_rediss_with_a_certificate_made_in_the_test(server_factory, tmp_path):
+    certs = make_certificates(tmp_path / "certs")
+    tls_port = free_port()
+    node = RedisServer(
+        tmp_path / "tls", "--tls-port", str(tls_port), "--tls-cert-file", certs["r.crt"],
+        "--tls-key-file", certs["r.key"], "--tls-ca-cert-file", certs["ca.crt"],
+        "--tls-auth-clients", "no",
+    ).start()  # fmt: skip
+    try:
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={certs['ca.crt']}"
+        one, two = two_linked(server_factory, url, tmp_path)
+        sends_across(one, two)
+        assert f"redis link up to 127.0.0.1:{tls_port}" in one.log()
+        other = make_certificates(tmp_path / "other")  # a CA that did not sign the server's
+        untrusted = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={other['ca.crt']}"
+        refused = server_factory("--redis", untrusted, "--redis-prefix", new_prefix())
+        wait_until(lambda: "certificate" in stats(refused)["backplane"]["error"], what="why")
+        assert stats(refused)["backplane"]["state"] == "down"
+    finally:
+        node.stop()
