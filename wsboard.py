@@ -556,6 +556,11 @@ OPTIONS = (
            "reached within --redis-timeout: ERROR Timeout (a message delivered to a socket of "
            "this process is OK at once); 0: none (a failover may lose the last writes: "
            "docs/scaleout.md)"),
+    Option("redis_lost_timeout", "0", _seconds_or_off,
+           "seconds the Redis link may stay down before this process closes its sockets "
+           "with 1012 (spread over --drain-window) and refuses new ones with 503 until it is "
+           "back, so browsers reconnect to a process still linked (behind a balancer that "
+           "checks /readyz); 0: never (its sockets stay, served for what needs no Redis)"),
     Option("node_timeout", "10", _seconds,
            "seconds a process may miss its heartbeats (every fifth of this) before the others "
            "take it for dead: its subscriptions are cut and its presence memberships end"),
@@ -841,6 +846,7 @@ class EndReason(enum.Enum):
     KICKED = "kicked"
     SHUTDOWN = "server shutdown"
     TOKEN_EXPIRED = "token expired"
+    BACKPLANE_LOST = "backplane lost"  # --redis-lost-timeout: reconnect to a linked process
 
 
 # Answers every front end gives in the same words.
@@ -2230,7 +2236,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
             closing = protocol.closing(path, environ.get("QUERY_STRING", ""))
             if closing is not None:  # a refusal this protocol tells inside the socket
                 return self.upgrade(board, hs, protocol, closing)
-        refusal = refusal or board.hub.admit(hs)
+        refusal = refusal or board.lost_refusal() or board.hub.admit(hs)
         if refusal:
             return self.refuse(refusal)
         self.upgrade(board, hs, protocol)
@@ -9377,6 +9383,7 @@ def configure_logging(level: str) -> None:
 
 
 SHUTDOWN_REASON = "server shutting down; reconnect"
+LOST_REASON = "backplane lost; reconnect to another server"
 
 
 class Board:
@@ -9409,6 +9416,7 @@ class Board:
         self.metrics = None  # prometheus_client's registry, made at the first scrape
         self.metrics_server: WSGIServer | None = None
         self.started = False  # serving, after start-up (for /readyz)
+        self.backplane_lost = False  # down past --redis-lost-timeout: sockets go elsewhere
         self.draining = False  # shutting down (for /readyz)
         self.control_connections = 0
         self.admin_streams = 0
@@ -9569,6 +9577,47 @@ class Board:
                 if n % 512 == 511:
                     gevent.sleep(0)
 
+    def watch_backplane(self, every: float = 0.25) -> None:
+        """Forever (--redis-lost-timeout): once the Redis link has been down that long, close
+        this process's sockets with 1012 and refuse new ones until it is back."""
+        down_since = None
+        while True:
+            gevent.sleep(every)
+            if self.hub.unready_reason() is None:
+                if self.backplane_lost:
+                    log.info("redis link back: taking sockets again")
+                down_since, self.backplane_lost = None, False
+                continue
+            down_since = down_since or time.monotonic()
+            if (
+                not self.backplane_lost
+                and time.monotonic() - down_since >= self.cfg.redis_lost_timeout
+            ):
+                self.backplane_lost = True
+                conns = self.hub.local_connections()
+                log.warning(
+                    "redis link down for %.0f s: closing %d sockets with 1012 so they reconnect "
+                    "to a linked process",
+                    time.monotonic() - down_since,
+                    len(conns),
+                )
+                gevent.spawn(self.close_all, conns, CloseCode.SERVICE_RESTART, LOST_REASON)
+
+    def close_all(self, conns: list, code: int, reason: str) -> None:
+        """Close conns with code, spread over --drain-window so they do not all come back at
+        once."""
+        window, batches = self.cfg.drain_window, max(1, min(len(conns), 50))
+        for i, conn in enumerate(conns):
+            conn.ws.end(EndReason.BACKPLANE_LOST, code, reason)
+            if window and (i + 1) % max(1, len(conns) // batches) == 0 and i + 1 < len(conns):
+                gevent.sleep(window / batches)
+
+    def lost_refusal(self) -> Refusal | None:
+        """Why a new socket may not open here now: the backplane is lost (see watch_backplane)."""
+        if self.backplane_lost:
+            return Refusal(503, LOST_REASON, "backplane")
+        return None
+
     def heartbeat(self) -> None:
         """Forever: a heartbeat round every ping_interval; old inbox entries and keys expired."""
         while True:
@@ -9696,6 +9745,8 @@ class Board:
         ]
         if self.cfg.idle_timeout:
             self.background.append(gevent.spawn(self.idle_sweep))
+        if self.cfg.redis and self.cfg.redis_lost_timeout:
+            self.background.append(gevent.spawn(self.watch_backplane))
         self.hub.start()
 
     def shut_down(self, quick: bool = False) -> None:

@@ -10,7 +10,16 @@ import time
 
 import pytest
 import websocket
-from conftest import ROOT, Control, RedisServer, ask_json, free_port, new_prefix, wait_until
+from conftest import (
+    ROOT,
+    Control,
+    RedisServer,
+    ask_json,
+    close_frame,
+    free_port,
+    new_prefix,
+    wait_until,
+)
 
 import wsboard
 
@@ -422,3 +431,48 @@ def test_rediss_with_a_certificate_made_in_the_test(server_factory, tmp_path):
         assert stats(refused)["backplane"]["state"] == "down"
     finally:
         node.stop()
+
+
+def test_past_redis_lost_timeout_a_cut_off_process_sends_its_sockets_elsewhere(
+    server_factory, tmp_path
+):
+    """--redis-lost-timeout 1: its sockets close with 1012 (reconnect at once, to a process
+    still linked) and new ones get 503 until the link is back; a process without it keeps
+    its sockets and serves what needs no Redis."""
+    node = RedisServer(tmp_path / "lost").start()
+    try:
+        common = ("--redis", node.url, "--redis-prefix", new_prefix(), "--drain-window", "0")
+        leaving = server_factory(
+            *common, "--redis-lost-timeout", "1", "--control", str(tmp_path / "one.sock")
+        ).wait_linked()
+        staying = server_factory(*common, "--control", str(tmp_path / "two.sock")).wait_linked()
+        ws = websocket.create_connection(leaving.ws_url("a"), timeout=10)
+        kept = websocket.create_connection(staying.ws_url("b"), timeout=10)
+        node.stop()
+        started = time.monotonic()
+        assert close_frame(ws)[0] == 1012
+        assert 0.9 <= time.monotonic() - started < 6
+        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+            websocket.create_connection(leaving.ws_url("c"), timeout=5)
+        assert refused.value.status_code == 503
+        control = Control(staying.control_path)
+        assert control.ask("SEND MESSAGE b still served here") == "OK"
+        assert kept.recv() == "still served here"
+        node.start()
+        leaving.wait_linked()
+        wait_until(lambda: _connects(leaving), what="sockets taken again")
+        back = websocket.create_connection(leaving.ws_url("a"), timeout=10)
+        back.close()
+        assert "closing 1 sockets with 1012" in leaving.log()
+        control.close()
+        kept.close()
+    finally:
+        node.stop()
+
+
+def _connects(server) -> bool:
+    try:
+        websocket.create_connection(server.ws_url("probe"), timeout=5).close()
+        return True
+    except websocket.WebSocketBadStatusException:
+        return False
