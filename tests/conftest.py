@@ -172,18 +172,20 @@ class Server:
         ]
         self.env = {**os.environ, **(env or {})}
         self.proc = None
+        self.host = "127.0.0.1"  # where tests reach it (another in a network namespace)
+        self.wrapper: list = []  # what runs it: ["ip", "netns", "exec", NAME] for a host apart
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def ws_url(self, client_id: str) -> str:
-        return f"ws://127.0.0.1:{self.port}/websocket?id={client_id}"
+        return f"ws://{self.host}:{self.port}/websocket?id={client_id}"
 
     def start(self, wait: bool = True) -> "Server":
         self.log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "wsboard.py"), *self.args],
+            [*self.wrapper, sys.executable, os.path.join(ROOT, "wsboard.py"), *self.args],
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -198,7 +200,7 @@ class Server:
             raise AssertionError(f"wsboard exited with {self.proc.returncode}:\n{self.log()}")
         try:
             Control(self.control_path, timeout=1).close()
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            socket.create_connection((self.host, self.port), timeout=1).close()
             return True
         except OSError:
             return False
@@ -556,6 +558,7 @@ MARKS_BY_FILE = {
     "test_pusher.py": ("node",),
     "test_pusher_surface.py": ("node",),
     "test_failover.py": ("slow", "redis"),
+    "test_netns.py": ("slow", "redis"),
     "test_scaleout.py": ("slow", "redis"),
 }
 
