@@ -41,6 +41,7 @@ setup(
             "pytest>=8",
             "hypothesis>=6",
             "websocket-client>=1.7",
+            "websockets>=12",  # a client that speaks permessage-deflate (tests/test_compression)
             "selenium>=4.20",
             "gunicorn[gevent]>=23",
             "ruff>=0.6",

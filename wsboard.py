@@ -110,6 +110,7 @@ import sys
 import time
 import typing
 import urllib.request
+import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit
@@ -539,6 +540,13 @@ OPTIONS = (
     Option("webhook_queue", "10000", _positive_int,
            "events that may wait for the webhook, shared as for --watch-queue, and for each "
            "--pusher-webhook; past it: dropped and counted"),
+    # Compression
+    Option("compression", "no", _yes_no,
+           "permessage-deflate (RFC 7692) for WebSockets that offer it (browsers do), without "
+           "context takeover: a broadcast or publish is deflated once for all of them"),
+    Option("compression_min", "512", _count_or_off,
+           "smallest message in bytes that is deflated with --compression; smaller ones go "
+           "as they are"),
     # Scale-out
     Option("redis", "", _redis_url,
            "Redis URL (redis://[:password@]host:port/db, rediss://..., unix:///path, or "
@@ -1355,7 +1363,7 @@ def websocket_accept(key: str) -> str:
     return base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()).decode()
 
 
-def upgrade_response(key: str, subprotocol: str) -> bytes:
+def upgrade_response(key: str, subprotocol: str, deflate: int = 0) -> bytes:
     """The 101 that opens a WebSocket, written by us so nothing can come before it."""
     lines = [
         "HTTP/1.1 101 Switching Protocols",
@@ -1365,7 +1373,94 @@ def upgrade_response(key: str, subprotocol: str) -> bytes:
     ]
     if subprotocol:
         lines.append("Sec-WebSocket-Protocol: " + subprotocol)
+    if deflate:
+        lines.append("Sec-WebSocket-Extensions: " + deflate_answer(deflate))
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+# permessage-deflate (RFC 7692), always without context takeover either way: a message is
+# deflated on its own, so one broadcast is deflated once for every socket, and a socket
+# keeps no compressor (nor inflater) between messages.
+
+DEFLATE = "permessage-deflate"
+DEFLATE_TAIL = b"\x00\x00\xff\xff"  # what a sync flush ends with, left off on the wire
+RSV1 = Header.RSV0_MASK  # gevent-websocket counts the reserved bits from 0
+
+
+def deflate_offer(header: str) -> int:
+    """The window bits to deflate with for the first permessage-deflate offer in a
+    Sec-WebSocket-Extensions header we can take; 0: none. An offer with an unknown, repeated
+    or malformed parameter is declined (RFC 7692, 5); so is a window of 8, which zlib cannot
+    keep to."""
+    for offer in header.split(","):
+        name, *params = (part.strip() for part in offer.split(";"))
+        if name != DEFLATE:
+            continue
+        seen: set = set()
+        bits = 15
+        for param in params:
+            key, has_value, value = (p.strip().strip('"') for p in param.partition("="))
+            if key in seen:
+                break
+            seen.add(key)
+            if (
+                key in ("server_no_context_takeover", "client_no_context_takeover")
+                and not has_value
+            ):
+                continue
+            if key == "client_max_window_bits" and (not has_value or value in WINDOW_BITS):
+                continue  # we inflate every message on its own, with any window
+            if key == "server_max_window_bits" and value in WINDOW_BITS and value != "8":
+                bits = int(value)
+                continue
+            break  # an unknown or malformed parameter: not this offer
+        else:
+            return bits
+    return 0
+
+
+WINDOW_BITS = frozenset(str(n) for n in range(8, 16))
+
+
+def deflate_answer(bits: int) -> str:
+    """The Sec-WebSocket-Extensions of a 101 that agreed to deflate with bits."""
+    answer = f"{DEFLATE}; server_no_context_takeover; client_no_context_takeover"
+    return answer + (f"; server_max_window_bits={bits}" if bits != 15 else "")
+
+
+def deflated(payload: bytes, bits: int) -> bytes:
+    """payload as one message's deflate block, with no dictionary from any earlier one."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -bits)
+    data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    return data[: -len(DEFLATE_TAIL)] if data.endswith(DEFLATE_TAIL) else data
+
+
+def inflated(data: bytes, limit: int) -> bytes:
+    """A compressed message as it was, or MessageTooBig past limit bytes (a deflate bomb
+    stops there), or ProtocolError when it is not deflate data."""
+    inflater = zlib.decompressobj(-15)
+    try:
+        message = inflater.decompress(data + DEFLATE_TAIL, limit + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"a compressed message that does not inflate: {exc}") from None
+    if len(message) > limit or inflater.unconsumed_tail:
+        raise MessageTooBig(f"message of more than {limit} bytes once inflated")
+    return message
+
+
+def compressed_frame(frame: bytes, bits: int, min_size: int) -> bytes:
+    """A whole unmasked data frame (as a Framing makes it) deflated, with RSV1 set; as it
+    is when its payload is under min_size."""
+    length, start = frame[1] & 0x7F, 2
+    if length == 126:
+        start = 4
+    elif length == 127:
+        start = 10
+    payload = frame[start:]
+    if len(payload) < min_size:
+        return frame
+    data = deflated(payload, bits)
+    return bytes(Header.encode_header(True, frame[0] & 0x0F, b"", len(data), RSV1)) + data
 
 
 def http_response(status: int, reason: str, headers: Iterable = ()) -> bytes:
@@ -1440,6 +1535,7 @@ class Handshake(NamedTuple):
     since: tuple = ()  # (channel, epoch, offset) each: where a resume of that channel starts
     meta: dict | None = None  # what --connect-url's app attached to the id
     expires: int | None = None  # when its token (or the app's answer) runs out: it closes then
+    deflate: int = 0  # permessage-deflate agreed: our window bits (9-15); 0: none
 
 
 def parse_channels(names: Sequence[str], limit: int) -> "tuple | Refusal":
@@ -1523,9 +1619,13 @@ def parse_handshake(
         return Refusal(400, "Sec-WebSocket-Key must be 16 bytes in base64", "handshake")
     offered = environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in (p.strip() for p in offered.split(",")) else ""
-    return parsed_query(
+    hs = parsed_query(
         environ, address, trusted, max_channels, client_id, key, subprotocol, id_optional
     )
+    extensions = environ.get("HTTP_SEC_WEBSOCKET_EXTENSIONS", "")
+    if isinstance(hs, Refusal) or not extensions:
+        return hs
+    return hs._replace(deflate=deflate_offer(extensions[:4096]))
 
 
 def parse_stream_request(
@@ -1701,6 +1801,8 @@ class BoardSocket(_GeventWebSocket):
         "heard_at",
     )
 
+    allowed_flags = 0  # reserved bits a frame may carry: none, unless an extension says
+
     def __init__(
         self, sock: socket.socket, reader: SocketReader, cfg: Config, protocol: "SocketProtocol"
     ) -> None:
@@ -1874,7 +1976,7 @@ class BoardSocket(_GeventWebSocket):
 
     def read_frame(self) -> tuple:
         header = Header.decode_header(self.stream)
-        if header.flags:
+        if header.flags & ~self.allowed_flags:
             raise ProtocolError("reserved bits set without a negotiated extension")
         if not header.mask:
             raise ProtocolError("client frames must be masked")
@@ -1897,16 +1999,20 @@ class BoardSocket(_GeventWebSocket):
         outside a message gives NOTHING when no more bytes are here: the reading greenlet
         then ends, and an idle socket parks none between heartbeats."""
         opcode = None
+        compressed = False  # permessage-deflate: RSV1 on a message's first frame alone
         message = bytearray()
         while True:
             header, payload = self.read_frame()
             f_opcode = header.opcode
+            if header.flags and f_opcode not in (self.OPCODE_TEXT, self.OPCODE_BINARY):
+                raise ProtocolError("RSV1 is for the first frame of a message")
             if f_opcode in (self.OPCODE_TEXT, self.OPCODE_BINARY):
                 if opcode:
                     raise ProtocolError(f"expected a continuation frame, got opcode {f_opcode}")
                 self.utf8validator.reset()
                 self.utf8validate_last = (True, True, 0, 0)
                 opcode = f_opcode
+                compressed = bool(header.flags)
             elif f_opcode == self.OPCODE_CONTINUATION:
                 if not opcode:
                     raise ProtocolError("Unexpected frame with opcode=0")
@@ -1923,11 +2029,13 @@ class BoardSocket(_GeventWebSocket):
                 return None
             else:
                 raise ProtocolError(f"Unexpected opcode={f_opcode!r}")
-            if opcode == self.OPCODE_TEXT:
+            if opcode == self.OPCODE_TEXT and not compressed:
                 self.validate_utf8(payload)
             message += payload
             if header.fin:
                 break
+        if compressed:
+            message = bytearray(inflated(bytes(message), self.cfg.max_message))
         if opcode == self.OPCODE_TEXT:
             self.validate_utf8(message)
             return self._decode_bytes(message)
@@ -2120,6 +2228,23 @@ def event_stream_head(origin: str | None) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+class DeflateSocket(BoardSocket):
+    """A BoardSocket that agreed to permessage-deflate: its messages may come deflated
+    (RSV1 on a message's first frame, inflated within --max-message), and what it is sent
+    whole is deflated past --compression-min. Only such sockets carry its one more slot."""
+
+    __slots__ = ("deflate_bits",)
+    allowed_flags = RSV1
+
+    def send_frame(self, message: object, opcode: int) -> None:
+        if opcode not in (self.OPCODE_TEXT, self.OPCODE_BINARY):
+            super().send_frame(message, opcode)
+            return
+        payload = self._encode_bytes(message) if opcode == self.OPCODE_TEXT else bytes(message)
+        frame = bytes(Header.encode_header(True, opcode, b"", len(payload), 0)) + payload
+        self.send_frame_bytes(compressed_frame(frame, self.deflate_bits, self.cfg.compression_min))
+
+
 class WebSocketHandler(_GeventWebSocketHandler):
     """Checks each request's head against its deadline and its address's share, upgrades
     /websocket after checking the request, and hands the socket to the board's session.
@@ -2259,14 +2384,22 @@ class WebSocketHandler(_GeventWebSocketHandler):
             sock = gevent.socket.socket(fileno=self.socket.detach())
         # Writes have their own timeout; a stream's reads wait only for its end.
         sock.settimeout((board.cfg.idle_timeout or None) if protocol.websocket else None)
-        ws = protocol.socket_class(sock, SocketReader(sock, leftover), board.cfg, protocol)
+        if hs.deflate and not (board.cfg.compression and protocol.websocket):
+            hs = hs._replace(deflate=0)  # offered, not agreed to
+        framing = protocol.framing_for(hs)
+        if hs.deflate:
+            ws = DeflateSocket(sock, SocketReader(sock, leftover), board.cfg, protocol)
+            ws.deflate_bits = hs.deflate
+            framing = deflating(framing, hs.deflate, board.cfg.compression_min)
+        else:
+            ws = protocol.socket_class(sock, SocketReader(sock, leftover), board.cfg, protocol)
         conn = Connection(
             hs.client_id,
             protocol.conn_id(board, hs),
             hs.peer,
             hs.ip,
             ws,
-            protocol.framing_for(hs),
+            framing,
             hs.origin or "",
         )
         if closing is not None:  # a protocol that refuses after the 101 (Pusher's 4xxx)
@@ -2841,7 +2974,7 @@ class SocketProtocol:
 
     def head(self, hs: Handshake) -> bytes:
         """What opens the socket before any frame: the 101."""
-        return upgrade_response(hs.key, hs.subprotocol)
+        return upgrade_response(hs.key, hs.subprotocol, hs.deflate)
 
     def given_id(self, board: "Board") -> str | None:
         """The socket's client id when the protocol gives it; None: the URL's id=."""
@@ -3045,6 +3178,31 @@ class EventStreamProtocol(WebSocketProtocol):
 
     def head(self, hs: Handshake) -> bytes:
         return event_stream_head(hs.origin)
+
+
+class DeflatedFraming:
+    """A framing's messages deflated (past min_size) for the sockets that agreed to
+    permessage-deflate; everything else (openings, presence, refusals) as the framing
+    says. One instance serves every such socket, so deliver() deflates a broadcast once."""
+
+    def __init__(self, base: Framing, bits: int, min_size: int) -> None:
+        self.base, self.bits, self.min_size = base, bits, min_size
+
+    def message(self, text: str, seq: int | None, topic: Topic | None = None) -> bytes:
+        return compressed_frame(self.base.message(text, seq, topic), self.bits, self.min_size)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.base, name)
+
+
+DEFLATED: dict = {}  # (framing, bits, min size) -> its DeflatedFraming, made once
+
+
+def deflating(framing: Framing, bits: int, min_size: int) -> "DeflatedFraming":
+    key = (framing, bits, min_size)
+    if key not in DEFLATED:
+        DEFLATED[key] = DeflatedFraming(framing, bits, min_size)
+    return DEFLATED[key]
 
 
 class Batch:

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 from loadgen import EIO_CONNECT, Swarm
 
@@ -111,7 +112,7 @@ class Control:
 
 
 class Server:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, extra: Sequence[str] = (), env: dict | None = None) -> None:
         self.name = name
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="wsboard-bench-")
@@ -123,9 +124,10 @@ class Server:
         else:
             command = commands[name]
         self.proc = subprocess.Popen(
-            ["taskset", "-c", "0", *command],
+            ["taskset", "-c", "0", *command, *extra],
             stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(self.dir, "log"), "wb"),
+            env={**os.environ, **(env or {})},
         )
         deadline = time.monotonic() + 30
         while not os.path.exists(self.control_path) or not self._listening():

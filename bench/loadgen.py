@@ -44,10 +44,14 @@ class Swarm:
     namespace, answer Engine.IO pings, and count only event packets ("42…") as messages.
     """
 
-    def __init__(self, port: int, path: str = "/websocket?id=", socketio: bool = False) -> None:
+    def __init__(
+        self, port: int, path: str = "/websocket?id=", socketio: bool = False, extensions: str = ""
+    ) -> None:
         self.port = port
         self.path = path
         self.socketio = socketio
+        self.extensions = extensions  # a Sec-WebSocket-Extensions offer (permessage-deflate)
+        self.wire = 0  # bytes read from the server after the handshakes
         self.clients: dict[int, Client] = {}
         self.poller = select.epoll()
         self.total = 0  # messages received by all clients, kept rather than summed
@@ -69,10 +73,11 @@ class Swarm:
                 sock.setblocking(False)
                 client_id = f"{prefix}{first + opened}"
                 key = base64.b64encode(os.urandom(16)).decode()
+                offer = self.extensions and f"Sec-WebSocket-Extensions: {self.extensions}\r\n"
                 sock.send(
                     f"GET {self.path}{client_id} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
                     f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                    "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+                    f"Sec-WebSocket-Version: 13\r\n{offer}\r\n".encode()
                 )
                 client = Client(sock, client_id)
                 pending[sock.fileno()] = client
@@ -108,6 +113,7 @@ class Swarm:
             client.open = False
             self.lost += 1
             return
+        self.wire += len(data)
         self._frames(client, data, now)
 
     def _frames(self, client: Client, data: bytes, now: float) -> None:

@@ -17,7 +17,13 @@ from conftest import ROOT, free_port, wait_until
 AUTOBAHN = os.path.join(ROOT, "tests", "autobahn")
 WSTEST = os.path.join(AUTOBAHN, ".venv", "bin", "wstest")
 CONFORMANCE = ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*"]
-COMPRESSION = ["12.*", "13.*"]
+# permessage-deflate: three cases of every sub-group of 12 and 13 (a small message, a
+# large one, and large ones in fragments). Autobahn's own client takes ~13 minutes over all
+# 216 (it deflates in pure Python 2): WSBOARD_AUTOBAHN_ALL=1 runs them all, as
+# docs/conformance.md records.
+SAMPLED = [f"{g}.{s}.{n}" for g, subs in ((12, 5), (13, 7)) for s in range(1, subs + 1)
+           for n in (1, 8, 14)]  # fmt: skip
+COMPRESSION = ["12.*", "13.*"] if os.environ.get("WSBOARD_AUTOBAHN_ALL") else SAMPLED
 PASSING = {"OK", "NON-STRICT", "INFORMATIONAL"}
 CLEAN_CLOSE = {"OK", "INFORMATIONAL"}
 
@@ -86,7 +92,7 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def test_autobahn_cases_1_to_7_and_9_pass_with_clean_closes(tmp_path, terminal_notes):
+def test_autobahn_cases_1_to_7_9_12_and_13_pass_with_clean_closes(tmp_path, terminal_notes):
     results = run_wstest(tmp_path)
     terminal_notes.append(
         "Autobahn|Testsuite 0.8.2 against wsboard's handler\n" + summary_table(results)
@@ -102,10 +108,11 @@ def test_autobahn_cases_1_to_7_and_9_pass_with_clean_closes(tmp_path, terminal_n
     }
     assert not bad, f"cases that failed or closed uncleanly: {bad}"
     compression = {c: r for c, r in results.items() if int(c.split(".")[0]) >= 12}
-    assert compression, "the permessage-deflate groups did not run"
-    declined_badly = {
+    expected = 216 if os.environ.get("WSBOARD_AUTOBAHN_ALL") else len(SAMPLED)
+    assert len(compression) == expected, f"expected {expected} cases of groups 12 and 13"
+    bad = {
         c: (r["behavior"], r["behaviorClose"])
         for c, r in compression.items()
-        if r["behavior"] != "UNIMPLEMENTED" or r["behaviorClose"] not in CLEAN_CLOSE
+        if r["behavior"] not in PASSING or r["behaviorClose"] not in CLEAN_CLOSE
     }
-    assert not declined_badly, f"permessage-deflate was not declined cleanly: {declined_badly}"
+    assert not bad, f"permessage-deflate cases that failed or closed uncleanly: {bad}"

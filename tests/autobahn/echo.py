@@ -44,7 +44,12 @@ def main() -> None:
     # Group 9 echoes messages of up to 16 MiB: the send queue must hold one whole.
     board = EchoBoard(
         wsboard.Config(
-            max_message=max_message, queue_bytes=max_message, max_client_rate=0, log_level="warning"
+            max_message=max_message,
+            queue_bytes=max_message,
+            max_client_rate=0,
+            log_level="warning",
+            compression=True,  # groups 12 and 13: permessage-deflate
+            compression_min=0,
         )
     )
     server = WSGIServer(

@@ -1,5 +1,5 @@
 // The same job on Node.js `ws`, in its idiomatic form: a Set of sockets per id, a send loop
-// for fan-out, compression off, pings every 25 s like wsboard; a UNIX control socket that
+// for fan-out, compression off (unless DEFLATE=1), pings every 25 s like wsboard; a UNIX control socket that
 // speaks wsboard's two verbs plus BROADCAST.
 //
 //     node bench/peers/node_ws/server.js PORT CONTROL_PATH
@@ -9,7 +9,12 @@ const { WebSocketServer } = require("ws");
 
 const [port, path] = process.argv.slice(2);
 const byId = new Map();
-const wss = new WebSocketServer({ host: "127.0.0.1", port: Number(port), perMessageDeflate: false });
+// DEFLATE=1 (bench/compression.py): permessage-deflate as wsboard's --compression has it,
+// no context takeover either way and the same 512-byte threshold; ws deflates per socket.
+const perMessageDeflate = process.env.DEFLATE
+  ? { threshold: 512, serverNoContextTakeover: true, clientNoContextTakeover: true }
+  : false;
+const wss = new WebSocketServer({ host: "127.0.0.1", port: Number(port), perMessageDeflate });
 
 wss.on("connection", (ws, req) => {
   const id = new URL(req.url, "http://localhost").searchParams.get("id") || "";
