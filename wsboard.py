@@ -9540,6 +9540,16 @@ def configure_logging(level: str) -> None:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
+def close_spread(conns: list, why: EndReason, code: int, reason: str, window: float) -> None:
+    """Close conns with code, spread over window seconds in up to 50 steps, so that they do
+    not all reconnect at once."""
+    batches = max(1, min(len(conns), 50))
+    for i, conn in enumerate(conns):
+        conn.ws.end(why, code, reason)
+        if window and (i + 1) % max(1, len(conns) // batches) == 0 and i + 1 < len(conns):
+            gevent.sleep(window / batches)
+
+
 SHUTDOWN_REASON = "server shutting down; reconnect"
 LOST_REASON = "backplane lost; reconnect to another server"
 
@@ -9759,16 +9769,14 @@ class Board:
                     time.monotonic() - down_since,
                     len(conns),
                 )
-                gevent.spawn(self.close_all, conns, CloseCode.SERVICE_RESTART, LOST_REASON)
-
-    def close_all(self, conns: list, code: int, reason: str) -> None:
-        """Close conns with code, spread over --drain-window so they do not all come back at
-        once."""
-        window, batches = self.cfg.drain_window, max(1, min(len(conns), 50))
-        for i, conn in enumerate(conns):
-            conn.ws.end(EndReason.BACKPLANE_LOST, code, reason)
-            if window and (i + 1) % max(1, len(conns) // batches) == 0 and i + 1 < len(conns):
-                gevent.sleep(window / batches)
+                gevent.spawn(
+                    close_spread,
+                    conns,
+                    EndReason.BACKPLANE_LOST,
+                    CloseCode.SERVICE_RESTART,
+                    LOST_REASON,
+                    self.cfg.drain_window,
+                )
 
     def lost_refusal(self) -> Refusal | None:
         """Why a new socket may not open here now: the backplane is lost (see watch_backplane)."""
@@ -9811,11 +9819,7 @@ class Board:
         """Close every WebSocket with 1001, spread over window seconds so that they do not all
         reconnect at once; give them timeout seconds more to answer, then drop the rest."""
         conns = self.hub.local_connections()
-        batches = max(1, min(len(conns), 50))
-        for i, conn in enumerate(conns):
-            conn.ws.end(EndReason.SHUTDOWN, CloseCode.GOING_AWAY, SHUTDOWN_REASON)
-            if window and (i + 1) % max(1, len(conns) // batches) == 0 and i + 1 < len(conns):
-                gevent.sleep(window / batches)
+        close_spread(conns, EndReason.SHUTDOWN, CloseCode.GOING_AWAY, SHUTDOWN_REASON, window)
         deadline = time.monotonic() + timeout
         while self.hub.local_count() and time.monotonic() < deadline:
             gevent.sleep(0.05)
