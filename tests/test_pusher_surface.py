@@ -407,7 +407,7 @@ def test_a_hanging_endpoint_and_a_flood_cost_a_counted_drop_and_slow_nothing(
     before = time.monotonic()
     assert control.ask("SEND MESSAGE reader still fast") == "OK"
     assert watcher.recv() == "still fast"
-    assert time.monotonic() - before < 0.5
+    assert time.monotonic() - before < 2  # a send held behind a POST would take 3 s at least
     assert flooded < 10  # 3,000 control lines, each a webhook event, none waiting for it
     stats = wsboard_json(control, {"op": "stats"})
     dropped = stats["pusher_webhooks"][0]["dropped"]
