@@ -169,6 +169,10 @@ access_log = logging.getLogger("wsboard.access")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# JSON without blanks, as every answer, frame and bus message is written; one encoder made
+# once (json.dumps with separators= builds a new one on every call).
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
 
 ###############################################################################
 # Configuration ###############################################################
@@ -970,7 +974,7 @@ def connect_hook_request(hs: "Handshake", path: str) -> bytes:
         "origin": hs.origin,
         "path": path,
     }
-    return json.dumps(request, separators=(",", ":")).encode()
+    return compact_json(request).encode()
 
 
 def hook_reason(body: bytes) -> str:
@@ -1011,8 +1015,7 @@ def hook_decision(status: int, body: bytes, max_channels: int) -> "HookDecision 
     elif not all(is_valid_channel(c) for c in answer.get("channels", [])):
         why = '"channels" holds an invalid channel name'
     elif answer.get("meta") is not None and (
-        not isinstance(answer["meta"], dict)
-        or len(json.dumps(answer["meta"], separators=(",", ":"))) > MAX_META_BYTES
+        not isinstance(answer["meta"], dict) or len(compact_json(answer["meta"])) > MAX_META_BYTES
     ):
         why = f'"meta" is not a JSON object of at most {MAX_META_BYTES} bytes'
     elif "exp" in answer and (
@@ -2857,8 +2860,8 @@ class V1Framing(Framing):
     def message(self, text: str, seq: int | None, topic: Topic | None = None) -> bytes:
         if topic is not None and topic.offsets:
             value = {"seq": seq, "data": text, "offsets": topic.offsets}
-            return text_frame(json.dumps(value, separators=(",", ":")))
-        return text_frame(json.dumps({"seq": seq, "data": text}, separators=(",", ":")))
+            return text_frame(compact_json(value))
+        return text_frame(compact_json({"seq": seq, "data": text}))
 
     def opening(
         self,
@@ -2948,7 +2951,7 @@ def offsets_in(offsets: dict, channels: Collection) -> dict:
 
 
 def compact_frame(value: object) -> bytes:
-    return text_frame(json.dumps(value, separators=(",", ":")))
+    return text_frame(compact_json(value))
 
 
 FRAMINGS = {"": Framing(), SUBPROTOCOL: V1Framing()}  # by the subprotocol a socket agreed to
@@ -3688,7 +3691,7 @@ class Hub(typing.Protocol):
     node: str  # what this process's connection ids begin with
     registry: "Registry"  # this process's own sockets
     delivered: "Delivered"  # frames handed to this process's sockets
-    groups_sends: bool  # a run of SEND lines is best carried out in one send_many
+    groups_sends: bool  # a run of SEND lines is best carried out in one start_sends
 
     # Life.
     def start(self) -> None: ...
@@ -3725,9 +3728,9 @@ class Hub(typing.Protocol):
         count_all: bool = True,
     ) -> "SendResult": ...
 
-    def send_many(
+    def start_sends(
         self, sends: Sequence[tuple], batch: "Batch | None" = None, count_all: bool = True
-    ) -> list: ...
+    ) -> Callable[[], list]: ...  # sends under way; the call waits for their results
 
     def send_to_connection(self, conn_id: str, text: str, batch: "Batch | None" = None) -> int: ...
 
@@ -4226,11 +4229,12 @@ class LocalHub:
 
     groups_sends = False  # answer_lines gives each SEND on its own: here that is fastest
 
-    def send_many(
+    def start_sends(
         self, sends: Sequence[tuple], batch: Batch | None = None, count_all: bool = True
-    ) -> list:
-        """Several sends, (ids, text, keep_offline) each, in order."""
-        return [self.send(ids, text, keep, batch=batch) for ids, text, keep in sends]
+    ) -> Callable[[], list]:
+        """Several sends, (ids, text, keep_offline) each, in order: done before it returns."""
+        results = [self.send(ids, text, keep, batch=batch) for ids, text, keep in sends]
+        return lambda: results
 
     def broadcast(self, text: str, batch: Batch | None = None) -> int:
         """Send text to every open socket (not kept in any inbox); return how many took it."""
@@ -4581,7 +4585,7 @@ class Transport(typing.Protocol):
 
     def stop(self) -> None: ...  # this process leaves: its memberships end, told once
 
-    def stats(self) -> dict: ...  # state, processes, since, reconnects, error, routes, ...
+    def stats(self) -> dict: ...  # state, processes, bundles, since, reconnects, error, routes…
 
     # Routes and messages.
     def route_changed(self, route: str, wanted: bool) -> None: ...
@@ -4952,23 +4956,27 @@ class Backplane:
             earlier = self.transport.claim(key)
             if earlier is not None:
                 return earlier._replace(duplicate=True)
-        (result,) = self.send_many([(ids, text, keep_offline)], batch, count_all)
+        (result,) = self.start_sends([(ids, text, keep_offline)], batch, count_all)()
         if key is not None and not self.transport.settle_key(key, result):
             raise BackplaneError(TIMEOUT)  # done, but its key may not outlive a failover
         return result
 
-    def send_many(
+    def start_sends(
         self, sends: Sequence[tuple], batch: Batch | None = None, count_all: bool = True
-    ) -> list:
+    ) -> Callable[[], list]:
         """Several sends, (ids, text, keep_offline) each, in order, their bus part in one
-        round trip: what a control connection's run of SEND lines becomes. count_all=False:
-        once a socket here took it, the answer need not wait to count the others."""
+        round trip: what a control connection's run of SEND lines becomes. They are under
+        way when this returns; the call it returns waits for their answers, so the caller
+        may start the next run meanwhile. count_all=False: once a socket here took it, the
+        answer need not wait to count the others."""
         sends = [(list(dict.fromkeys(ids)), text, keep) for ids, text, keep in sends]
         if self.inbox is not None:
             return self._send_numbered(sends)
         return self._send_here_first(sends, batch, count_all)
 
-    def _send_here_first(self, sends: list, batch: Batch | None, count_all: bool) -> list:
+    def _send_here_first(
+        self, sends: list, batch: Batch | None, count_all: bool
+    ) -> Callable[[], list]:
         """This process's sockets get it at once. The bus is told only when some other process
         may hold the id (self.others says), or none here does; those copies are marked so
         that this process, hearing its own, does not deliver twice."""
@@ -4997,18 +5005,24 @@ class Backplane:
                     answers = self.answers[request] = Answers()
                     waits.append((tally, client_id, took, request, answers))
                 self.transport.publish(ID_ROUTE + client_id, message, answers)
-        for tally, client_id, took, _, answers in self._awaited(waits):
-            elsewhere = sum(answers.values)
-            tally.sockets += elsewhere
-            if not took and not elsewhere:
-                tally.miss(client_id, answers.unknown())
-        return [tally.result() for tally in tallies]
+        deadline = time.monotonic() + self.cfg.redis_timeout
 
-    def _send_numbered(self, sends: list) -> list:
+        def results() -> list:
+            for tally, client_id, took, _, answers in self._awaited(waits, deadline):
+                elsewhere = sum(answers.values)
+                tally.sockets += elsewhere
+                if not took and not elsewhere:
+                    tally.miss(client_id, answers.unknown())
+            return [tally.result() for tally in tallies]
+
+        return results
+
+    def _send_numbered(self, sends: list) -> Callable[[], list]:
         """With the inbox: the transport numbers, keeps and publishes each message in one
         step, and this process delivers its own copies when it hears them, in number order."""
         if not self.transport.up:
-            return [self._send_here(ids, text, None) for ids, text, _ in sends]
+            unnumbered = [self._send_here(ids, text, None) for ids, text, _ in sends]
+            return lambda: unnumbered
         tallies, waits = [], []
         for ids, text, keep_offline in sends:
             tally = Tally()
@@ -5019,24 +5033,28 @@ class Backplane:
                 waits.append((tally, client_id, 0, request, answers))
                 head = {"k": "s", "o": self.node, "r": request, "i": client_id, "t": text}
                 self.transport.send_numbered(client_id, text, keep_offline, head, answers)
-        for tally, client_id, _, _, answers in self._awaited(waits):
-            heard, seq = answers.reply[:2] if isinstance(answers.reply, list) else (0, 0)
-            if seq:
-                tally.seq[client_id] = seq
-            took = sum(answers.values)
-            tally.sockets += took
-            if took:
-                continue
-            if answers.reply is not None and not heard and seq:
-                tally.queued += 1  # kept for when it comes
-            else:
-                tally.miss(client_id, answers.unknown())
-        return [tally.result() for tally in tallies]
+        deadline = time.monotonic() + self.cfg.redis_timeout
 
-    def _awaited(self, waits: list) -> Iterator[tuple]:
+        def results() -> list:
+            for tally, client_id, _, _, answers in self._awaited(waits, deadline):
+                heard, seq = answers.reply[:2] if isinstance(answers.reply, list) else (0, 0)
+                if seq:
+                    tally.seq[client_id] = seq
+                took = sum(answers.values)
+                tally.sockets += took
+                if took:
+                    continue
+                if answers.reply is not None and not heard and seq:
+                    tally.queued += 1  # kept for when it comes
+                else:
+                    tally.miss(client_id, answers.unknown())
+            return [tally.result() for tally in tallies]
+
+        return results
+
+    def _awaited(self, waits: list, deadline: float) -> Iterator[tuple]:
         """Each (tally, id, took, request, answers) once its answers are in, or the one
         deadline for all of them is past; the requests are forgotten after."""
-        deadline = time.monotonic() + self.cfg.redis_timeout
         try:
             for wait in waits:
                 wait[4].done.wait(max(0.0, deadline - time.monotonic()))
@@ -5188,7 +5206,8 @@ class Backplane:
             "backplane": {
                 "state": link["state"],
                 "node": self.node,
-                **{k: link[k] for k in ("processes", "since", "reconnects", "error", "routes")},
+                **{k: link[k] for k in ("processes", "bundles", "since", "reconnects", "error")},
+                "routes": link["routes"],
                 "ids_elsewhere_too": sum(1 for n in self.others.values() if n),
                 "ids_not_counted": sum(1 for n in self.others.values() if n is None),
                 "waiting": link["waiting"],
@@ -5997,6 +6016,48 @@ def not_primary(exc: BaseException) -> bool:
     return isinstance(exc, kinds) or str(exc).startswith(("READONLY", "MASTERDOWN", "LOADING"))
 
 
+BUS_VERSION = 2  # what a process's messages may be: 2, a JSON list of them too (a bundle)
+
+
+class Bundled(list):
+    """The answers of publishes that rode in one PUBLISH: each hears its count."""
+
+
+BUNDLE_BYTES = 256 * 1024  # a bundle stays far below Redis's pub/sub output buffer limit
+
+
+def publish_runs(items: list) -> list:
+    """Outbox items, (command, args, answers) each, with every run of consecutive publishes
+    to one route made one PUBLISH of a JSON list of their messages: one command for Redis
+    and one message for each listener instead of many, in the same order."""
+    runs: list = []
+    for command, args, answers in items:
+        last = runs[-1] if runs else None
+        if (
+            command == "PUBLISH"
+            and last is not None
+            and last[0] == "PUBLISH"
+            and last[1] == args[0]
+            and last[3] + len(args[1]) < BUNDLE_BYTES
+        ):
+            last[2].append(args[1])
+            last[3] += len(args[1]) + 1
+            last[4].append(answers)
+        elif command == "PUBLISH":
+            runs.append(["PUBLISH", args[0], [args[1]], len(args[1]), [answers]])
+        else:
+            runs.append([command, args, None, 0, answers])
+    out = []
+    for command, args, datas, _, answers in runs:
+        if datas is None:
+            out.append((command, args, answers))
+        elif len(datas) == 1:
+            out.append((command, (args, datas[0]), answers[0]))
+        else:
+            out.append((command, (args, "[" + ",".join(datas) + "]"), Bundled(answers)))
+    return out
+
+
 class RedisTransport:
     """A Backplane's bus on Redis (see the banner): implements Transport."""
 
@@ -6054,6 +6115,7 @@ class RedisTransport:
         self.probe_sent = self.probe_seen = 0
         self.probe_at = 0.0
         self.nodes_seen = 0
+        self.bundles = False  # publishes may ride in bundles: every process reads them
         self.boot = None  # the token of the Redis this process last saw; a new one: it lost all
         self.address = "?"  # where the link is (or was last)
         # WAIT gives up within the round trip's own timeout, so its answer always comes.
@@ -6102,7 +6164,7 @@ class RedisTransport:
 
     def publish(self, route: str, message: dict, answers: Answers | None = None) -> None:
         """PUBLISH through the outbox; answers hears how many processes heard it."""
-        data = json.dumps(message, separators=(",", ":"))
+        data = compact_json(message)
         self._enqueue(("PUBLISH", (self.key(route), data), answers))
 
     def listeners_later(self, route: str, answers: Answers) -> None:
@@ -6147,6 +6209,7 @@ class RedisTransport:
         return {
             "state": "up" if self.up else "down",
             "processes": self.nodes_seen,
+            "bundles": self.bundles,
             "since": round(self.link_since, 3) if self.up else None,
             "reconnects": max(0, self.reconnects - 1),
             "error": "" if self.up else self.link_error,
@@ -6283,7 +6346,10 @@ class RedisTransport:
             if kind == b"message":
                 try:
                     message = json.loads(response[2])
-                    if message.get("k") == "probe":
+                    if isinstance(message, list):  # a bundle (publish_runs): each in order
+                        for one in message:
+                            backplane.heard(one, batch)
+                    elif message.get("k") == "probe":
                         self.probe_seen = max(self.probe_seen, message["n"])
                     else:
                         backplane.heard(message, batch)
@@ -6341,8 +6407,8 @@ class RedisTransport:
         keys += [self.key(route), self.key("hn")]
         args = [
             len(channels),
-            json.dumps(message, separators=(",", ":"))[:-1],  # the script adds "of"
-            json.dumps(payload, separators=(",", ":")),
+            compact_json(message)[:-1],  # the script adds "of"
+            compact_json(payload),
             int(self.cfg.history_ttl),
             HISTORY_META_TTL,
             secrets.token_hex(4),
@@ -6432,7 +6498,7 @@ class RedisTransport:
             if kind == "join"
             else {"leave": {"id": client_id}}
         )
-        message = json.dumps({"k": "p", "c": channel, "change": change}, separators=(",", ":"))
+        message = compact_json({"k": "p", "c": channel, "change": change})
         args = [f"{channel} {client_id}", client_id, message, int(quiet)]
         return self.call(self.scripts[kind], self._presence_keys(channel), args)
 
@@ -6531,18 +6597,31 @@ class RedisTransport:
             os.getpid(),
             "host",
             socket.gethostname(),
+            "bus",
+            BUS_VERSION,
         )
         self.call("EXPIRE", record, int(self.cfg.node_timeout * 3) + 1)
         stale = self.call(
             self.scripts["beat"], [self.key("nodes")], [self.node, self.cfg.node_timeout]
         )
-        self.nodes_seen = self.call("ZCARD", self.key("nodes"))
+        nodes = self.call("ZRANGE", self.key("nodes"), 0, -1)
+        self.nodes_seen = len(nodes)
+        self.bundles = self._everyone_reads_bundles(nodes)
         for node in stale:
             node = node.decode()
             lock = self.key("reap", node)  # one process reaps it, so its leaves are told once
             if node != self.node and self.call("SET", lock, self.node, "NX", "PX", 10_000):
                 self._reap(node)
                 self.call("DEL", lock)
+
+    def _everyone_reads_bundles(self, nodes: list) -> bool:
+        """Whether every live process (nodes, from the beat) speaks BUS_VERSION 2 or later:
+        while an older one shares the prefix (a rolling upgrade), no bundle is published."""
+        pipe = self.redis.pipeline(transaction=False)
+        for node in nodes:
+            pipe.hget(self.key("node", node.decode()), "bus")
+        versions = self.call(pipe.execute)
+        return all(v is not None and v.isdigit() and int(v) >= 2 for v in versions)
 
     def _check_probe(self) -> None:
         """A link can look open and hear nothing (a half-open TCP connection, a Redis that
@@ -6596,13 +6675,14 @@ class RedisTransport:
     def _publish_some(self) -> None:
         """One pipeline of what waits in the outbox, in order: every publish of this
         process takes this one lane, so every process hears them in the order they were made."""
-        items = [self.outbox.get()]
-        while not self.outbox.empty() and len(items) < 512:
-            items.append(self.outbox.get_nowait())
+        taken = [self.outbox.get()]
+        while not self.outbox.empty() and len(taken) < 512:
+            taken.append(self.outbox.get_nowait())
+        items = publish_runs(taken) if self.bundles else taken
         pipe = self.redis.pipeline(transaction=False)
         for command, args, _ in items:
             if command == "PUBLISH":
-                pipe.publish(*args)
+                pipe.execute_command("PUBLISH", *args)
             elif command == "NUMSUB":
                 pipe.execute_command("PUBSUB", "NUMSUB", *args)
             elif command in OUTBOX_READS:
@@ -6616,32 +6696,31 @@ class RedisTransport:
         try:
             replies = self.call(pipe.execute, False)  # one failed script fails only itself
         except BackplaneError as exc:
-            for _, _, answers in items:
+            for _, _, answers in taken:
                 if answers is not None:
                     answers.fail(str(exc))
             raise
         unreplicated = waits and not replicated(replies.pop(), replicas)
-        for (command, _, answers), reply in zip(items, replies, strict=True):
+        for (command, _, waiting), reply in zip(items, replies, strict=True):
             if unreplicated and command in OUTBOX_KEEPS and not isinstance(reply, Exception):
                 reply = BackplaneError(TIMEOUT)  # kept by the primary alone: a failover loses it
-            if isinstance(reply, BackplaneError):
-                if answers is not None:
-                    answers.fail(str(reply))
-            elif isinstance(reply, Exception):
+            if isinstance(reply, Exception) and not isinstance(reply, BackplaneError):
                 log.error("redis refused a command: %s", reply)
                 self._trouble(reply)
-                if answers is not None:
-                    answers.fail(UNAVAILABLE)
-            elif answers is None:
-                pass
-            elif command == "NUMSUB":  # [route, listeners]: nothing else is awaited
-                answers.heard(0)
-                answers.reply = int(reply[1])
-            elif command in OUTBOX_READS:
-                answers.heard(0)
-                answers.reply = reply
-            else:
-                answers.heard(reply)
+                reply = BackplaneError(UNAVAILABLE)
+            for answers in waiting if isinstance(waiting, Bundled) else (waiting,):
+                if answers is None:
+                    pass
+                elif isinstance(reply, BackplaneError):
+                    answers.fail(str(reply))
+                elif command == "NUMSUB":  # [route, listeners]: nothing else is awaited
+                    answers.heard(0)
+                    answers.reply = int(reply[1])
+                elif command in OUTBOX_READS:
+                    answers.heard(0)
+                    answers.reply = reply
+                else:
+                    answers.heard(reply)
 
 
 def redis_hub(cfg: Config, events: "Events | None" = None, node: str = "") -> Backplane:
@@ -6711,7 +6790,7 @@ class Events:
         if not self.sinks:
             return
         event = {"event": kind, "time": round(time.time(), 3), **fields}
-        line = json.dumps(event, separators=(",", ":"))
+        line = compact_json(event)
         for sink in list(self.sinks):
             sink.push(line, lifecycle)
 
@@ -6860,16 +6939,24 @@ class Actions:
             raise send_refusal(result)
         return result
 
-    def send_group(self, sends: Sequence[tuple], batch: Batch | None = None) -> list:
-        """Consecutive SEND lines, (client_id, text) each, carried out together: for each,
-        its SendResult or the Refused it is."""
+    def start_send_group(
+        self, sends: Sequence[tuple], batch: Batch | None = None
+    ) -> Callable[[], list]:
+        """Consecutive SEND lines, (client_id, text) each, carried out together. They are
+        under way when this returns; the call it returns gives, for each, its SendResult or
+        the Refused it is."""
         keep = self.board.cfg.offline_ok
-        results = self.hub.send_many(
+        pending = self.hub.start_sends(
             [([client_id], text, keep) for client_id, text in sends], batch, count_all=False
         )
-        for result in results:
-            self.board.counts.sent(result)
-        return [r if r.sockets or r.queued else send_refusal(r) for r in results]
+
+        def results() -> list:
+            done = pending()
+            for result in done:
+                self.board.counts.sent(result)
+            return [r if r.sockets or r.queued else send_refusal(r) for r in done]
+
+        return results
 
     def send_to_connection(self, conn_id: str, text: str, batch: Batch | None = None) -> int:
         if not self.hub.send_to_connection(conn_id, text, batch):
@@ -6956,7 +7043,7 @@ class Actions:
             raise BadRequest('"id" must be a client id')
         if meta is not None and not isinstance(meta, dict):
             raise BadRequest('"meta" must be a JSON object (or null to take it off)')
-        if meta is not None and len(json.dumps(meta, separators=(",", ":"))) > MAX_META_BYTES:
+        if meta is not None and len(compact_json(meta)) > MAX_META_BYTES:
             raise BadRequest(f'"meta" must be at most {MAX_META_BYTES} bytes of JSON')
         sockets = self.hub.set_meta(client_id, meta)
         if not sockets:
@@ -7247,7 +7334,7 @@ def help_line() -> str:
 def run_command(command: Command, ctx: "ControlConnection") -> list:
     """The answer lines for one command; a bug costs one ERROR line, never the answer."""
     if command.verb == "json":
-        return [json.dumps(run_json(ctx, *command.args), separators=(",", ":"))]
+        return [compact_json(run_json(ctx, *command.args))]
     if command.verb == "error":
         return ["ERROR " + command.args[0]]
     verb = VERBS_BY_NAME[command.verb]
@@ -7309,7 +7396,7 @@ def json_text(request: dict) -> str:
         except UnicodeEncodeError:
             raise BadRequest('"data" must be valid Unicode (no lone surrogates)') from None
         return data
-    return json.dumps(data, separators=(",", ":"))
+    return compact_json(data)
 
 
 CONN_ID = re.compile(r"[0-9]{1,20}\.[0-9]{1,20}")
@@ -7570,7 +7657,7 @@ def shutting_down_answer(line: bytes) -> str:
         request = None
     if isinstance(request, dict) and "ref" in request:
         answer["ref"] = request["ref"]
-    return json.dumps(answer, separators=(",", ":"))
+    return compact_json(answer)
 
 
 def split_lines(buffer: bytearray) -> tuple:
@@ -7581,6 +7668,7 @@ def split_lines(buffer: bytearray) -> tuple:
 
 CONTROL_FLUSH_BYTES = 64 * 1024
 SEND_GROUP = 256  # SEND lines carried out together, at most, when the hub groups them
+GROUPS_IN_FLIGHT = 4  # groups under way before the oldest one's answers are waited for
 CONTROL_SLICE = 0.005  # seconds one connection's lines may run before everyone else's turn
 
 
@@ -7669,25 +7757,28 @@ class ControlConnection:
         """Answer lines in order; False when one was too long and the connection must end.
 
         Answers go out whenever 64 KiB are pending or the connection has had its slice of
-        time; then everyone else gets a turn, so no batch can hold the server.
+        time; then everyone else gets a turn, so no batch can hold the server. When the hub
+        groups SEND lines, up to GROUPS_IN_FLIGHT groups are under way at once: the next
+        group is read and started while the bus answers the ones before (a round trip per
+        group, waited for one after another, bounded cross-process pipelining by latency).
         """
         max_line = self.board.cfg.max_line
         grouping = self.board.hub.groups_sends
         counts = self.board.counts
         pending: list = []
-        sends: list = []  # SEND lines not yet carried out (when the hub groups them)
+        sends: list = []  # SEND lines not yet started (when the hub groups them)
+        flying: collections.deque = collections.deque()  # started groups' answers, in order
         size = 0
         started = time.monotonic()
         try:
             for line in lines:
                 if len(line) > max_line:
-                    self.flush(pending + self.send_group(sends))
+                    self.flush(pending + self.settle(flying, sends))
                     self.refuse_long_line()
                     return False
                 if self.board.draining:  # a shutdown never waits for a batch to be carried out
-                    answers = [*self.send_group(sends), shutting_down_answer(line)]
+                    pending += [*self.settle(flying, sends), shutting_down_answer(line)]
                     sends = []
-                    pending += answers
                     continue
                 command = parse_control_line(line)
                 verb = VERBS_BY_NAME.get(command.verb)
@@ -7695,11 +7786,12 @@ class ControlConnection:
                     sends.append(command.args)
                     if len(sends) < SEND_GROUP:
                         continue
-                    answers = self.send_group(sends)
+                    flying.append(self.start_group(sends))
+                    answers = flying.popleft()() if len(flying) > GROUPS_IN_FLIGHT else []
                 else:
                     if command.verb == "error":
                         log.warning("control error: %s: %r", command.args[0], line[:80])
-                    answers = self.send_group(sends) if sends else []
+                    answers = self.settle(flying, sends)
                     began = time.perf_counter()
                     answers += run_command(command, self)
                     if command.verb != "json":  # run_json counts its op
@@ -7713,30 +7805,49 @@ class ControlConnection:
                     pending, size = [], 0
                     gevent.sleep(0)
                     started = time.monotonic()
-            self.flush(pending + self.send_group(sends))
+            self.flush(pending + self.settle(flying, sends))
             return True
         finally:
+            if flying:  # the connection failed: what was started still settles its requests
+                self.settle(flying, [])
             self.release()
 
-    def send_group(self, sends: list) -> list:
-        """The answers to a run of SEND lines, carried out together."""
-        if not sends:
-            return []
+    def settle(self, flying: collections.deque, sends: list) -> list:
+        """The answers of every group under way, and of sends (started now), in order."""
+        if sends:
+            flying.append(self.start_group(sends))
+        answers: list = []
+        while flying:
+            answers += flying.popleft()()
+        return answers
+
+    def start_group(self, sends: list) -> Callable[[], list]:
+        """A run of SEND lines, started together; the call it returns gives their answers."""
         board = self.board
         began = time.perf_counter()
         try:
-            results = board.actions.send_group(sends, self.batch)
+            pending = board.actions.start_send_group(list(sends), self.batch)
         except Exception:
             log.exception("control command send failed")
-            return ["ERROR " + INTERNAL_ERROR] * len(sends)
-        took = time.perf_counter() - began
-        for _ in results:  # each was answered when the group was
-            board.counts.command("send", took)
-        answer = VERBS_BY_NAME["send"].answer
-        return [
-            f"ERROR {result}" if isinstance(result, Refused) else answer(result)[0]
-            for result in results
-        ]
+            failed = ["ERROR " + INTERNAL_ERROR] * len(sends)
+            return lambda: failed
+
+        def answers() -> list:
+            try:
+                results = pending()
+            except Exception:
+                log.exception("control command send failed")
+                return ["ERROR " + INTERNAL_ERROR] * len(sends)
+            took = time.perf_counter() - began
+            for _ in results:  # each was answered when the group was
+                board.counts.command("send", took)
+            answer = VERBS_BY_NAME["send"].answer
+            return [
+                f"ERROR {result}" if isinstance(result, Refused) else answer(result)[0]
+                for result in results
+            ]
+
+        return answers
 
     def release(self) -> None:
         """Let held frames out; time how long the oldest waited for the kernel."""
@@ -8017,7 +8128,7 @@ def admin_state_json() -> str:
         return json.dumps({"error": query.reason})
     text, offset, limit = query
     try:
-        return json.dumps(admin_state(board, text, offset, limit), separators=(",", ":"))
+        return compact_json(admin_state(board, text, offset, limit))
     except BackplaneError as exc:
         bottle.response.status = 503
         return json.dumps({"error": str(exc)})
@@ -8113,7 +8224,7 @@ def admin_message(data: dict) -> str:
     if not isinstance(message, str):
         raise BadRequest("message must be a string")
     check_text(message, "message")
-    return json.dumps({"message": message}, separators=(",", ":"))
+    return compact_json({"message": message})
 
 
 def do_send(board: "Board", data: dict) -> str:
@@ -8243,7 +8354,7 @@ def send_message() -> str:
     board = request_board()
     try:
         client_id, message = parse_send_request(admin_json_body(board))
-        payload = json.dumps({"message": message}, separators=(",", ":"))
+        payload = compact_json({"message": message})
         board.actions.send([client_id], payload, count_all=False)
     except BadRequest as exc:
         log.warning("sendMessage refused: %s", exc)
@@ -8261,7 +8372,7 @@ def publish() -> str:
     board = request_board()
     try:
         channel, message = parse_publish_request(admin_json_body(board))
-        payload = json.dumps({"message": message}, separators=(",", ":"))
+        payload = compact_json({"message": message})
         count = board.actions.publish([channel], payload)
     except BadRequest as exc:
         log.warning("publish refused: %s", exc)
@@ -8748,7 +8859,7 @@ class PusherApp(SocketProtocol):
             return self.error(conn, f"Subscribe to {channel} before sending events to it")
         if len(name) > PUSHER_MAX_EVENT_NAME:
             return self.error(conn, f"Event names are {PUSHER_MAX_EVENT_NAME} characters at most")
-        text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+        text = data if isinstance(data, str) else compact_json(data)
         if len(text.encode("utf-8", "replace")) > self.board.cfg.pusher_max_event:
             return self.error(conn, f"Event data over {self.board.cfg.pusher_max_event} bytes")
         user_id = conn.member(channel) if channel.startswith(PRESENCE_PREFIX) else None
@@ -8866,7 +8977,7 @@ class NoSuchCall(BadRequest):
 def pusher_json(status: int, value: dict) -> str:
     bottle.response.status = status
     bottle.response.content_type = "application/json"
-    return json.dumps(value, separators=(",", ":"))
+    return compact_json(value)
 
 
 @routes.post("/users/<user_id>/terminate_connections")
@@ -8955,7 +9066,7 @@ def pusher_webhook_event(kind: str, fields: Mapping) -> dict | None:
 def pusher_webhook_request(key: str, secret: str, events: list, now: float) -> tuple:
     """(body, headers) of one webhook POST: X-Pusher-Signature is hex(HMAC-SHA256(secret,
     body)), as the SDKs' validators check it."""
-    body = json.dumps({"time_ms": int(now * 1000), "events": events}, separators=(",", ":"))
+    body = compact_json({"time_ms": int(now * 1000), "events": events})
     raw = body.encode()
     headers = {
         "Content-Type": "application/json",
@@ -10147,7 +10258,7 @@ def bind_control_command(argv: Sequence[str]) -> int:
 
 
 def _print_json(value: object) -> None:
-    sys.stdout.write(json.dumps(value, separators=(",", ":")) + "\n")
+    sys.stdout.write(compact_json(value) + "\n")
 
 
 def _client_send(client: object, args: argparse.Namespace) -> int:

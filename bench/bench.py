@@ -229,15 +229,22 @@ def send_latency(swarm: Swarm, control: Control, count: int) -> list:
     return latencies
 
 
-def pipelined(swarm: Swarm, control: Control, count: int, line: str = "") -> float:
+def pipelined(
+    swarm: Swarm, control: Control, count: int, line: str = "", targets: int = 1
+) -> float:
     """Messages/s: count SENDs to one socket (or count of line, which reaches that socket
     once) written at once, until every answer is read and every message received. Answers
     and messages are read as they come, in one loop, so the measurement is not the load
-    generator's own reading order."""
-    client = swarm.client(0)
-    before = client.received
-    line = line or f"SEND MESSAGE {client.client_id} {MESSAGE}"
-    batch = f"{line}\n".encode() * count
+    generator's own reading order. targets > 1: the SENDs go round-robin to that many
+    sockets (each a different id), so no two in a row share a route."""
+    clients = [swarm.client(n) for n in range(targets)]
+    before = sum(client.received for client in clients)
+    if targets > 1:
+        lines = [f"SEND MESSAGE {c.client_id} {MESSAGE}\n".encode() for c in clients]
+        batch = b"".join(lines[n % targets] for n in range(count))
+    else:
+        line = line or f"SEND MESSAGE {clients[0].client_id} {MESSAGE}"
+        batch = f"{line}\n".encode() * count
     answers = control.buffer.count(b"\n")
     control.sock.setblocking(False)
     swarm.poller.register(control.sock.fileno(), select.EPOLLIN)
@@ -250,7 +257,7 @@ def pipelined(swarm: Swarm, control: Control, count: int, line: str = "") -> flo
             answers += data.count(b"\n")
         except BlockingIOError:
             pass
-        return answers >= count and client.received >= before + count
+        return answers >= count and sum(c.received for c in clients) >= before + count
 
     writable = select.poll()  # not select(): descriptors here go far past 1024
     writable.register(control.sock.fileno(), select.POLLOUT)

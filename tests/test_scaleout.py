@@ -123,6 +123,89 @@ def test_sends_to_an_id_held_only_here_publish_nothing_to_redis(cluster, redis_s
     assert [mine.recv() for _ in range(500)] == ["x"] * 500
 
 
+def test_pipelined_sends_through_another_process_are_answered_and_delivered_in_order(cluster):
+    """Groups of SEND lines are under way several at once (GROUPS_IN_FLIGHT): every answer
+    still comes in its line's place, a command between them waits for them, and each id
+    gets its messages in order."""
+    p0, p1 = cluster(2)
+    far, near = p0.websocket("far"), p1.websocket("near")
+    lines, expected, to_far, to_near = [], [], [], []
+    for n in range(3000):
+        if n % 10 == 3:
+            lines.append(f"SEND MESSAGE ghost {n}")
+            expected.append("ERROR Client Not Found")
+        elif n % 10 == 7:
+            lines.append(f"SEND MESSAGE near {n}")
+            expected.append("OK")
+            to_near.append(str(n))
+        elif n == 1500:
+            lines.append("PING")  # not a SEND: it waits for the groups before it
+            expected.append("PONG")
+        else:
+            lines.append(f"SEND MESSAGE far  {n} ")  # spaces are part of the text
+            expected.append("OK")
+            to_far.append(f" {n} ")
+    control = Control(p1.control_path)
+    control.send(("\n".join(lines) + "\n").encode())
+    assert [control.line().decode() for _ in lines] == expected
+    assert [far.recv() for _ in to_far] == to_far
+    assert [near.recv() for _ in to_near] == to_near
+    assert ask(p1, "SEND MESSAGE far end") == "OK" and far.recv() == "end"
+
+
+def test_publishes_ride_in_bundles_only_while_every_process_reads_them(cluster, redis_server):
+    """A run of publishes to one route is one PUBLISH of a JSON list (BUS_VERSION 2). A
+    process that has not said it reads them (an older wsboard during a rolling upgrade:
+    its record in Redis has no "bus") turns them off until it is gone."""
+    p0, p1 = cluster(2)
+    far = p0.websocket("far")
+    client = redis_server.client()
+    wait_until(lambda: backplane(p1)["bundles"], what="bundles on")
+    heard = client.pubsub()
+    heard.subscribe(f"{p0.prefix}:i:far")
+    assert heard.get_message(timeout=5)["type"] == "subscribe"
+
+    def payloads(count: int) -> list:
+        control = Control(p1.control_path)
+        control.send(b"SEND MESSAGE far x\n" * count)
+        assert [control.line() for _ in range(count)] == [b"OK"] * count
+        assert [far.recv() for _ in range(count)] == ["x"] * count
+        got, total = [], 0
+        while total < count:
+            message = heard.get_message(timeout=5)
+            assert message is not None, f"heard {total} of {count}"
+            data = json.loads(message["data"])
+            got.append(data)
+            total += len(data) if isinstance(data, list) else 1
+        assert total == count
+        return got
+
+    bundled = payloads(1000)
+    assert any(isinstance(p, list) and len(p) > 1 for p in bundled)
+    assert len(bundled) < 1000
+
+    old = f"{p0.prefix}:node:old"  # what an older process's beat leaves in Redis
+    client.hset(old, mapping={"pid": 1, "host": "old", "pubsub": 0})
+    stop = threading.Event()
+
+    def old_beat() -> None:
+        while not stop.is_set():
+            client.zadd(f"{p0.prefix}:nodes", {"old": client.time()[0]})
+            stop.wait(0.3)
+
+    beater = threading.Thread(target=old_beat, daemon=True)
+    beater.start()
+    try:
+        wait_until(lambda: not backplane(p1)["bundles"], what="bundles off")
+        assert all(isinstance(p, dict) for p in payloads(600))
+    finally:
+        stop.set()
+        beater.join()
+        client.zrem(f"{p0.prefix}:nodes", "old")
+        client.delete(old)
+    wait_until(lambda: backplane(p1)["bundles"], what="bundles on again")
+
+
 def test_a_tab_that_opens_on_another_process_gets_the_next_send_at_once(cluster):
     p0, p1 = cluster(2)
     first = p0.websocket("u")

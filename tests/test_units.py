@@ -609,7 +609,7 @@ def test_a_bug_inside_an_action_is_an_internal_error_on_every_front_end(monkeypa
     def broken(*args, **kwargs):
         raise KeyError("a bug, not an answer")
 
-    for name in ("send", "send_group", "kick", "publish"):
+    for name in ("send", "start_send_group", "kick", "publish"):
         monkeypatch.setattr(board.actions, name, broken)
     ctx = wsboard.ControlConnection(board)
     assert wsboard.run_command(parse_control_line(b"KICK a"), ctx) == ["ERROR Internal error"]
@@ -625,3 +625,36 @@ def test_a_bug_inside_an_action_is_an_internal_error_on_every_front_end(monkeypa
         board(environ, lambda s, headers, exc_info=None: status.append(s))
     assert status[0].startswith("500") and "a bug, not an answer" in send["wsgi.errors"].getvalue()
     assert status[1].startswith("500")  # a LookupError from a bug was a polite 200 before
+
+
+def test_publish_runs_bundle_consecutive_publishes_to_one_route_and_keep_the_order():
+    a1, a2, a3, b1, n1 = (object() for _ in range(5))
+    items = [
+        ("PUBLISH", ("k:a", '{"n":1}'), a1),
+        ("PUBLISH", ("k:a", '{"n":2}'), a2),
+        ("PUBLISH", ("k:b", '{"n":3}'), b1),  # another route ends the run
+        ("NUMSUB", ("k:a",), n1),  # so does any other command
+        ("PUBLISH", ("k:a", '{"n":4}'), a3),
+        ("PUBLISH", ("k:a", '{"n":5}'), None),  # answers none: still bundled, told nothing
+    ]
+    runs = wsboard.publish_runs(items)
+    assert [(command, args) for command, args, _ in runs] == [
+        ("PUBLISH", ("k:a", '[{"n":1},{"n":2}]')),
+        ("PUBLISH", ("k:b", '{"n":3}')),
+        ("NUMSUB", ("k:a",)),
+        ("PUBLISH", ("k:a", '[{"n":4},{"n":5}]')),
+    ]
+    assert runs[0][2] == [a1, a2] and isinstance(runs[0][2], wsboard.Bundled)
+    assert runs[1][2] is b1 and runs[2][2] is n1 and runs[3][2] == [a3, None]
+    assert json.loads(runs[0][1][1]) == [{"n": 1}, {"n": 2}]
+
+
+def test_a_bundle_stays_under_its_byte_bound():
+    big = '"' + "x" * 100_000 + '"'
+    runs = wsboard.publish_runs([("PUBLISH", ("k", big), None)] * 7)
+    assert all(len(args[1]) < wsboard.BUNDLE_BYTES for _, args, _ in runs)
+    assert (
+        sum(len(json.loads(args[1])) for _, args, _ in runs if args[1][0] == "[")
+        + sum(1 for _, args, _ in runs if args[1][0] != "[")
+        == 7
+    )
