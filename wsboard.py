@@ -99,6 +99,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import resource
 import secrets
@@ -4688,7 +4689,7 @@ class Backplane:
         self.requests = itertools.count(1)
         self.answers: dict[str, Answers] = {}
         self.others: dict = {}  # id held here -> how many other processes hold it (None: unknown)
-        self.counted_at: dict = {}  # id -> when others[id] was last counted
+        self.recount_at: dict = {}  # id -> when others[id] is to be counted again
         self.heard_here: dict = {}  # id -> when another process last said it gained it
         self.announcing: dict = {}  # id -> Event set once its "here" is answered
         self.fresh: list = []  # ids that got their first socket here, not yet announced
@@ -4815,7 +4816,7 @@ class Backplane:
                 self.fresh.append(client_id)
             else:
                 self.others.pop(client_id, None)
-                self.counted_at.pop(client_id, None)
+                self.recount_at.pop(client_id, None)
                 if self.transport.up:
                     self.transport.publish(route, {"k": "gone", "o": self.node, "i": client_id})
 
@@ -4852,7 +4853,7 @@ class Backplane:
         self._send_replies()
 
     def link_came_up(self) -> None:
-        self.counted_at.clear()  # every id is recounted, its route now in force
+        self.recount_at.clear()  # every id is recounted, its route now in force
         gevent.spawn(self._rejoin)
 
     def link_went_down(self) -> None:
@@ -5302,7 +5303,7 @@ class Backplane:
                 others = sum(values)
             if client_id in self.others:
                 self.others[client_id] = others
-                self.counted_at[client_id] = time.monotonic()
+                self.recount_at[client_id] = time.monotonic() + 1.0  # its route may be young
         except BackplaneError:
             pass
         finally:
@@ -5312,16 +5313,20 @@ class Backplane:
 
     def _recount(self) -> None:
         """Who else holds each id, from the bus's own count of listeners (less this process):
-        puts right what a lost notice made wrong. A "here" heard meanwhile is kept."""
-        settled = time.monotonic() - 1.0  # an id counted just now may not be subscribed yet
+        puts right what a lost notice made wrong. A "here" heard meanwhile is kept. An id is
+        counted a second after its announce, then about once per --node-timeout (at a
+        random point of its second half, so that 100,000 ids do not all come due in one
+        heartbeat); an id not known (a link came up) at the next heartbeat."""
+        now = time.monotonic()
         busy = set(self.announcing) | set(self.fresh)  # their routes may not be in force yet
-        ids = [i for i, at in self.counted_at.items() if at < settled and i not in busy]
+        ids = [i for i, at in self.recount_at.items() if at <= now and i not in busy]
         if self.transport.routes_settled():
             ids += [
                 i
                 for i, n in self.others.items()
-                if n is None and i not in self.counted_at and i not in busy
+                if n is None and i not in self.recount_at and i not in busy
             ]
+        period = self.cfg.node_timeout
         for start in range(0, len(ids), 1000):
             chunk = ids[start : start + 1000]
             asked = time.monotonic()
@@ -5333,7 +5338,7 @@ class Backplane:
                 if self.heard_here.get(client_id, 0) > asked:
                     others = max(others, self.others[client_id] or 0)
                 self.others[client_id] = others
-                self.counted_at[client_id] = asked
+                self.recount_at[client_id] = asked + period * (0.5 + random.random() / 2)
         self.heard_here.clear()
 
     def _on_join(self, message: dict, batch: Batch) -> None:

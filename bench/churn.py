@@ -2,7 +2,11 @@
 check that nothing is left behind: RSS after the last round against after the first, and
 with --redis, Redis's used_memory against its baseline.
 
-    python3 bench/churn.py [--count 10000] [--rounds 20] [--modes none,redis]
+    python3 bench/churn.py [--count 10000] [--rounds 20] [--modes none,redis,channels]
+
+Mode channels is --redis with every client in two channels from its URL: "news", and one
+of 100 presence channels (presence-room-0 ... 99), so each round makes and ends 10,000
+memberships of 100 presence lists in Redis, their counts and their leaves.
 
 wsboard and Redis are pinned to core 0, the load generator to core 1. After each round the
 clients close their sockets and the script waits until the server counts none.
@@ -14,6 +18,7 @@ import os
 import socket
 import sys
 import time
+import zlib
 
 from loadgen import Swarm
 from scaleout import Redis, Wsboard
@@ -47,15 +52,20 @@ def wait_empty(control: Control, timeout: float = 60) -> None:
     raise RuntimeError("sockets still open after the clients closed them")
 
 
+def in_channels(client_id: str) -> str:
+    return f"&channel=news&channel=presence-room-{zlib.crc32(client_id.encode()) % 100}"
+
+
 def churn(mode: str, count: int, rounds: int, redis: Redis | None) -> None:
-    flags = ("--redis", redis.url, "--redis-prefix", "churn") if redis else ()
+    flags = ("--redis", redis.url, "--redis-prefix", f"churn-{mode}") if redis else ()
     server = Wsboard("0", *flags)
+    query = in_channels if mode == "channels" else None
     control = Control(server.control_path)
     redis_before = redis_memory(redis) if redis else 0
     rss = []
     try:
         for number in range(rounds):
-            swarm = Swarm(server.port)
+            swarm = Swarm(server.port, query=query)
             swarm.connect(count, prefix=f"r{number}-")
             for client in list(swarm.clients.values()):
                 client.sock.close()
@@ -81,11 +91,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--modes", default="none,redis")
+    parser.add_argument("--modes", default="none,redis,channels")
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})
     for mode in args.modes.split(","):
-        redis = Redis("0") if mode == "redis" else None
+        redis = Redis("0") if mode in ("redis", "channels") else None
         try:
             churn(mode, args.count, args.rounds, redis)
         finally:

@@ -24,7 +24,7 @@ def _member(conn, port: int) -> None:
         command, *args = conn.recv()
         if command == "connect":
             count, prefix = args
-            conn.send(swarm.connect(count, prefix=prefix, timeout=600))
+            conn.send(swarm.connect(count, prefix=prefix, timeout=600, retry_503=True))
         elif command == "expect":  # n more for each open client, then the last receive time
             n, timeout = args
             live = sum(c.open for c in swarm.clients.values())
@@ -45,8 +45,19 @@ def _member(conn, port: int) -> None:
                 conn.send(client.last_at)
             except TimeoutError:
                 conn.send(None)
+        elif command == "storm":  # from now on, clients the server closes come back
+            swarm.keep_reconnecting(*args)
+            conn.send("storming")
+        elif command == "storm_info":
+            conn.send({
+                "open": swarm.open_count(), "lost": swarm.lost,
+                "reconnected": swarm.reconnected, "refused": swarm.refused,
+                "waiting": len(swarm.due) + len(swarm.handshaking),
+                "reopens": swarm.reopens if args and args[0] else [],
+            })  # fmt: skip
         elif command == "info":
-            conn.send({"clients": len(swarm.clients), "lost": swarm.lost, "pings": swarm.pings})
+            conn.send({"clients": len(swarm.clients), "lost": swarm.lost, "pings": swarm.pings,
+                       "refused": swarm.refused})  # fmt: skip
         elif command == "ids":
             conn.send([c.client_id for c in swarm.clients.values()])
         elif command == "close":
@@ -115,6 +126,24 @@ class Fleet:
             pipe.send(("info",))
         answers = [pipe.recv() for pipe in self.pipes]
         return {key: sum(a[key] for a in answers) for key in answers[0]}
+
+    def storm(self, delay: float = 0.5) -> None:
+        """Every member's clients reconnect, as wsboard.js does, whenever the server closes
+        them (a restart storm)."""
+        for pipe in self.pipes:
+            pipe.send(("storm", delay))
+        for pipe in self.pipes:
+            assert pipe.recv() == "storming"
+
+    def storm_info(self, reopens: bool = False) -> dict:
+        """Open clients, closes, reconnects made and refused, reconnects still to make, over
+        every member; reopens: every reconnect's time (perf_counter), sorted."""
+        for pipe in self.pipes:
+            pipe.send(("storm_info", reopens))
+        answers = [pipe.recv() for pipe in self.pipes]
+        total = {key: sum(a[key] for a in answers) for key in answers[0] if key != "reopens"}
+        total["reopens"] = sorted(t for a in answers for t in a["reopens"])
+        return total
 
     def ids(self, member: int) -> list:
         self.pipes[member].send(("ids",))

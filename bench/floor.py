@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 
-from loadgen import SOURCES
+from loadgen import client_socket
 
 PAYLOAD = b"\x81\x64" + b"x" * 100  # the size of a 100-byte text frame
 
@@ -25,8 +25,7 @@ def read_everything(port: int, n: int, expected: int, report: int) -> None:
     poller = select.epoll()
     clients = {}
     for i in range(n):
-        sock = socket.socket()
-        sock.bind((SOURCES[i % len(SOURCES)], 0))
+        sock = client_socket(i)
         sock.connect(("127.0.0.1", port))
         sock.setblocking(False)
         clients[sock.fileno()] = sock

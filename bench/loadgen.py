@@ -2,17 +2,31 @@
 
 No gevent, no asyncio: non-blocking sockets, one epoll, and a frame parser just big enough
 for what the servers send (unmasked text, ping, close). It answers pings, so heartbeats do
-not reap its sockets. Sockets are spread over several loopback source addresses so that 10k
-connections never run out of ephemeral ports. Every loop is bounded in count and time.
+not reap its sockets. Sockets are spread over 16 loopback source addresses, their ports
+picked at connect(), so that 100k connections never run out of ports. Every loop is
+bounded in count and time.
 """
 
 import base64
+import heapq
 import os
+import random
 import select
 import socket
 import time
 
-SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+SOURCES = tuple(f"127.0.0.{n}" for n in range(2, 18))  # 16 source addresses
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux 4.2+
+
+
+def client_socket(source: int) -> socket.socket:
+    """A TCP socket bound to one of SOURCES, its port picked at connect() rather than at
+    bind(): a port then only has to be free towards this destination, and 100,000 sockets
+    do not make the kernel search a nearly full range of ports on every bind."""
+    sock = socket.socket()
+    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    sock.bind((SOURCES[source % len(SOURCES)], 0))
+    return sock
 
 
 def masked_text(payload: bytes, opcode: int = 0x1) -> bytes:
@@ -45,10 +59,16 @@ class Swarm:
     """
 
     def __init__(
-        self, port: int, path: str = "/websocket?id=", socketio: bool = False, extensions: str = ""
+        self,
+        port: int,
+        path: str = "/websocket?id=",
+        socketio: bool = False,
+        extensions: str = "",
+        query=None,
     ) -> None:
         self.port = port
         self.path = path
+        self.query = query  # client id -> more of its URL's query ("&channel=news"), or None
         self.socketio = socketio
         self.extensions = extensions  # a Sec-WebSocket-Extensions offer (permessage-deflate)
         self.wire = 0  # bytes read from the server after the handshakes
@@ -58,31 +78,50 @@ class Swarm:
         self.pings = 0  # pings answered, so a measurement can start right after a round
         self.busy = 0.0  # seconds spent reading what arrived, polling not counted
         self.lost = 0  # clients the server closed
+        self.reconnect_delay: float | None = None  # set: a closed client comes back (storm)
+        self.attempts: dict[str, int] = {}  # client id -> reconnects tried since its last 101
+        self.due: list = []  # (when, client id) of the reconnects to make
+        self.handshaking: dict[int, Client] = {}  # reconnects waiting for their 101
+        self.reconnected = 0  # reconnects that got their 101
+        self.refused = 0  # reconnects that got no 101 (tried again after a jitter)
+        self.reopened_at = 0.0  # perf_counter of the last reconnect's 101
+        self.reopens: list = []  # perf_counter of every reconnect's 101 (the storm's rate)
 
-    def connect(self, count: int, prefix: str = "c", timeout: float = 120.0) -> float:
-        """Open count more clients, at most 256 handshakes in flight; return handshakes/s."""
+    def _handshake(self, client_id: str, source: int) -> Client:
+        """A new socket with its upgrade request sent, registered for its answer."""
+        sock = client_socket(source)
+        sock.connect(("127.0.0.1", self.port))
+        sock.setblocking(False)
+        key = base64.b64encode(os.urandom(16)).decode()
+        offer = self.extensions and f"Sec-WebSocket-Extensions: {self.extensions}\r\n"
+        sock.send(
+            f"GET {self.path}{client_id}{self.query(client_id) if self.query else ''} "
+            f"HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{offer}\r\n".encode()
+        )
+        self.poller.register(sock.fileno(), select.EPOLLIN)
+        return Client(sock, client_id)
+
+    def connect(
+        self, count: int, prefix: str = "c", timeout: float = 120.0, retry_503: bool = False
+    ) -> float:
+        """Open count more clients, at most 256 handshakes in flight; return handshakes/s.
+        retry_503: a handshake refused with 503 (a worker at --max-connections; another may
+        take it) is tried again, and counted in refused, instead of failing the run."""
         started = time.perf_counter()
         deadline = time.monotonic() + timeout
         pending: dict[int, Client] = {}
+        again: list = []  # ids refused with 503, to try again
         opened, first = 0, len(self.clients)
-        while opened < count or pending:
-            while opened < count and len(pending) < 256:
-                sock = socket.socket()
-                sock.bind((SOURCES[opened % len(SOURCES)], 0))
-                sock.connect(("127.0.0.1", self.port))
-                sock.setblocking(False)
-                client_id = f"{prefix}{first + opened}"
-                key = base64.b64encode(os.urandom(16)).decode()
-                offer = self.extensions and f"Sec-WebSocket-Extensions: {self.extensions}\r\n"
-                sock.send(
-                    f"GET {self.path}{client_id} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-                    f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                    f"Sec-WebSocket-Version: 13\r\n{offer}\r\n".encode()
-                )
-                client = Client(sock, client_id)
-                pending[sock.fileno()] = client
-                self.poller.register(sock.fileno(), select.EPOLLIN)
-                opened += 1
+        while opened < count or pending or again:
+            while (opened < count or again) and len(pending) < 256:
+                if again:
+                    client = self._handshake(again.pop(), opened + len(again))
+                else:
+                    client = self._handshake(f"{prefix}{first + opened}", opened)
+                    opened += 1
+                pending[client.sock.fileno()] = client
             for fd, _ in self.poller.poll(1.0):
                 client = pending.get(fd)
                 if client is None:
@@ -91,6 +130,12 @@ class Swarm:
                 client.buffer += client.sock.recv(65536)
                 head, sep, rest = client.buffer.partition(b"\r\n\r\n")
                 if sep:
+                    if retry_503 and head.startswith(b"HTTP/1.1 503"):
+                        self.poller.unregister(fd)
+                        pending.pop(fd).sock.close()
+                        self.refused += 1
+                        again.append(client.client_id)
+                        continue
                     if not head.startswith(b"HTTP/1.1 101"):
                         raise RuntimeError(f"handshake refused: {head[:80]!r}")
                     client.buffer, client.upgraded = b"", True
@@ -108,10 +153,16 @@ class Swarm:
             data = client.sock.recv(65536)
         except BlockingIOError:
             return
+        except ConnectionResetError:
+            data = b""
         if not data:
             self.poller.unregister(client.sock.fileno())
             client.open = False
             self.lost += 1
+            if self.reconnect_delay is not None:  # as a browser's client would: come back
+                self.clients.pop(client.sock.fileno(), None)
+                client.sock.close()
+                self._again(client.client_id)
             return
         self.wire += len(data)
         self._frames(client, data, now)
@@ -147,6 +198,65 @@ class Swarm:
                 self.total += 1
         client.buffer = buffer[pos:]
 
+    # The restart storm: clients the server closes come back, after a random delay.
+
+    def keep_reconnecting(self, delay: float = 0.5) -> None:
+        """From now on a client the server closes reconnects (the same id) as wsboard.js
+        does: after a random delay in [c/2, c), c = delay doubled at each failed try (30 s
+        at most)."""
+        self.reconnect_delay = delay
+
+    def _again(self, client_id: str) -> None:
+        attempt = self.attempts.get(client_id, 0)
+        self.attempts[client_id] = attempt + 1
+        ceiling = min(30.0, self.reconnect_delay * 2**attempt)
+        when = time.monotonic() + ceiling / 2 + random.random() * ceiling / 2
+        heapq.heappush(self.due, (when, client_id))
+
+    def _reconnect_due(self) -> None:
+        """Start the reconnects whose time has come, 256 handshakes in flight at most."""
+        now = time.monotonic()
+        while self.due and self.due[0][0] <= now and len(self.handshaking) < 256:
+            _, client_id = heapq.heappop(self.due)
+            try:
+                client = self._handshake(client_id, self.reconnected + len(self.handshaking))
+            except OSError:
+                self.refused += 1
+                self._again(client_id)
+                continue
+            self.handshaking[client.sock.fileno()] = client
+
+    def _handshake_answer(self, client: Client, now: float) -> None:
+        fd = client.sock.fileno()
+        try:
+            data = client.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        client.buffer += data
+        head, sep, rest = client.buffer.partition(b"\r\n\r\n")
+        if data and not sep:
+            return
+        del self.handshaking[fd]
+        if not data or not head.startswith(b"HTTP/1.1 101"):  # refused or cut: try again
+            self.poller.unregister(fd)
+            client.sock.close()
+            self.refused += 1
+            self._again(client.client_id)
+            return
+        client.buffer, client.upgraded = b"", True
+        self.clients[fd] = client
+        self.attempts.pop(client.client_id, None)
+        self.reconnected += 1
+        self.reopened_at = now
+        self.reopens.append(now)
+        if rest:
+            self._frames(client, rest, now)
+
+    def open_count(self) -> int:
+        return sum(1 for c in self.clients.values() if c.open)
+
     def pump(self, until, timeout: float, spin: bool = False) -> None:
         """Read whatever arrives until until() is true or timeout seconds pass.
 
@@ -158,7 +268,9 @@ class Swarm:
         while not until():
             if time.monotonic() > deadline:
                 raise TimeoutError("the swarm did not receive what it waited for")
-            events = self.poller.poll(wait)
+            if self.due:
+                self._reconnect_due()
+            events = self.poller.poll(0.005 if self.due and not spin else wait)
             if not events:
                 continue
             now = time.perf_counter()
@@ -166,6 +278,8 @@ class Swarm:
                 client = self.clients.get(fd)
                 if client is not None:
                     self._read(client, now)
+                elif fd in self.handshaking:
+                    self._handshake_answer(self.handshaking[fd], now)
             self.busy += time.perf_counter() - now
 
     def idle(self, seconds: float) -> None:

@@ -6,9 +6,17 @@
    --count sockets held (latency p50/p99, pipelined messages/s);
 3. BROADCAST to --spread sockets on each of 4 processes, against one process holding all
    of them (4 x 10,000 needs 40,000 descriptors in the load generator: more than many
-   machines' hard limit, hence 4 x 4,500 by default).
+   machines' hard limit, hence 4 x 4,500 by default);
+4. gunicorn with --workers N (each count in turn) on Redis, --per-process sockets each,
+   behind its one control socket, driven by a fleet of load-generator processes: memory,
+   idle CPU, handshakes/s, BROADCAST to all, SEND to the worker asked and to another one,
+   and what Redis spends per handshake, per socket and per cross-process SEND;
+5. the restart storm: --storm WORKERS,SOCKETS, every worker restarted in turn with the
+   drain on, the clients coming back as wsboard.js does.
 
     python3 bench/scaleout.py [--count 10000] [--rounds 7] [--sends 2000] [--pipelined 20000]
+    python3 bench/scaleout.py --parts 4 --workers 6 --per-process 16700   # 100,000 sockets
+    python3 bench/scaleout.py --parts 5 --storm 7,100000
 
 A real redis-server is started on its own port (Debian's package). wsboard and Redis are
 pinned to core 0 and the load generator to core 1, as in bench/bench.py, except in part 3,
@@ -20,6 +28,7 @@ import collections
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -230,8 +239,11 @@ class Gunicorn:
         env = {
             **os.environ, "WSBOARD_PORT": str(self.port), "WSBOARD_CONTROL": self.control_path,
             "WSBOARD_REDIS": redis.url, "WSBOARD_REDIS_PREFIX": prefix,
-            "WSBOARD_LOG_LEVEL": log_level, "WSBOARD_MAX_CONNECTIONS": "18000",
+            "WSBOARD_LOG_LEVEL": log_level, "WSBOARD_MAX_CONNECTIONS": "19000",
             "WSBOARD_MAX_CONNECTIONS_PER_IP": "50000", "WSBOARD_MAX_HANDSHAKES_PER_IP": "1024",
+            # A BROADCAST is answered once every process has written it: 16,700 sockets a
+            # process, 6 or 7 processes on 2 cores, take more than the default 1 s.
+            "WSBOARD_REDIS_TIMEOUT": "10",
         }  # fmt: skip
         self.proc = subprocess.Popen(
             ["taskset", "-c", f"0-{(os.cpu_count() or 1) - 1}",  # not the bench's own core
@@ -346,6 +358,7 @@ def processes_on_one_control_socket(
             total = workers * per_process
             redis_cpu, redis_bytes = redis.cpu_seconds(), redis.used_memory()
             rate = fleet.connect(total // members)
+            refused = fleet.info()["refused"]
             redis_handshake = (redis.cpu_seconds() - redis_cpu) / total
             redis_socket = (redis.used_memory() - redis_bytes) / total
             time.sleep(5)
@@ -385,11 +398,12 @@ def processes_on_one_control_socket(
                 redis_send = (redis.cpu_seconds() - redis_cpu) / piped
             rows.append((workers, total, spread, kb, server.rss_kb(), idle, rate, loops, ends,
                          local_ms, remote_ms, piped_local, piped_remote))  # fmt: skip
-            costs.append((workers, redis_handshake, redis_socket, redis_send))
+            costs.append((workers, redis_handshake, redis_socket, redis_send, refused))
         finally:
             fleet.close()
             server.stop()
-    print(f"\n## 4. gunicorn workers on Redis behind one control socket ({per_process:,} each)\n")
+    print(f"\n## 4. gunicorn workers on Redis behind one control socket ({per_process:,} each, "
+          "--redis-timeout 10)\n")  # fmt: skip
     print("| workers | sockets | per worker | KB/conn | RSS MB | idle CPU % | handshakes/s | "
           "BROADCAST OK ms | BROADCAST e2e ms (p99) | SEND p50/p99 ms, holder | SEND "
           "p50/p99 ms, another worker | pipelined msg/s, holder | another worker |")  # fmt: skip
@@ -406,9 +420,75 @@ def processes_on_one_control_socket(
     print("\n| workers | Redis CPU per handshake us | Redis memory per socket bytes | "
           "Redis CPU per cross-process SEND us (pipelined) |")  # fmt: skip
     print("|---|---|---|---|")
-    for workers, handshake, memory, send in costs:
+    for workers, handshake, memory, send, _ in costs:
         send_us = f"{send * 1e6:.1f}" if send is not None else "—"
         print(f"| {workers} | {handshake * 1e6:.1f} | {memory:,.0f} | {send_us} |")
+    for workers, *_, refused in costs:
+        if refused:
+            print(f"\n{workers} workers: {refused:,} handshakes were refused with 503 (a worker "
+                  "at --max-connections) and tried again by the load generator.")  # fmt: skip
+
+
+def restart_storm(redis: Redis, total: int, workers: int, delay: float) -> None:
+    """gunicorn with workers on Redis and total sockets over them; each worker in turn gets
+    SIGTERM (wsboard drains: 1001 closes spread over --drain-window) and gunicorn starts its
+    replacement once it is gone; the next worker goes when the replacement's link is up.
+    The clients come back as wsboard.js does (a random delay in [delay/2, delay), doubled
+    after each refusal). Time from the first SIGTERM until every client is open again, and
+    the handshake rate: over the whole storm and the busiest second."""
+    server = Gunicorn(workers, redis, "storm")
+    members = max(workers, -(-total // 15000))  # under 20,000 descriptors each, with room
+    fleet = Fleet(server.port, members)
+    try:
+        fleet.connect(total // members)
+        total = total // members * members
+        time.sleep(5)
+        spread_before = sorted(collections.Counter(where(server).values()).values())
+        fleet.storm(delay)
+        started = time.perf_counter()
+        for pid in server.workers():
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 120
+            while pid in server.workers() or len(server.workers()) < workers:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"worker {pid} was not replaced: {server.log()[-800:]}")
+                time.sleep(0.1)
+            while server.backplane_processes() < workers and time.monotonic() < deadline:
+                time.sleep(0.1)
+        restarted = time.perf_counter()
+        deadline = time.monotonic() + 600
+        while True:
+            info = fleet.storm_info()
+            if info["open"] >= total and not info["waiting"]:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the storm did not settle: {info}")
+            time.sleep(0.5)
+        info = fleet.storm_info(reopens=True)
+        reopens = info.pop("reopens")
+        spread_after = sorted(collections.Counter(where(server).values()).values())
+    finally:
+        fleet.close()
+        server.stop()
+    back = reopens[-1] - started
+    per_second = collections.Counter(int(t - started) for t in reopens)
+    busiest = max(per_second.values())
+    print(f"\n## 5. Restart storm: {workers} gunicorn workers restarted one by one, "
+          f"{total:,} sockets\n")  # fmt: skip
+    print("| figure | value |")
+    print("|---|---|")
+    rows = [
+        ("sockets per worker before", "/".join(f"{n:,}" for n in spread_before)),
+        ("every worker restarted after s", f"{restarted - started:.1f}"),
+        ("every client back after s (from the first SIGTERM)", f"{back:.1f}"),
+        ("closes seen / reconnects made", f"{info['lost']:,} / {info['reconnected']:,}"),
+        ("reconnects refused or cut (tried again)", f"{info['refused']:,}"),
+        ("handshakes/s over the storm", f"{len(reopens) / (reopens[-1] - reopens[0]):,.0f}"),
+        ("handshakes/s in the busiest second", f"{busiest:,}"),
+        ("sockets per worker after", "/".join(f"{n:,}" for n in spread_after)),
+    ]
+    for label, value in rows:
+        print(f"| {label} | {value} |")
 
 
 def main() -> None:
@@ -417,10 +497,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sends", type=int, default=2000)
     parser.add_argument("--pipelined", type=int, default=20000)
-    parser.add_argument("--parts", default="1,2,3,4")
+    parser.add_argument("--parts", default="1,2,3,4", help="of 1,2,3,4,5 (5: the restart storm)")
     parser.add_argument("--workers", default="1,2,4", help="gunicorn worker counts of part 4")
     parser.add_argument("--per-process", type=int, default=10000, help="sockets a worker, part 4")
     parser.add_argument("--blocks", type=int, default=4, help="blocks of part 1, taking turns")
+    parser.add_argument(
+        "--storm", default="7,100000", metavar="WORKERS,SOCKETS",
+        help="part 5: gunicorn workers restarted one by one, and the sockets over them",
+    )  # fmt: skip
     parser.add_argument(
         "--against", default="", metavar="PATH",
         help="part 1 as an A/B run: --redis with PATH (another checkout's wsboard.py) "
@@ -455,6 +539,9 @@ def main() -> None:
             processes_on_one_control_socket(
                 redis, args.per_process, layouts, args.rounds, args.sends, args.pipelined
             )
+        if "5" in parts:
+            workers, total = (int(n) for n in args.storm.split(","))
+            restart_storm(redis, total, workers, 0.5)
     finally:
         redis.stop()
     sys.stdout.flush()
