@@ -4505,6 +4505,20 @@ class LocalHub:
 # shared inbox and idempotency keys) and be paired with Backplane in HUBS, as redis_hub does.
 
 
+json_string = json.encoder.encode_basestring_ascii  # json's own escaping (C), as compact_json's
+
+
+def bus_send(node: str, client_id: str, text: str, request: str | None) -> str:
+    """The bus message of a plain send (kind "s", delivered here first: "h"), as the JSON
+    compact_json would write: the hot path of a cross-process SEND, 4x faster written so.
+    With request, every holder answers it; without ("q"), none does."""
+    tail = f'"r":{json_string(request)}}}' if request is not None else '"q":1}'
+    return (
+        f'{{"k":"s","o":{json_string(node)},"i":{json_string(client_id)},'
+        f'"t":{json_string(text)},"h":1,{tail}'
+    )
+
+
 class Answers:
     """The answers to one request: as many as the transport said processes heard it."""
 
@@ -4572,7 +4586,8 @@ class Tally:
 
 class Transport(typing.Protocol):
     """What a Backplane asks of the bus between processes. A route is a name: "all", "ev",
-    "n:<node>", ID_ROUTE + id or CHANNEL_ROUTE + channel; a message is a dict. The transport
+    "n:<node>", ID_ROUTE + id or CHANNEL_ROUTE + channel; a message is a dict (or its JSON
+    text, written already: bus_send). The transport
     calls its backplane back: heard(message, batch) for each message, in order, and
     burst_done() after each burst; link_came_up() and link_went_down(); wanted_routes()
     when it subscribes anew. Calls that must know an answer raise BackplaneError."""
@@ -4595,7 +4610,7 @@ class Transport(typing.Protocol):
 
     def routes_settled(self) -> bool: ...  # no route change is on its way
 
-    def publish(self, route: str, message: dict, answers: Answers | None = None) -> None: ...
+    def publish(self, route: str, message: dict | str, answers: Answers | None = None) -> None: ...
 
     def listeners_later(self, route: str, answers: Answers) -> None: ...  # in publish order
 
@@ -4997,14 +5012,12 @@ class Backplane:
                     if not took:
                         tally.miss(client_id, UNAVAILABLE)
                     continue
-                message = {"k": "s", "o": self.node, "i": client_id, "t": text, "h": 1}
-                answers = None
-                if took and not count_all:
-                    message["q"] = 1  # no answer wanted
-                else:
-                    request = message["r"] = str(next(self.requests))
+                answers = request = None
+                if not (took and not count_all):  # else no answer is wanted
+                    request = str(next(self.requests))
                     answers = self.answers[request] = Answers()
                     waits.append((tally, client_id, took, request, answers))
+                message = bus_send(self.node, client_id, text, request)
                 self.transport.publish(ID_ROUTE + client_id, message, answers)
         deadline = time.monotonic() + self.cfg.redis_timeout
 
@@ -6167,9 +6180,9 @@ class RedisTransport:
             if self.warned():
                 log.warning("redis is not keeping up: %d publishes dropped so far", self.dropped)
 
-    def publish(self, route: str, message: dict, answers: Answers | None = None) -> None:
+    def publish(self, route: str, message: dict | str, answers: Answers | None = None) -> None:
         """PUBLISH through the outbox; answers hears how many processes heard it."""
-        data = compact_json(message)
+        data = message if isinstance(message, str) else compact_json(message)
         self._enqueue(("PUBLISH", (self.key(route), data), answers))
 
     def listeners_later(self, route: str, answers: Answers) -> None:

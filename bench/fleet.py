@@ -11,14 +11,25 @@ starve the servers), so a fan-out's end-to-end time here includes the loopback w
 import multiprocessing
 import os
 import time
+import zlib
 
 from loadgen import Swarm
+
+TENTH = "tenth"  # the channel a tenth of the fleet's clients join from their URL
+
+
+def in_tenth(client_id: str) -> bool:
+    return zlib.crc32(client_id.encode()) % 10 == 0
+
+
+def tenth_query(client_id: str) -> str:
+    return f"&channel={TENTH}" if in_tenth(client_id) else ""
 
 
 def _member(conn, port: int) -> None:
     """A child's loop: answer the parent's commands; between them, keep the sockets served."""
     os.sched_setaffinity(0, range(os.cpu_count() or 1))  # the parent may be pinned: not us
-    swarm = Swarm(port)
+    swarm = Swarm(port, query=tenth_query)
     while True:
         swarm.pump(conn.poll, timeout=24 * 3600)  # pings answered while no command waits
         command, *args = conn.recv()
@@ -33,6 +44,18 @@ def _member(conn, port: int) -> None:
             try:
                 swarm.pump(lambda t=target: swarm.received() >= t, timeout=timeout)
                 conn.send(swarm.last_receive())
+            except TimeoutError:
+                conn.send(None)
+        elif command == "expect_tenth":  # n more for each open client in TENTH
+            n, timeout = args
+            members = [c for c in swarm.clients.values() if c.open and in_tenth(c.client_id)]
+            target = sum(c.received for c in members) + n * len(members)
+            conn.send(("armed", len(members)))
+            try:
+                swarm.pump(
+                    lambda m=members, t=target: sum(c.received for c in m) >= t, timeout=timeout
+                )
+                conn.send(max((c.last_at for c in members), default=0.0))
             except TimeoutError:
                 conn.send(None)
         elif command == "expect_one":  # client index gets n more, report when the last came
@@ -92,6 +115,17 @@ class Fleet:
         """Every open client must get n_each more messages; returns how many clients are open."""
         for pipe in self.pipes:
             pipe.send(("expect", n_each, timeout))
+        live = 0
+        for pipe in self.pipes:
+            armed, count = pipe.recv()
+            assert armed == "armed"
+            live += count
+        return live
+
+    def arm_tenth(self, n_each: int, timeout: float = 60) -> int:
+        """Every open client in TENTH must get n_each more; returns how many there are."""
+        for pipe in self.pipes:
+            pipe.send(("expect_tenth", n_each, timeout))
         live = 0
         for pipe in self.pipes:
             armed, count = pipe.recv()

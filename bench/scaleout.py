@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 
-from fleet import Fleet
+from fleet import TENTH, Fleet
 from loadgen import Swarm
 
 from bench import MESSAGE, ROOT, Control, Server, fanout, free_port, p99, pipelined, send_latency
@@ -320,6 +320,23 @@ def fleet_fanout(fleet: Fleet, control: Control, rounds: int) -> tuple:
     return loops, ends
 
 
+def fleet_publish(fleet: Fleet, control: Control, rounds: int) -> list:
+    """PUBLISH to TENTH (a tenth of the fleet's clients, on every process): the command
+    until the last member's receive, rounds times after a warm-up round."""
+    ends = []
+    for round_number in range(rounds + 1):
+        live = fleet.arm_tenth(1)
+        started = time.perf_counter()
+        control.sock.sendall(f"PUBLISH {TENTH} {MESSAGE}\n".encode())
+        answer = control.line()
+        assert answer == f"OK {live}".encode(), (answer, live)
+        last = fleet.last_receive()
+        if round_number:
+            ends.append(last - started)
+        time.sleep(0.2)
+    return ends
+
+
 def fleet_sends(fleet: Fleet, control: Control, targets: list) -> list:
     """SEND latency to each (member, index) target: the command until its receive."""
     latencies = []
@@ -378,6 +395,7 @@ def processes_on_one_control_socket(
             control.sock.sendall(b'{"op":"stats"}\n')
             mine = json.loads(control.line())["backplane"]["node"]
             loops, ends = fleet_fanout(fleet, control, rounds)
+            channel = fleet_publish(fleet, control, rounds)
             # Targets spread over every member; each is local or not to this connection.
             ids = [fleet.ids(m) for m in range(members)]
             local, remote = [], []
@@ -397,7 +415,7 @@ def processes_on_one_control_socket(
                 piped_remote = fleet_pipelined(fleet, control, *remote[0], piped)
                 redis_send = (redis.cpu_seconds() - redis_cpu) / piped
             rows.append((workers, total, spread, kb, server.rss_kb(), idle, rate, loops, ends,
-                         local_ms, remote_ms, piped_local, piped_remote))  # fmt: skip
+                         local_ms, remote_ms, piped_local, piped_remote, channel))  # fmt: skip
             costs.append((workers, redis_handshake, redis_socket, redis_send, refused))
         finally:
             fleet.close()
@@ -405,18 +423,22 @@ def processes_on_one_control_socket(
     print(f"\n## 4. gunicorn workers on Redis behind one control socket ({per_process:,} each, "
           "--redis-timeout 10)\n")  # fmt: skip
     print("| workers | sockets | per worker | KB/conn | RSS MB | idle CPU % | handshakes/s | "
-          "BROADCAST OK ms | BROADCAST e2e ms (p99) | SEND p50/p99 ms, holder | SEND "
-          "p50/p99 ms, another worker | pipelined msg/s, holder | another worker |")  # fmt: skip
-    print("|" + "---|" * 13)
+          "BROADCAST OK ms | BROADCAST e2e ms (p99) | PUBLISH to a tenth e2e ms (p99) | "
+          "SEND p50/p99 ms, holder | SEND p50/p99 ms, another worker | pipelined msg/s, "
+          "holder | another worker |")  # fmt: skip
+    print("|" + "---|" * 14)
     for (workers, total, spread, kb, rss, idle, rate, loops, ends, local_ms, remote_ms,
-         piped_local, piped_remote) in rows:  # fmt: skip
+         piped_local, piped_remote, channel) in rows:  # fmt: skip
         e2e = f"{statistics.median(ends) * 1e3:.1f} ({p99(ends) * 1e3:.1f})"
+        tenth = f"{statistics.median(channel) * 1e3:.1f} ({p99(channel) * 1e3:.1f})"
         print(f"| {workers} | {total:,} | {'/'.join(f'{n:,}' for n in spread)} | {kb:.2f} | "
               f"{rss / 1024:.0f} | {idle:.1f} | {rate:,.0f} | "
-              f"{statistics.median(loops) * 1e3:.1f} | {e2e} | "
+              f"{statistics.median(loops) * 1e3:.1f} | {e2e} | {tenth} | "
               f"{ms(local_ms) if local_ms else '—'} | {ms(remote_ms) if remote_ms else '—'} | "
               f"{f'{piped_local:,.0f}' if piped_local else '—'} | "
               f"{f'{piped_remote:,.0f}' if piped_remote else '—'} |")  # fmt: skip
+    print(f"\nPUBLISH to a tenth: the channel {TENTH!r}, joined from the URL by every client whose "
+          "id's CRC-32 is 0 modulo 10, on every worker.")  # fmt: skip
     print("\n| workers | Redis CPU per handshake us | Redis memory per socket bytes | "
           "Redis CPU per cross-process SEND us (pipelined) |")  # fmt: skip
     print("|---|---|---|---|")

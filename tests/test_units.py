@@ -658,3 +658,15 @@ def test_a_bundle_stays_under_its_byte_bound():
         + sum(1 for _, args, _ in runs if args[1][0] != "[")
         == 7
     )
+
+
+@settings(max_examples=300)
+@given(
+    st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1),
+    st.text(),
+    st.one_of(st.none(), st.integers(min_value=1).map(str)),
+)
+def test_a_bus_send_is_the_json_compact_json_writes(client_id, text, request):
+    message = {"k": "s", "o": "7", "i": client_id, "t": text, "h": 1}
+    message.update({"r": request} if request is not None else {"q": 1})
+    assert wsboard.bus_send("7", client_id, text, request) == wsboard.compact_json(message)
