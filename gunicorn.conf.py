@@ -37,7 +37,15 @@ class WSBoardWorker(GeventWebSocketWorker):
         import wsboard
 
         self.wsgi_handler = wsboard.WebSocketHandler
-        self.server_class = wsboard.guarded(self.server_class)
+        guarded = wsboard.guarded(self.server_class)
+        self.listeners = []  # this worker's servers, so that a drain can stop their accepts
+
+        def server_class(*args, **kwargs):
+            server = guarded(*args, **kwargs)
+            self.listeners.append(server)
+            return server
+
+        self.server_class = server_class
         self.wsgi.start_in_worker()
 
     def handle_exit(self, sig, frame):
@@ -52,6 +60,10 @@ class WSBoardWorker(GeventWebSocketWorker):
 
     def drain_then(self, finish, sig, frame, quick):
         try:
+            # Accept nothing more first: the clients this drain closes reconnect to the other
+            # workers (they share the listening socket), not to this one while it drains.
+            for server in self.listeners:
+                server.close()
             self.wsgi.stop_in_worker(quick)
         finally:
             finish(sig, frame)

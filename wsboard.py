@@ -9665,8 +9665,9 @@ def configure_logging(level: str) -> None:
     )
     logging.getLogger("wsboard").setLevel(level.upper())
     # Each record would ask threading for the current thread: under gevent every greenlet
-    # is a new one, and making its _DummyThread was 4 % of a handshake (profiled).
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    # is a new one, and making its _DummyThread was 4 % of a handshake (profiled). The
+    # process id stays: gunicorn's own lines in a worker format it with %(process)d.
+    logging.logThreads = False
 
 
 def close_spread(conns: list, why: EndReason, code: int, reason: str, window: float) -> None:

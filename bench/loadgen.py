@@ -188,6 +188,11 @@ class Swarm:
             if opcode == 0x9:  # the pong carries the ping's data: websockets matches on it
                 client.sock.send(masked_text(buffer[start:pos], 0xA))
                 self.pings += 1
+            elif opcode == 0x8:  # answer a close as a browser does; the server then hangs up
+                try:
+                    client.sock.send(masked_text(buffer[start : start + 2], 0x8))
+                except OSError:
+                    pass
             elif self.socketio and opcode == 0x1 and buffer[start : start + 2] != b"42":
                 if buffer[start : start + 1] == b"2":
                     client.sock.send(EIO_PONG)

@@ -468,15 +468,21 @@ def restart_storm(redis: Redis, total: int, workers: int, delay: float) -> None:
         spread_before = sorted(collections.Counter(where(server).values()).values())
         fleet.storm(delay)
         started = time.perf_counter()
+        phases = []  # per worker: seconds until it was gone, until its replacement linked
         for pid in server.workers():
+            killed = time.perf_counter()
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 120
-            while pid in server.workers() or len(server.workers()) < workers:
+            while pid in server.workers():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"worker {pid} did not stop: {server.log()[-800:]}")
+                time.sleep(0.05)
+            gone = time.perf_counter()
+            while len(server.workers()) < workers or server.backplane_processes() < workers:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"worker {pid} was not replaced: {server.log()[-800:]}")
-                time.sleep(0.1)
-            while server.backplane_processes() < workers and time.monotonic() < deadline:
-                time.sleep(0.1)
+                time.sleep(0.05)
+            phases.append((gone - killed, time.perf_counter() - gone))
         restarted = time.perf_counter()
         deadline = time.monotonic() + 600
         while True:
@@ -502,6 +508,10 @@ def restart_storm(redis: Redis, total: int, workers: int, delay: float) -> None:
     rows = [
         ("sockets per worker before", "/".join(f"{n:,}" for n in spread_before)),
         ("every worker restarted after s", f"{restarted - started:.1f}"),
+        (
+            "a worker: s until gone (drained), then until its replacement is linked",
+            ", ".join(f"{a:.1f} + {b:.1f}" for a, b in phases),
+        ),
         ("every client back after s (from the first SIGTERM)", f"{back:.1f}"),
         ("closes seen / reconnects made", f"{info['lost']:,} / {info['reconnected']:,}"),
         ("reconnects refused or cut (tried again)", f"{info['refused']:,}"),

@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import time
 
 from conftest import ROOT, Control, close_frame, free_port, wait_until
 
@@ -40,6 +41,38 @@ def test_gunicorn_sigterm_closes_websockets_with_1001_and_removes_the_socket(gun
     assert server.proc.wait(timeout=20) == 0
     assert not os.path.exists(server.control_path)
     assert server.log().count("closed 1 websockets") == 1
+    # gunicorn's own lines still format in a worker wsboard set up (%(process)d among them)
+    assert "Worker exiting" in server.log() and "Logging error" not in server.log()
+
+
+def test_a_draining_worker_accepts_nothing_so_reconnects_reach_its_replacement(gunicorn):
+    """SIGTERM to a worker (a rolling restart): it stops accepting before it drains, so a
+    client that reconnects meanwhile waits in the shared backlog for the next worker and is
+    served there, rather than taken by the dying worker and dropped without a close frame
+    when gunicorn's graceful timeout ends it."""
+    import websocket
+
+    server = gunicorn(env={"WSBOARD_DRAIN_WINDOW": "2"})
+    wait_until(server.ready, what="gunicorn to start")
+    url = f"ws://127.0.0.1:{server.port}/websocket?id="
+    old = websocket.create_connection(url + "old", timeout=10)
+    control = Control(server.control_path)
+    wait_until(lambda: len(control.list()) == 1 or None, what="the socket to be listed")
+    control.close()
+    with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+        (worker,) = (int(pid) for pid in f.read().split())
+    started = time.monotonic()
+    os.kill(worker, signal.SIGTERM)
+    time.sleep(0.3)  # the drain has begun: its window is 2 s
+    comer = websocket.create_connection(url + "comer", timeout=15)
+    assert close_frame(old) == (1001, "server shutting down; reconnect")
+    wait_until(lambda: not os.path.exists(f"/proc/{worker}/status") or None, timeout=15,
+               what="the old worker to exit")  # fmt: skip
+    assert time.monotonic() - started < 8  # its drain, not gunicorn's 10 s graceful timeout
+    wait_until(server.ready, what="the new worker")
+    assert Control(server.control_path).ask("SEND MESSAGE comer still here") == "OK"
+    assert comer.recv() == "still here"
+    assert "Worker graceful timeout" not in server.log()
 
 
 def test_gunicorn_refuses_more_than_one_worker(gunicorn):
