@@ -2367,6 +2367,8 @@ class WebSocketHandler(_GeventWebSocketHandler):
                 return self.upgrade(board, hs, protocol, closing)
         refusal = refusal or board.lost_refusal() or board.hub.admit(hs)
         if refusal:
+            if board.shares_listener and board.hub.local_count() >= board.cfg.max_connections:
+                step_aside(self.server)
             return self.refuse(refusal)
         self.upgrade(board, hs, protocol)
 
@@ -9502,9 +9504,17 @@ class GCWatch:
 
 class AcceptGuard:
     """Out of descriptors, accept() fails on every try: pause accepting for a moment and
-    say so in one line a minute, rather than a traceback per try."""
+    say so in one line a minute, rather than a traceback per try. A full gunicorn worker
+    steps aside the same way (step_aside)."""
 
     out_of_descriptors: Throttle | None = None
+    paused = False
+
+    def pause_accepting(self, seconds: float) -> None:
+        if not self.paused and not self.closed:
+            self.paused = True
+            self.stop_accepting()
+            gevent.spawn_later(seconds, self.resume_accepting)
 
     def do_read(self) -> object:
         try:
@@ -9516,13 +9526,27 @@ class AcceptGuard:
                 self.out_of_descriptors = Throttle(60)
             if self.out_of_descriptors():
                 log.error("cannot accept connections: %s (raise ulimit -n)", exc.strerror)
-            self.stop_accepting()
-            gevent.spawn_later(0.1, self.resume_accepting)
+            self.pause_accepting(0.1)
             return None
 
     def resume_accepting(self) -> None:
+        self.paused = False
         if not self.closed:
             self.start_accepting()
+
+
+STEP_ASIDE = 0.25  # seconds a full gunicorn worker leaves the shared listener to the others
+
+
+def step_aside(server: object) -> None:
+    """A gunicorn worker at --max-connections stops accepting for a moment. Its workers share
+    one listening socket, and the kernel hands a connection to whichever accepts first, not
+    to one with room: in a restart storm a full worker would take (and refuse with 503)
+    reconnects the others could hold. It still answers 503 to what it took, and takes again
+    after STEP_ASIDE seconds, so when every worker is full clients hear so at once."""
+    pause = getattr(server, "pause_accepting", None)
+    if pause is not None:
+        pause(STEP_ASIDE)
 
 
 class HTTPServer(AcceptGuard, WSGIServer):
@@ -9716,6 +9740,7 @@ class Board:
         self.started = False  # serving, after start-up (for /readyz)
         self.backplane_lost = False  # down past --redis-lost-timeout: sockets go elsewhere
         self.draining = False  # shutting down (for /readyz)
+        self.shares_listener = False  # a gunicorn worker: its siblings accept on its socket
         self.control_connections = 0
         self.admin_streams = 0
         self.heads: collections.Counter = collections.Counter()  # request heads in progress
@@ -10130,6 +10155,7 @@ class Board:
     def start_in_worker(self) -> None:
         """Configure from the environment and open the control socket in a gunicorn worker."""
         self.configure(load_config([]))
+        self.shares_listener = True
         configure_logging(self.cfg.log_level)
         self.fit_descriptors()
         inherited = os.environ.get(CONTROL_FD_VARIABLE, "")

@@ -62,7 +62,7 @@ def churn(mode: str, count: int, rounds: int, redis: Redis | None) -> None:
     query = in_channels if mode == "channels" else None
     control = Control(server.control_path)
     redis_before = redis_memory(redis) if redis else 0
-    rss = []
+    rss, held = [], []  # after each round: RSS, and Redis's used_memory
     try:
         for number in range(rounds):
             swarm = Swarm(server.port, query=query)
@@ -72,6 +72,7 @@ def churn(mode: str, count: int, rounds: int, redis: Redis | None) -> None:
             wait_empty(control)
             time.sleep(1)
             rss.append(rss_kb(server.proc.pid))
+            held.append(redis_memory(redis) if redis else 0)
         time.sleep(6)  # presence grace, inbox and key expiry have run out
         last = rss_kb(server.proc.pid)
         line = (
@@ -81,7 +82,12 @@ def churn(mode: str, count: int, rounds: int, redis: Redis | None) -> None:
         )
         if redis:
             after = redis_memory(redis)
-            line += f"; Redis used_memory {redis_before / 1024:.0f} -> {after / 1024:.0f} KB"
+            line += (
+                f"; Redis used_memory {redis_before / 1024:.0f} KB before, "
+                f"{held[0] / 1024:.0f} KB after round 1, {after / 1024:.0f} KB after the last "
+                f"({after / held[0]:.3f}x); per round "
+                f"{', '.join(f'{h / 1024:.0f}' for h in held)} KB"
+            )
         print(line, flush=True)
     finally:
         server.stop()

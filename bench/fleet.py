@@ -111,21 +111,11 @@ class Fleet:
             pipe.recv()
         return per_member * len(self.pipes) / (time.perf_counter() - started)
 
-    def arm_all(self, n_each: int, timeout: float = 60) -> int:
-        """Every open client must get n_each more messages; returns how many clients are open."""
+    def arm_all(self, n_each: int, timeout: float = 60, tenth: bool = False) -> int:
+        """Every open client (in TENTH only, with tenth) must get n_each more messages;
+        returns how many clients that is."""
         for pipe in self.pipes:
-            pipe.send(("expect", n_each, timeout))
-        live = 0
-        for pipe in self.pipes:
-            armed, count = pipe.recv()
-            assert armed == "armed"
-            live += count
-        return live
-
-    def arm_tenth(self, n_each: int, timeout: float = 60) -> int:
-        """Every open client in TENTH must get n_each more; returns how many there are."""
-        for pipe in self.pipes:
-            pipe.send(("expect_tenth", n_each, timeout))
+            pipe.send(("expect_tenth" if tenth else "expect", n_each, timeout))
         live = 0
         for pipe in self.pipes:
             armed, count = pipe.recv()

@@ -325,7 +325,7 @@ def fleet_publish(fleet: Fleet, control: Control, rounds: int) -> list:
     until the last member's receive, rounds times after a warm-up round."""
     ends = []
     for round_number in range(rounds + 1):
-        live = fleet.arm_tenth(1)
+        live = fleet.arm_all(1, tenth=True)
         started = time.perf_counter()
         control.sock.sendall(f"PUBLISH {TENTH} {MESSAGE}\n".encode())
         answer = control.line()

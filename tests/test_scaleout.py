@@ -556,6 +556,47 @@ def test_churn_of_10000_sockets_leaves_redis_as_it_was(cluster, redis_server):
 # gunicorn ####################################################################
 
 
+def test_a_full_gunicorn_worker_steps_aside_so_its_siblings_take_the_connections(
+    gunicorn, redis_server, tmp_path
+):
+    """Two workers of one socket each share the listening socket, and one holds a socket.
+    The kernel hands a connection to whichever worker accepts first, full or not: a full
+    worker that kept accepting refused the retry after its 503 about every other time. It
+    stops accepting for STEP_ASIDE after a refusal, so a retry made at once reaches its
+    sibling: in 20 tries, never two 503s in a row."""
+    env = {
+        "WSBOARD_REDIS": redis_server.url,
+        "WSBOARD_REDIS_PREFIX": new_prefix(),
+        "WSBOARD_MAX_CONNECTIONS": "1",
+    }
+    server = gunicorn("--workers", "2", env=env)
+    wait_until(server.ready, timeout=30, what="gunicorn")
+    wait_until(lambda: backplane(server)["processes"] == 2, timeout=20, what="2 workers")
+    url = f"ws://127.0.0.1:{server.port}/websocket?id="
+    control = Control(server.control_path)
+    held = websocket.create_connection(url + "held", timeout=10)
+    wait_until(lambda: len(control.list()) == 1 or None, what="the held socket")
+    refused, twice = 0, 0
+    for n in range(20):
+        answers = []
+        while len(answers) < 5:
+            try:
+                ws = websocket.create_connection(url + f"try{n}", timeout=10)
+            except websocket.WebSocketBadStatusException as exc:
+                assert exc.status_code == 503
+                answers.append(503)
+                continue
+            answers.append(101)
+            break
+        assert answers[-1] == 101, answers
+        refused += answers.count(503)
+        twice += answers[:2] == [503, 503]
+        ws.close()
+        wait_until(lambda: len(control.list()) == 1 or None, what="the try to be gone")
+    assert twice == 0, f"{twice} of 20 tries were refused twice in a row ({refused} refusals)"
+    held.close()
+
+
 def test_two_gunicorn_instances_of_three_workers_share_every_id(gunicorn, redis_server, tmp_path):
     prefix = new_prefix()
     env = {"WSBOARD_REDIS": redis_server.url, "WSBOARD_REDIS_PREFIX": prefix}
