@@ -231,7 +231,11 @@ def test_a_primary_demoted_with_replicaof_is_a_link_down_and_heals(server_factor
 
 
 def test_a_redis_cluster_node_is_refused_at_start(server_factory, tmp_path):
-    node = RedisServer(tmp_path / "cluster", "--cluster-enabled", "yes").start()
+    # The cluster bus is port + 10000 unless told: above 55535 it cannot bind and the node
+    # never starts (a test that failed one run in three), so it gets a free port of its own.
+    bus = str(free_port())
+    node = RedisServer(tmp_path / "cluster", "--cluster-enabled", "yes", "--cluster-port", bus)
+    node.start()
     try:
         server = server_factory("--redis", node.url, start=False)
         server.start(wait=False)
