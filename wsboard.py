@@ -44,8 +44,9 @@ from the hubs up through the actions and the verb table to its connection.
   ``Answers``, ``Tally``, the message kinds between processes (``HANDLERS``). A new bus
   (NATS, PostgreSQL LISTEN/NOTIFY) is one class implementing ``Transport``, paired with
   ``Backplane`` in ``HUBS`` as ``redis_hub`` pairs ``RedisTransport`` (the connection, the
-  pub/sub link, the outbox, the Lua scripts, ``RedisInbox``, ``RedisHistory``,
-  ``RedisSticky``); see docs/scaleout.md.
+  pub/sub link, the outbox, whose consecutive publishes to one route ride in one bundle
+  (``publish_runs``), the Lua scripts, ``RedisInbox``, ``RedisHistory``, ``RedisSticky``);
+  see docs/scaleout.md.
 - Events: ``Events`` tells its registered sinks (watchers, the webhook, admin pages); a new
   sink is any object with ``push(line, lifecycle)``, added with ``Events.add``. Its observers
   (the Pusher webhooks) get each event's kind and fields, and the notices no sink is told
@@ -56,7 +57,8 @@ from the hubs up through the actions and the verb table to its connection.
 - Control line protocol: ``parse_control_line`` (pure) and ``VERBS``, whose rows carry their
   argument readers, usage, action and answer (a new verb is one row; ``HELP`` is made from
   it); the JSON ops in ``JSON_OPS`` call the same actions.
-- Control connections: one greenlet per connection, batches, watchers.
+- Control connections: one greenlet per connection, batches, watchers; a run of SEND lines
+  goes to the hub in groups, several under way at once (``GROUPS_IN_FLIGHT``).
 - Web routes: the Bottle routes (a new route goes here); each finds its ``Board`` in the
   request and calls the actions. The admin page's JSON, Server-Sent Events and actions.
 - The Pusher protocol: ``PusherFraming``, the signature checks (pure: channels, sign-in,
