@@ -132,8 +132,10 @@ def _answers(host: str, port: int) -> bool:
         return False
 
 
-def wsboard_on(hosts: Hosts, name: str, tmp_path, *args: str) -> Server:
-    server = Server(tmp_path, "--control", str(tmp_path / f"{name}.sock"), *args)
+def wsboard_on(hosts: Hosts, name: str, server_factory, tmp_path, *args: str) -> Server:
+    """wsboard on host name, made by server_factory so that it is stopped after the test
+    (before the hosts go: a process left in a namespace outlives it)."""
+    server = server_factory("--control", str(tmp_path / f"{name}.sock"), *args, start=False)
     server.host = hosts.address[name]
     server.args += ["--host", server.host]
     server.wrapper = hosts.run_in(name)
@@ -149,13 +151,13 @@ def answer(server: Server, line: str) -> str:
 
 
 def test_a_host_cut_off_from_redis_answers_truthfully_and_heals_without_a_restart(
-    hosts, redis_host, tmp_path
+    hosts, redis_host, server_factory, tmp_path
 ):
     net = hosts(["redis", "a", "b"])
     url = redis_host(net, "redis", tmp_path / "redis")
     common = ("--redis", url, "--redis-prefix", new_prefix(), "--node-timeout", "2")
-    a = wsboard_on(net, "a", tmp_path, *common)
-    b = wsboard_on(net, "b", tmp_path, *common)
+    a = wsboard_on(net, "a", server_factory, tmp_path, *common)
+    b = wsboard_on(net, "b", server_factory, tmp_path, *common)
     on_a = websocket.create_connection(a.ws_url("on-a"), timeout=20)
     on_b = websocket.create_connection(b.ws_url("on-b"), timeout=20)
     assert answer(b, "SEND MESSAGE on-a before") == "OK"
@@ -248,7 +250,9 @@ class SlowLossyProxy:
         self.listener.close()
 
 
-def test_latency_and_loss_on_a_hosts_link_to_redis_keep_answers_right(hosts, redis_host, tmp_path):
+def test_latency_and_loss_on_a_hosts_link_to_redis_keep_answers_right(
+    hosts, redis_host, server_factory, tmp_path
+):
     """Host b reaches Redis through a proxy that adds 40 ms each way and, one chunk in ten,
     300 ms more: every answer is still right within --redis-timeout 2; with 2.5 s each way
     (past the timeout) answers say Timeout or Backplane Unavailable, and an OK is never
@@ -260,9 +264,9 @@ def test_latency_and_loss_on_a_hosts_link_to_redis_keep_answers_right(hosts, red
     try:
         prefix = new_prefix()
         common = ("--redis-prefix", prefix, "--redis-timeout", "2", "--node-timeout", "10")
-        a = wsboard_on(net, "a", tmp_path, "--redis", url, *common)
+        a = wsboard_on(net, "a", server_factory, tmp_path, "--redis", url, *common)
         slow_url = f"redis://{proxy.address[0]}:{proxy.address[1]}/0"
-        b = wsboard_on(net, "b", tmp_path, "--redis", slow_url, *common)
+        b = wsboard_on(net, "b", server_factory, tmp_path, "--redis", slow_url, *common)
         on_a = websocket.create_connection(a.ws_url("on-a"), timeout=20)
         on_b = websocket.create_connection(b.ws_url("on-b"), timeout=20)
         for n in range(30):
