@@ -6038,7 +6038,8 @@ def not_primary(exc: BaseException) -> bool:
     return isinstance(exc, kinds) or str(exc).startswith(("READONLY", "MASTERDOWN", "LOADING"))
 
 
-BUS_VERSION = 2  # what a process's messages may be: 2, a JSON list of them too (a bundle)
+BUS_VERSION = 2  # what this process's bus messages may be, said in its node record
+BUNDLES_SINCE = 2  # the first BUS_VERSION that reads a JSON list of messages (a bundle)
 
 
 class Bundled(list):
@@ -6643,7 +6644,7 @@ class RedisTransport:
         for node in nodes:
             pipe.hget(self.key("node", node.decode()), "bus")
         versions = self.call(pipe.execute)
-        return all(v is not None and v.isdigit() and int(v) >= 2 for v in versions)
+        return all(v is not None and v.isdigit() and int(v) >= BUNDLES_SINCE for v in versions)
 
     def _check_probe(self) -> None:
         """A link can look open and hear nothing (a half-open TCP connection, a Redis that
@@ -7781,8 +7782,8 @@ class ControlConnection:
         Answers go out whenever 64 KiB are pending or the connection has had its slice of
         time; then everyone else gets a turn, so no batch can hold the server. When the hub
         groups SEND lines, up to GROUPS_IN_FLIGHT groups are under way at once: the next
-        group is read and started while the bus answers the ones before (a round trip per
-        group, waited for one after another, bounded cross-process pipelining by latency).
+        group is read and started while the bus answers the ones before, so a run's pace is
+        not one bus round trip per group.
         """
         max_line = self.board.cfg.max_line
         grouping = self.board.hub.groups_sends
@@ -7848,7 +7849,7 @@ class ControlConnection:
         board = self.board
         began = time.perf_counter()
         try:
-            pending = board.actions.start_send_group(list(sends), self.batch)
+            pending = board.actions.start_send_group(sends, self.batch)
         except Exception:
             log.exception("control command send failed")
             failed = ["ERROR " + INTERNAL_ERROR] * len(sends)
