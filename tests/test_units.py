@@ -670,3 +670,12 @@ def test_a_bus_send_is_the_json_compact_json_writes(client_id, text, request):
     message = {"k": "s", "o": "7", "i": client_id, "t": text, "h": 1}
     message.update({"r": request} if request is not None else {"q": 1})
     assert wsboard.bus_send("7", client_id, text, request) == wsboard.compact_json(message)
+
+
+@pytest.mark.skipif("GEVENT_TRACK_GREENLET_TREE" in os.environ, reason="the user chose")
+def test_greenlets_record_no_spawning_tree():
+    """A spawning stack per greenlet cost each handshake ~10 us: wsboard turns it off."""
+    greenlet = wsboard.gevent.spawn(int)
+    greenlet.join()
+    assert wsboard.gevent.config.track_greenlet_tree is False
+    assert greenlet.spawning_stack is None and greenlet.spawn_tree_locals is None
