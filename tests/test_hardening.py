@@ -523,3 +523,56 @@ def test_numbers_too_long_for_int_get_a_400_with_a_reason(server):
     assert http_request(server, "/admin/state.json?offset=0&limit=5")[0] == 200
     assert "Traceback" not in server.log()
     assert server.control().ask("PING") == "PONG"
+
+
+# A plain upgrade is read at once; anything else as pywsgi reads it ##############
+
+
+def opened_then_pong(sock: socket.socket) -> bytes:
+    """What the server answers: its 101, then the pong to the ping sent with the head."""
+    sock.settimeout(5)
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < 3:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    return answer
+
+
+def test_a_frame_that_comes_with_the_head_is_read_after_the_101(server_factory):
+    server = server_factory()
+    ping = websocket.ABNF.create_frame("hi", websocket.ABNF.OPCODE_PING).format()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(upgrade_request("?id=eager") + ping)  # one segment: head and frame
+        head, _, frames = opened_then_pong(sock).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert frames[:4] == b"\x8a\x02hi"  # the pong: the frame was not lost with the head
+        assert [row.split()[0] for row in server.control().list()] == ["eager"]
+
+
+def test_an_upgrade_whose_head_comes_in_pieces_still_opens(server_factory):
+    server = server_factory()
+    request = upgrade_request("?id=pieces")
+    ping = websocket.ABNF.create_frame("hi", websocket.ABNF.OPCODE_PING).format()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(request[:30])
+        time.sleep(0.2)  # the server has peeked half a head: pywsgi reads it
+        sock.sendall(request[30:] + ping)
+        head, _, frames = opened_then_pong(sock).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert frames[:4] == b"\x8a\x02hi"
+
+
+def test_a_refused_plain_upgrade_gets_its_status_and_the_connection_serves_on(server_factory):
+    server = server_factory()
+    page = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(upgrade_request("?id=bad%20id") + page)  # refused, then a page asked
+        answer = b""
+        while answer.count(b"HTTP/1.1 ") < 2:
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Invalid client id" in answer
+    assert b"HTTP/1.1 200 " in answer.partition(b"Invalid client id")[2]

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 from conftest import RecordingSocket, handshake
+from gevent.pywsgi import WSGIHandler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -679,3 +680,114 @@ def test_greenlets_record_no_spawning_tree():
     greenlet.join()
     assert wsboard.gevent.config.track_greenlet_tree is False
     assert greenlet.spawning_stack is None and greenlet.spawn_tree_locals is None
+
+
+def pywsgi_environ(data: bytes) -> dict | None:
+    """The environ pywsgi builds for data's request in wsboard's handler, or None if pywsgi
+    refuses the request."""
+    server = wsboard.WSGIServer(("127.0.0.1", 8080), lambda environ, start: [])
+    server.init_socket = lambda: None
+    server.environ = {"SERVER_NAME": "wsboard", "SERVER_PORT": "8080", "wsgi.version": (1, 0)}
+    handler = wsboard.WebSocketHandler(None, ("127.0.0.1", 5555), server, rfile=io.BytesIO(data))
+    try:
+        requestline = handler.read_requestline()
+        if not requestline or len(requestline) >= 8192:
+            return None
+        if not WSGIHandler.read_request(handler, requestline):
+            return None
+        environ = handler.get_environ()
+    except Exception:
+        return None
+    finally:
+        handler.cancel_deadline()
+    return {k: v for k, v in environ.items() if not k.startswith("wsgi.input")}
+
+
+def plain_environ(data: bytes) -> dict | None:
+    base = {"SERVER_NAME": "wsboard", "SERVER_PORT": "8080", "wsgi.version": (1, 0)}
+    request = wsboard.plain_upgrade(data, base, ("127.0.0.1", 5555))
+    return None if request is None else request[0]
+
+
+UPGRADE_HEAD = (
+    b"GET /websocket?id=a&channel=news HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\nCookie: a=1\r\nCookie: b=2\r\nAccept: x\r\nACCEPT:  y \r\n\r\n"
+)
+
+
+def test_a_plain_upgrade_gets_the_environ_pywsgi_builds():
+    request = wsboard.plain_upgrade(UPGRADE_HEAD + b"\x81\x80", {}, ("127.0.0.1", 5555))
+    assert request is not None
+    environ, length, requestline = request
+    assert length == len(UPGRADE_HEAD)  # the frame after the head is left for the session
+    assert requestline == "GET /websocket?id=a&channel=news HTTP/1.1"
+    assert environ["HTTP_COOKIE"] == "a=1; b=2" and environ["HTTP_ACCEPT"] == "x,y"
+    assert plain_environ(UPGRADE_HEAD) == pywsgi_environ(UPGRADE_HEAD)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        UPGRADE_HEAD[:-2],  # not whole yet
+        UPGRADE_HEAD.replace(b"GET", b"POST", 1),
+        UPGRADE_HEAD.replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+        UPGRADE_HEAD.replace(b"/websocket", b"/web%73ocket", 1),
+        UPGRADE_HEAD.replace(b"GET /", b"GET  /", 1),
+        UPGRADE_HEAD.replace(b"Upgrade: websocket", b"Upgrade: h2c", 1),
+        UPGRADE_HEAD.replace(b"Accept: x", b"Accept_X: x", 1),
+        UPGRADE_HEAD.replace(b"Accept: x\r\n", b"Accept: x\r\n folded\r\n", 1),
+        UPGRADE_HEAD.replace(b"Accept: x\r\n", b"Accept: x\nX: y\r\n", 1),
+        UPGRADE_HEAD.replace(b"Accept: x\r\n", b"Content-Length: 0\r\n", 1),
+        UPGRADE_HEAD.replace(b"Accept: x\r\n", b"Transfer-Encoding: chunked\r\n", 1),
+        UPGRADE_HEAD.replace(b"Accept: x\r\n", b"Accept x\r\n", 1),
+        UPGRADE_HEAD.replace(b"Accept: x\r\n", b"Accept: x\r\n" * 101, 1),
+    ],
+)
+def test_anything_but_a_plain_upgrade_is_left_to_pywsgi(head):
+    assert plain_environ(head) is None
+
+
+VALUE = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=255), max_size=12)
+PLAIN_VALUE = VALUE.filter(lambda value: "\r" not in value and "\n" not in value)
+PLAIN_NAME = st.sampled_from(["Cookie", "X-A", "x-a", "Origin", "Connection", "Sec-WebSocket-Key"])
+UPGRADE_LINE = b"Upgrade: websocket"
+
+
+def request_head(method: bytes, target: bytes, version: bytes, lines: list) -> bytes:
+    return b"%s %s %s\r\n%s\r\n\r\n" % (method, target, version, b"\r\n".join(lines))
+
+
+@settings(max_examples=300)
+@given(
+    st.text(alphabet="/?=&ab", max_size=12).map(lambda path: ("/" + path).encode()),
+    st.lists(st.tuples(PLAIN_NAME, PLAIN_VALUE), max_size=8),
+    st.integers(min_value=0, max_value=8),
+)
+def test_every_plain_upgrade_is_taken_with_pywsgis_environ(target, pairs, at):
+    lines = [f"{name}:{value}".encode("latin-1") for name, value in pairs]
+    lines.insert(min(at, len(lines)), UPGRADE_LINE)
+    data = request_head(b"GET", target, b"HTTP/1.1", lines)
+    mine = plain_environ(data)
+    assert mine is not None and mine == pywsgi_environ(data)
+
+
+@settings(max_examples=500)
+@given(
+    st.sampled_from([b"GET", b"POST", b"get"]),
+    st.text(alphabet="/?=&%ab \t", min_size=1, max_size=12).map(str.encode),
+    st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]),
+    st.lists(
+        st.tuples(st.sampled_from(["Upgrade", "X-A", "Bad Name", "A_B", " X", ""]), VALUE).map(
+            lambda pair: f"{pair[0]}:{pair[1]}".encode("latin-1")
+        ),
+        max_size=8,
+    ),
+    st.integers(min_value=0, max_value=8),
+)
+def test_a_head_taken_at_once_gets_exactly_pywsgis_environ(method, target, version, lines, at):
+    lines.insert(min(at, len(lines)), UPGRADE_LINE)
+    data = request_head(method, target, version, lines)
+    mine = plain_environ(data)
+    if mine is not None:
+        assert mine == pywsgi_environ(data)
