@@ -2303,6 +2303,10 @@ class WebSocketHandler(_GeventWebSocketHandler):
     first_request = True  # a connection's first request may be a plain upgrade, read at once
     read_at_once = False  # it was: nothing of the socket sits in a buffered reader
 
+    def __init__(self, sock: object, address: object, server: object, rfile: object = None):
+        # No buffered reader yet: a plain upgrade reads its head without one.
+        super().__init__(sock, address, server, rfile=NOT_YET if rfile is None else rfile)
+
     def handle_one_request(self) -> object:
         """A plain WebSocket upgrade is peeked and read in one piece and goes straight to
         run_application: pywsgi's buffered reader, header object, environ and head deadline
@@ -2313,6 +2317,8 @@ class WebSocketHandler(_GeventWebSocketHandler):
             answer = self.upgrade_at_once()
             if answer is not PYWSGI:
                 return answer
+        if self.rfile is NOT_YET:
+            self.rfile = self.socket.makefile("rb", -1)
         return super().handle_one_request()
 
     def upgrade_at_once(self) -> object:
@@ -2337,7 +2343,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
         self.command, self.path, self.request_version = self.requestline.split()
         self.close_connection = environ.get("HTTP_CONNECTION", "").lower() == "close"
         self.content_length = 0
-        self.wsgi_input = environ["wsgi.input"] = Input(self.rfile, 0)
+        self.wsgi_input = environ["wsgi.input"] = Input(None, 0)
         environ["wsgi.input_terminated"] = False
         self.environ = environ
         self.application = self.server.application
@@ -2551,6 +2557,7 @@ def parse_head(rfile: object) -> OldMessage:
 PEEKED_HEAD = 8192  # bytes peeked for a plain upgrade's whole head; a longer one goes to pywsgi
 BODY_HEADERS = ("content-length", "content-type", "transfer-encoding")
 PYWSGI = object()  # upgrade_at_once's "not a plain upgrade: pywsgi reads it"
+NOT_YET = object()  # a handler's rfile until a request needs pywsgi's buffered reader
 HEADER_NAME = re.compile(r"[A-Za-z0-9-]+")
 
 
