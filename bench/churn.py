@@ -9,7 +9,11 @@ of 100 presence channels (presence-room-0 ... 99), so each round makes and ends 
 memberships of 100 presence lists in Redis, their counts and their leaves.
 
 wsboard and Redis are pinned to core 0, the load generator to core 1. After each round the
-clients close their sockets and the script waits until the server counts none.
+clients close their sockets and the script waits until the server counts none, then for
+--settle seconds before it measures (by default 1, and 7 in mode channels: the 5 s
+--presence-grace of the round's leaves has run out, so a round is measured with nothing of
+it left, as the last one is). --settle 1 in mode channels shows the other case: each round
+starts while the leaves of the one before are still in their grace.
 """
 
 import argparse
@@ -56,7 +60,7 @@ def in_channels(client_id: str) -> str:
     return f"&channel=news&channel=presence-room-{zlib.crc32(client_id.encode()) % 100}"
 
 
-def churn(mode: str, count: int, rounds: int, redis: Redis | None) -> None:
+def churn(mode: str, count: int, rounds: int, redis: Redis | None, settle: float) -> None:
     flags = ("--redis", redis.url, "--redis-prefix", f"churn-{mode}") if redis else ()
     server = Wsboard("0", *flags)
     query = in_channels if mode == "channels" else None
@@ -70,13 +74,14 @@ def churn(mode: str, count: int, rounds: int, redis: Redis | None) -> None:
             for client in list(swarm.clients.values()):
                 client.sock.close()
             wait_empty(control)
-            time.sleep(1)
+            time.sleep(settle)
             rss.append(rss_kb(server.proc.pid))
             held.append(redis_memory(redis) if redis else 0)
         time.sleep(6)  # presence grace, inbox and key expiry have run out
         last = rss_kb(server.proc.pid)
         line = (
-            f"{mode}: {rounds} rounds of {count}: RSS after round 1 {rss[0] / 1024:.1f} MB, "
+            f"{mode} (settle {settle:g} s): {rounds} rounds of {count}: "
+            f"RSS after round 1 {rss[0] / 1024:.1f} MB, "
             f"after the last {last / 1024:.1f} MB ({last / rss[0]:.3f}x); "
             f"per round {', '.join(f'{r / 1024:.0f}' for r in rss)} MB"
         )
@@ -98,12 +103,18 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--modes", default="none,redis,channels")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        help="seconds after each round before measuring (default 1; 7 in mode channels)",
+    )
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})
     for mode in args.modes.split(","):
         redis = Redis("0") if mode in ("redis", "channels") else None
         try:
-            churn(mode, args.count, args.rounds, redis)
+            settle = args.settle if args.settle is not None else 7 if mode == "channels" else 1
+            churn(mode, args.count, args.rounds, redis, settle)
         finally:
             if redis:
                 redis.stop()
