@@ -283,11 +283,18 @@ def test_the_admin_page_shows_channels_with_their_members_and_publishes_to_one(b
     board_id = browser.find_element(By.ID, "boardId").text
     browser.switch_to.new_window("tab")
     browser.get(server.url + "/admin")
-    rows = {
-        tuple(td.text for td in row.find_elements(By.TAG_NAME, "td"))
-        for row in browser.find_elements(By.CSS_SELECTOR, "#channel_table tbody tr")
-    }
-    assert rows == {("news", "1", ""), ("presence-room", "1", board_id)}
+
+    def channel_rows(d) -> set | None:
+        try:
+            return {
+                tuple(td.text for td in row.find_elements(By.TAG_NAME, "td"))
+                for row in d.find_elements(By.CSS_SELECTOR, "#channel_table tbody tr")
+            }
+        except StaleElementReferenceException:  # the page drew its table anew meanwhile
+            return None
+
+    wanted = {("news", "1", ""), ("presence-room", "1", board_id)}
+    wait(browser, lambda d: channel_rows(d) == wanted)
     browser.find_element(By.ID, "channel").send_keys("news")
     browser.find_element(By.ID, "publish_message").send_keys("to the news channel")
     browser.find_element(By.ID, "publish_button").click()
