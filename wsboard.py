@@ -5860,11 +5860,13 @@ return gone
 """
 
 # A heartbeat: KEYS the node list; ARGV this process, node timeout. Returns the processes
-# whose last beat is older than the timeout, by Redis's clock (hosts' clocks may differ).
+# whose last beat is older than the timeout, by Redis's clock (hosts' clocks may differ), to
+# the microsecond: in whole seconds a beat at x.9 looked a second old at x+1.05.
 BEAT = """
-local now = tonumber(redis.call('TIME')[1])
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+redis.call('ZADD', KEYS[1], string.format('%.6f', now), ARGV[1])
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now - tonumber(ARGV[2])))
 """
 
 

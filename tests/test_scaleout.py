@@ -437,6 +437,28 @@ def test_a_hung_process_gets_timeout_never_ok_then_is_cut_off_and_comes_back(clu
     assert sleeper.recv() == "back"
 
 
+def test_a_beat_a_moment_ago_across_a_second_boundary_is_not_stale(redis_server):
+    """Beats are timed to the microsecond: in whole seconds, a process that beat at x.9 was
+    taken for dead at x+1.05 under --node-timeout 1 (a reap of a live process)."""
+    import wsboard
+
+    client, nodes = redis_server.client(), f"{new_prefix()}:nodes"
+
+    def beat(node: str) -> list:
+        return [n.decode() for n in client.eval(wsboard.BEAT, 1, nodes, node, 1)]
+
+    def redis_fraction() -> float:
+        return client.time()[1] / 1e6
+
+    wait_until(lambda: redis_fraction() >= 0.85, timeout=3, what="late in a second")
+    assert beat("early") == []
+    wait_until(lambda: redis_fraction() < 0.5, timeout=3, what="the next second")
+    assert beat("late") == []  # "early" beat about 0.2 s ago: alive under a 1 s timeout
+    client.zadd(nodes, {"gone": client.time()[0] - 2})
+    assert beat("late") == ["gone"]
+    client.delete(nodes)
+
+
 # Redis trouble ###############################################################
 
 
