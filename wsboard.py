@@ -775,6 +775,7 @@ def load_config(argv: Sequence[str] = (), environ: Mapping[str, str] = os.enviro
 # could break either: 1-128 characters from a small safe set.
 
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+CLIENT_ID_BYTES = re.compile(CLIENT_ID.pattern.encode("ascii"))  # the same, over a line's bytes
 CLIENT_ID_RULE = "1-128 characters from A-Z a-z 0-9 _ - . :"
 
 
@@ -1338,7 +1339,12 @@ class QueueFull(WebSocketError):
 def text_frame(text: str) -> bytes:
     """One unmasked, final text frame, as a server sends it."""
     payload = text.encode("utf-8")
-    return bytes(Header.encode_header(True, OPCODE_TEXT, b"", len(payload), 0)) + payload
+    size = len(payload)
+    if size < 126:
+        return bytes((0x80 | OPCODE_TEXT, size)) + payload
+    if size < 0x10000:
+        return struct.pack("!BBH", 0x80 | OPCODE_TEXT, 126, size) + payload
+    return struct.pack("!BBQ", 0x80 | OPCODE_TEXT, 127, size) + payload
 
 
 def close_payload(code: int | None, reason: object = b"") -> bytes:
@@ -4322,11 +4328,11 @@ class LocalHub:
         """Send text to every socket of each id, keeping it in the inbox when that is on.
         With a key, a retry within the window is answered from the first send, in one step.
         count_all=False: the answer may stop counting once a socket took it (scale-out)."""
-        now = time.time()
+        now = time.time() if key is not None or self.inbox is not None else 0.0
         if key is not None and (earlier := self.keys.get(key, now)) is not None:
             return earlier._replace(duplicate=True)
         sockets, queued, seqs, missing = 0, 0, {}, []
-        for client_id in dict.fromkeys(ids):
+        for client_id in ids if len(ids) == 1 else dict.fromkeys(ids):
             conns = self.registry.sockets_of(client_id)
             seq = None
             if self.inbox is not None and (conns or keep_offline):
@@ -4343,7 +4349,7 @@ class LocalHub:
             self.keys.put(key, result, now)
         return result
 
-    groups_sends = False  # answer_lines gives each SEND on its own: here that is fastest
+    groups_sends = True  # a run of SEND lines is one call here too: answered and counted once
 
     def start_sends(
         self, sends: Sequence[tuple], batch: Batch | None = None, count_all: bool = True
@@ -7270,6 +7276,8 @@ class Command(NamedTuple):
     args: tuple = ()
 
 
+new_command = functools.partial(tuple.__new__, Command)  # ((verb, args)), quicker than Command()
+
 # What a line can be refused with before it is carried out (answered ERROR <text>).
 UNKNOWN_COMMAND = "Unknown command"
 MISSING_ID, INVALID_ID = "Missing client id", "Invalid client id"
@@ -7278,14 +7286,13 @@ MISSING_CHANNEL, INVALID_CHANNEL = "Missing channel", "Invalid channel name"
 
 
 def parse_client_id(raw: bytes) -> str | Command:
-    """raw as a client id, or the error Command that refuses it."""
+    """raw (spaces after it dropped) as a client id, or the error Command that refuses it."""
+    raw = raw.rstrip(b" ")
     if not raw:
         return Command("error", (MISSING_ID,))
-    try:
-        client_id = raw.decode("ascii")
-    except UnicodeDecodeError:
+    if CLIENT_ID_BYTES.fullmatch(raw) is None:
         return Command("error", (INVALID_ID,))
-    return client_id if is_valid_client_id(client_id) else Command("error", (INVALID_ID,))
+    return raw.decode("ascii")
 
 
 def parse_text(raw: bytes) -> str | Command:
@@ -7313,8 +7320,7 @@ TOO_MANY_IDS = f"Too many ids (limit {MAX_ONLINE_IDS})"
 # the line) and gives its value or the error Command that refuses it.
 
 
-def id_arg(raw: bytes) -> str | Command:
-    return parse_client_id(raw.rstrip(b" "))
+id_arg = parse_client_id
 
 
 def channel_arg(raw: bytes) -> str | Command:
@@ -7330,8 +7336,7 @@ def optional_channel_arg(raw: bytes) -> str | None | Command:
     return channel_arg(raw) if raw.strip(b" ") else None
 
 
-def text_arg(raw: bytes) -> str | Command:
-    return parse_text(raw)  # as it is: spaces at either end are part of the text
+text_arg = parse_text  # as it is: spaces at either end are part of the text
 
 
 def ids_arg(raw: bytes) -> list | Command:
@@ -7349,17 +7354,15 @@ def parse_args(readers: tuple, rest: bytes) -> tuple | Command:
     rest of the line. A verb without arguments takes nothing but spaces."""
     if not readers:
         return () if not rest.strip(b" ") else Command("error", (UNKNOWN_COMMAND,))
-    args = []
-    for n, read in enumerate(readers):
-        if n < len(readers) - 1:
-            raw, _, rest = rest.partition(b" ")
-        else:
-            raw = rest
+    args: tuple = ()
+    for read in readers[:-1]:
+        raw, _, rest = rest.partition(b" ")
         value = read(raw)
-        if isinstance(value, Command):
+        if type(value) is Command:
             return value
-        args.append(value)
-    return tuple(args)
+        args += (value,)
+    value = readers[-1](rest)
+    return value if type(value) is Command else (*args, value)
 
 
 def framed(rows: Iterable[str]) -> list:
@@ -7440,21 +7443,29 @@ VERBS = {
 VERBS_BY_NAME = {verb.name: verb for verb in VERBS.values()}
 
 
+def by_first_word(verbs: Mapping[bytes, Verb]) -> dict:
+    """{first word: [(key, verb)]}, the longer keys first (LIST WEBSOCKETS before a LIST),
+    so a line's verb is found from its first word without splitting the line."""
+    found: dict = {}
+    for key, verb in sorted(verbs.items(), key=lambda item: -len(item[0])):
+        found.setdefault(key.split(b" ")[0], []).append((key, verb))
+    return found
+
+
+VERBS_BY_FIRST_WORD = by_first_word(VERBS)
+
+
 def parse_control_line(line: bytes) -> Command:
     """A control line (without its \\n) as a Command; refusals are Command('error', (text,))."""
     if line.endswith(b"\r"):
         line = line[:-1]
     if line.startswith(b"{"):
         return Command("json", (line,))
-    words = line.split(b" ", 2)
-    for count in (2, 1):  # the longer verb first: LIST WEBSOCKETS before a LIST
-        if len(words) < count:
-            continue
-        key = b" ".join(words[:count])
-        verb = VERBS.get(key)
-        if verb is not None:
+    space = line.find(b" ")
+    for key, verb in VERBS_BY_FIRST_WORD.get(line if space < 0 else line[:space], ()):
+        if line.startswith(key) and line[len(key) : len(key) + 1] in (b"", b" "):
             args = parse_args(verb.args, line[len(key) + 1 :])
-            return args if isinstance(args, Command) else Command(verb.name, args)
+            return args if type(args) is Command else new_command((verb.name, args))
     return Command("error", (UNKNOWN_COMMAND,))
 
 
@@ -7974,9 +7985,7 @@ class ControlConnection:
             except Exception:
                 log.exception("control command send failed")
                 return ["ERROR " + INTERNAL_ERROR] * len(sends)
-            took = time.perf_counter() - began
-            for _ in results:  # each was answered when the group was
-                board.counts.command("send", took)
+            board.counts.command("send", time.perf_counter() - began, len(results))
             answer = VERBS_BY_NAME["send"].answer
             return [
                 f"ERROR {result}" if isinstance(result, Refused) else answer(result)[0]
@@ -9353,9 +9362,9 @@ class Buckets:
         self.counts = [0] * (len(self.bounds) + 1)
         self.total = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
+    def observe(self, value: float, times: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += times
+        self.total += value * times
 
     def cumulative(self) -> list:
         """[(le, observations at or below it)], ending with +Inf, as Prometheus wants."""
@@ -9384,12 +9393,13 @@ class Counts:
         else:
             self.sends[SEND_ANSWERS.get(str(send_refusal(result)), "not_found")] += 1
 
-    def command(self, verb: str, seconds: float) -> None:
-        self.commands[verb] += 1
+    def command(self, verb: str, seconds: float, times: int = 1) -> None:
+        """times commands of verb, each answered after seconds (a group's)."""
+        self.commands[verb] += times
         buckets = self.command_seconds.get(verb)
         if buckets is None:
             buckets = self.command_seconds[verb] = Buckets(LATENCY_BUCKETS)
-        buckets.observe(seconds)
+        buckets.observe(seconds, times)
 
 
 def not_ready_reason(board: "Board") -> str | None:

@@ -41,6 +41,9 @@ def test_buckets_count_as_prometheus_histograms_do():
         buckets.observe(value)
     assert buckets.cumulative() == [("0.1", 2), ("1.0", 3), ("+Inf", 4)]  # le is inclusive
     assert abs(buckets.total - 2.65) < 1e-9
+    buckets.observe(0.5, 256)  # a group of SEND lines, each answered after the group's time
+    assert buckets.cumulative() == [("0.1", 2), ("1.0", 259), ("+Inf", 260)]
+    assert abs(buckets.total - 130.65) < 1e-9
 
 
 def test_metrics_count_what_happened(server_factory):

@@ -58,6 +58,60 @@ def test_bad_control_lines_are_refused_with_a_reason(line, error):
     assert parse_control_line(line) == Command("error", (error,))
 
 
+def reference_parse(line: bytes) -> Command:
+    """The parser as it was before it found verbs by their first word: split the line, try
+    the two-word verb, then the one-word one; ids decoded, then matched as text."""
+
+    def client_id(raw: bytes):
+        raw = raw.rstrip(b" ")
+        if not raw:
+            return Command("error", ("Missing client id",))
+        try:
+            value = raw.decode("ascii")
+        except UnicodeDecodeError:
+            return Command("error", ("Invalid client id",))
+        valid = wsboard.is_valid_client_id(value)
+        return value if valid else Command("error", ("Invalid client id",))
+
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if line.startswith(b"{"):
+        return Command("json", (line,))
+    words = line.split(b" ", 2)
+    for count in (2, 1):
+        key = b" ".join(words[:count])
+        verb = wsboard.VERBS.get(key) if len(words) >= count else None
+        if verb is None:
+            continue
+        readers = [client_id if r is wsboard.id_arg else r for r in verb.args]
+        rest, args = line[len(key) + 1 :], []
+        if not readers:
+            unknown = Command("error", ("Unknown command",))
+            return Command(verb.name) if not rest.strip(b" ") else unknown
+        for n, read in enumerate(readers):
+            raw, rest = rest.partition(b" ")[::2] if n < len(readers) - 1 else (rest, b"")
+            value = read(raw)
+            if isinstance(value, Command):
+                return value
+            args.append(value)
+        return Command(verb.name, tuple(args))
+    return Command("error", ("Unknown command",))
+
+
+CONTROL_WORDS = st.sampled_from(
+    [*(key for key in wsboard.VERBS), b"LIST", b"SEND", b"MESSAGE", b"CHANNELS", b"a", b"x.y:z",
+     b"news", b"a<b", b"\xc3\xa9", b"\xff", b"{", b"", b"\r", b"LIST  WEBSOCKETS", b"PINGX"]
+)  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(CONTROL_WORDS, max_size=5), st.sampled_from([b" ", b"  ", b""]))
+def test_the_parser_finds_each_line_what_splitting_it_found(words, space):
+    line = space.join(words)
+    assert parse_control_line(line) == reference_parse(line)
+    assert type(parse_control_line(line)) is Command
+
+
 def test_every_command_answers_with_at_least_one_line():
     for verb, args in (("list", ()), ("send", ("nobody", "x")), ("error", ("why",))):
         lines = wsboard.run_command(Command(verb, args), wsboard.ControlConnection(wsboard.Board()))
@@ -97,6 +151,17 @@ def test_text_frame_is_one_final_unmasked_text_frame():
     assert wsboard.text_frame("hi") == b"\x81\x02hi"
     long = wsboard.text_frame("x" * 300)
     assert long[:4] == b"\x81\x7e\x01\x2c" and len(long) == 304
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_text_frame_heads_are_gevent_websockets_at_every_length_boundary(size):
+    from geventwebsocket.websocket import Header
+
+    text = ("\u00e9" * size)[: size // 2] + "x" * (size % 2)  # size bytes of UTF-8
+    payload = text.encode()
+    assert len(payload) == size
+    head = bytes(Header.encode_header(True, wsboard.OPCODE_TEXT, b"", size, 0))
+    assert wsboard.text_frame(text) == head + payload
 
 
 def test_close_payload_carries_code_then_reason():
