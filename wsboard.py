@@ -7835,10 +7835,23 @@ class ControlConnection:
         self.pump: gevent.Greenlet | None = None
 
     def write(self, data: bytes) -> None:
-        timeout = WriteTimedOut("control client is not reading")
-        with gevent.Timeout(self.board.cfg.write_timeout, timeout):
-            with self.write_lock:
-                self.sock.sendall(data)
+        """Write data whole within --write-timeout, a wait for another writer included. What
+        the kernel takes at once needs no timer, nor sendall's SO_SNDBUF query per call."""
+        limit = self.board.cfg.write_timeout
+        deadline = time.monotonic() + limit
+        if not self.write_lock.acquire(timeout=limit):
+            raise WriteTimedOut("control client is not reading")
+        try:
+            try:
+                sent = self.sock.send(data, 0, 0.0)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                timeout = WriteTimedOut("control client is not reading")
+                with gevent.Timeout(max(0.0, deadline - time.monotonic()), timeout):
+                    self.sock.sendall(memoryview(data)[sent:])
+        finally:
+            self.write_lock.release()
 
     def watch(self) -> None:
         if self.events is None:
