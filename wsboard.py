@@ -1881,8 +1881,8 @@ class BoardSocket(_GeventWebSocket):
 
     def _send_now(self, data: bytes) -> int:
         """What the kernel takes of data without waiting."""
-        try:
-            return self.sock.send(data, 0, 0.0)
+        try:  # gevent's socket wraps a non-blocking one: asked directly, no wrapper per frame
+            return self.sock._sock.send(data)
         except BlockingIOError:
             return 0
         except OSError as exc:
@@ -1897,7 +1897,12 @@ class BoardSocket(_GeventWebSocket):
     def _write(self, data: bytes) -> None:
         """Write now if the kernel takes it all; else queue the rest, within the bounds."""
         if self.backlog is None:
-            sent = self._send_now(data)
+            try:  # _send_now, inline: a broadcast pays this for every socket
+                sent = self.sock._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise WebSocketError(f"Socket is dead: {exc}") from None
             if sent == len(data):
                 return
             if sent:  # a frame begun must be finished, whatever the bounds say
@@ -3366,7 +3371,7 @@ YIELD_EVERY = 1024  # sockets written between turns for everyone else
 
 
 def deliver(
-    conns: Sequence[Connection],
+    conns: list[Connection],
     text: str,
     seq: int | None,
     batch: Batch | None = None,
@@ -3382,28 +3387,29 @@ def deliver(
     """
     encoded: dict = {}
     delivered = sent = 0
-    for n, conn in enumerate(conns):
-        ws = conn.ws
-        if ws.closed:  # closing: reported once when it was cut, skipped after
-            continue
-        frame = encoded.get(conn.framing)
-        if frame is None:
-            frame = encoded[conn.framing] = conn.framing.message(text, seq, topic)
-        try:
-            if batch is not None and (hold or ws in batch.held):
-                batch.hold(ws, frame)
-            else:
-                ws.send_frame_bytes(frame)
-            delivered += 1
-            sent += len(frame)
-        except QueueFull:
-            log.warning("dropped %s %s: send queue full", conn.client_id, conn.peer)
-        except WebSocketError as exc:
-            ws.ended(EndReason.CONNECTION_LOST, str(exc))
-            ws.abort()
-            log.warning("dropped %s %s: %s", conn.client_id, conn.peer, exc)
-        if n % YIELD_EVERY == YIELD_EVERY - 1:
+    for start in range(0, len(conns), YIELD_EVERY):
+        if start:
             gevent.sleep(0)  # a fan-out to many sockets lets the others run meanwhile
+        for conn in conns[start : start + YIELD_EVERY] if len(conns) > YIELD_EVERY else conns:
+            ws = conn.ws
+            if ws.closed:  # closing: reported once when it was cut, skipped after
+                continue
+            frame = encoded.get(conn.framing)
+            if frame is None:
+                frame = encoded[conn.framing] = conn.framing.message(text, seq, topic)
+            try:
+                if batch is not None and (hold or ws in batch.held):
+                    batch.hold(ws, frame)
+                else:
+                    ws.send_frame_bytes(frame)
+                delivered += 1
+                sent += len(frame)
+            except QueueFull:
+                log.warning("dropped %s %s: send queue full", conn.client_id, conn.peer)
+            except WebSocketError as exc:
+                ws.ended(EndReason.CONNECTION_LOST, str(exc))
+                ws.abort()
+                log.warning("dropped %s %s: %s", conn.client_id, conn.peer, exc)
     if count is not None:
         count.messages += delivered
         count.bytes += sent

@@ -419,6 +419,22 @@ def test_json_inputs_that_once_crashed_get_an_error_answer(line, error):
     assert answer["ok"] is False and error in answer["error"]
 
 
+def test_a_fan_out_to_many_sockets_gives_other_greenlets_a_turn_between_chunks():
+    import gevent
+
+    conns = [
+        wsboard.Connection(f"c{n}", f"1.{n}", "x:1", "10.0.0.1", RecordingSocket(),
+                           wsboard.FRAMINGS[""])
+        for n in range(2 * wsboard.YIELD_EVERY + 500)
+    ]  # fmt: skip
+    written_when_others_ran = []
+    for _ in range(2):
+        gevent.spawn(lambda: written_when_others_ran.append(sum(len(c.ws.frames) for c in conns)))
+    assert wsboard.deliver(conns, "x", None) == len(conns)
+    assert written_when_others_ran == [wsboard.YIELD_EVERY, wsboard.YIELD_EVERY]
+    assert all(c.ws.frames == [b"\x81\x01x"] for c in conns)
+
+
 def test_an_idempotent_retry_echoes_its_own_ref():
     ctx = board_context()
     hub = ctx.board.hub
