@@ -2908,6 +2908,10 @@ class Registry:
         """The sockets of client_id that can still take a message."""
         return [c for c in self._by_id.get(client_id, ()) if not c.ws.closed]
 
+    def sockets_held(self, client_id: str) -> list:
+        """The sockets of client_id, closing ones too (deliver skips those): no filter."""
+        return list(self._by_id.get(client_id, ()))
+
     def open_connections(self) -> list:
         """Every socket that can still take a message: what LIST shows and SEND reaches."""
         return [c for sockets in self._by_id.values() for c in sockets if not c.ws.closed]
@@ -4338,10 +4342,16 @@ class LocalHub:
         if key is not None and (earlier := self.keys.get(key, now)) is not None:
             return earlier._replace(duplicate=True)
         sockets, queued, seqs, missing = 0, 0, {}, []
+        registry, inbox = self.registry, self.inbox
         for client_id in ids if len(ids) == 1 else dict.fromkeys(ids):
-            conns = self.registry.sockets_of(client_id)
+            # deliver skips closing sockets itself; the inbox must know whether any is open
+            conns = (
+                registry.sockets_held(client_id)
+                if inbox is None
+                else registry.sockets_of(client_id)
+            )
             seq = None
-            if self.inbox is not None and (conns or keep_offline):
+            if inbox is not None and (conns or keep_offline):
                 seq = seqs[client_id] = self.inbox.add(client_id, text, now, offline=not conns)
             delivered = deliver(conns, text, seq, batch, count=self.delivered) if conns else 0
             sockets += delivered
@@ -4361,7 +4371,8 @@ class LocalHub:
         self, sends: Sequence[tuple], batch: Batch | None = None, count_all: bool = True
     ) -> Callable[[], list]:
         """Several sends, (ids, text, keep_offline) each, in order: done before it returns."""
-        results = [self.send(ids, text, keep, batch=batch) for ids, text, keep in sends]
+        send = self.send
+        results = [send(ids, text, keep, None, batch) for ids, text, keep in sends]
         return lambda: results
 
     def broadcast(self, text: str, batch: Batch | None = None) -> int:
@@ -7100,8 +7111,7 @@ class Actions:
 
         def results() -> list:
             done = pending()
-            for result in done:
-                self.board.counts.sent(result)
+            self.board.counts.sent_all(done)
             return [r if r.sockets or r.queued else send_refusal(r) for r in done]
 
         return results
@@ -9411,6 +9421,14 @@ class Counts:
             self.sends["ok"] += 1
         else:
             self.sends[SEND_ANSWERS.get(str(send_refusal(result)), "not_found")] += 1
+
+    def sent_all(self, results: list) -> None:
+        """sent() for each of a group's results: the OKs added at once."""
+        refused = [r for r in results if not (r.sockets or r.queued)]
+        if len(refused) < len(results):
+            self.sends["ok"] += len(results) - len(refused)
+        for result in refused:
+            self.sent(result)
 
     def command(self, verb: str, seconds: float, times: int = 1) -> None:
         """times commands of verb, each answered after seconds (a group's)."""
