@@ -3820,7 +3820,6 @@ class Hub(typing.Protocol):
     node: str  # what this process's connection ids begin with
     registry: "Registry"  # this process's own sockets
     delivered: "Delivered"  # frames handed to this process's sockets
-    groups_sends: bool  # a run of SEND lines is best carried out in one start_sends
 
     # Life.
     def start(self) -> None: ...
@@ -4365,8 +4364,6 @@ class LocalHub:
             self.keys.put(key, result, now)
         return result
 
-    groups_sends = True  # a run of SEND lines is one call here too: answered and counted once
-
     def start_sends(
         self, sends: Sequence[tuple], batch: Batch | None = None, count_all: bool = True
     ) -> Callable[[], list]:
@@ -4807,7 +4804,6 @@ class Backplane:
     process through a transport (see the banner). Implements Hub and LocalHooks."""
 
     FIXED = ("all", "ev")  # routes every process hears, beside its own n:<node>
-    groups_sends = True  # a run of SEND lines costs one round trip to the bus, not one each
 
     def __init__(
         self,
@@ -7830,7 +7826,7 @@ def split_lines(buffer: bytearray) -> tuple:
 
 
 CONTROL_FLUSH_BYTES = 64 * 1024
-SEND_GROUP = 256  # SEND lines carried out together, at most, when the hub groups them
+SEND_GROUP = 256  # SEND lines carried out together, at most
 GROUPS_IN_FLIGHT = 4  # groups under way before the oldest one's answers are waited for
 CONTROL_SLICE = 0.005  # seconds one connection's lines may run before everyone else's turn
 
@@ -7933,16 +7929,16 @@ class ControlConnection:
         """Answer lines in order; False when one was too long and the connection must end.
 
         Answers go out whenever 64 KiB are pending or the connection has had its slice of
-        time; then everyone else gets a turn, so no batch can hold the server. When the hub
-        groups SEND lines, up to GROUPS_IN_FLIGHT groups are under way at once: the next
-        group is read and started while the bus answers the ones before, so a run's pace is
-        not one bus round trip per group.
+        time; then everyone else gets a turn, so no batch can hold the server. A run of SEND
+        lines goes to the hub in groups of SEND_GROUP (one call: answered and counted once);
+        with --redis up to GROUPS_IN_FLIGHT groups are under way at once: the next group is
+        read and started while the bus answers the ones before, so a run's pace is not one
+        bus round trip per group.
         """
         max_line = self.board.cfg.max_line
-        grouping = self.board.hub.groups_sends
         counts = self.board.counts
         pending: list = []
-        sends: list = []  # SEND lines not yet started (when the hub groups them)
+        sends: list = []  # SEND lines not yet started
         flying: collections.deque = collections.deque()  # started groups' answers, in order
         size = 0
         started = time.monotonic()
@@ -7958,7 +7954,7 @@ class ControlConnection:
                     continue
                 command = parse_control_line(line)
                 verb = VERBS_BY_NAME.get(command.verb)
-                if grouping and verb is not None and verb.groups:
+                if verb is not None and verb.groups:
                     sends.append(command.args)
                     if len(sends) < SEND_GROUP:
                         continue
