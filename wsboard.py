@@ -7845,6 +7845,8 @@ class ControlConnection:
         self.write_lock = gevent.lock.Semaphore()
         self.events: EventQueue | None = None
         self.pump: gevent.Greenlet | None = None
+        self.waiting_since = time.monotonic()  # when it began to wait for more lines
+        self.cut_idle = False  # closed by the idle sweep (Board.control_idle_sweep)
 
     def write(self, data: bytes) -> None:
         """Write data whole within --write-timeout, a wait for another writer included. What
@@ -7901,19 +7903,16 @@ class ControlConnection:
             self.board.events.remove(self)
 
     def serve(self) -> None:
-        """Read lines, answer each in order, until EOF, abuse or idleness."""
+        """Read lines, answer each in order, until EOF, abuse or idleness (which the
+        board's sweep judges: a timeout on every recv cost a SEND a tenth of its latency)."""
         sock, cfg = self.sock, self.board.cfg
-        sock.settimeout(cfg.control_idle_timeout or None)
+        sock.settimeout(None)
         buffer = bytearray()
         while True:
-            try:
-                data = sock.recv(65536)
-            except TimeoutError:
-                if self.events is not None:
-                    continue  # a watcher may listen quietly for as long as it likes
-                raise
+            self.waiting_since = time.monotonic()
+            data = sock.recv(65536)
             if not data:
-                if buffer:  # a last line without \n still gets its answer
+                if buffer and not self.cut_idle:  # a last line without \n gets its answer
                     self.answer_lines([bytes(buffer)])
                 return
             buffer += data
@@ -8030,6 +8029,17 @@ class ControlConnection:
         self.release()
         if answers:
             self.write(("\n".join(answers) + "\n").encode("utf-8"))
+
+    def cut_if_idle(self, now: float, timeout: float) -> None:
+        """End the connection when it has waited timeout for a line; a watcher may listen
+        quietly for as long as it likes."""
+        if self.events is None and now - self.waiting_since >= timeout:
+            log.info("control connection idle for %gs: closing", timeout)
+            self.cut_idle = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # its recv sees EOF
+            except OSError:
+                pass
 
     def refuse_long_line(self) -> None:
         max_line = self.board.cfg.max_line
@@ -9900,7 +9910,7 @@ class Board:
         self.backplane_lost = False  # down past --redis-lost-timeout: sockets go elsewhere
         self.draining = False  # shutting down (for /readyz)
         self.shares_listener = False  # a gunicorn worker: its siblings accept on its socket
-        self.control_connections = 0
+        self.controls: dict[ControlConnection, None] = {}  # open control connections
         self.admin_streams = 0
         self.heads: collections.Counter = collections.Counter()  # request heads in progress
         self.gc_watch = GCWatch()
@@ -10011,13 +10021,13 @@ class Board:
                 pass
             sock.close()
             return
-        self.control_connections += 1
+        self.controls[ctx] = None
         try:
             ctx.serve()
         except (OSError, WriteTimedOut) as exc:
             log.info("control connection ended: %s", exc or type(exc).__name__)
         finally:
-            self.control_connections -= 1
+            del self.controls[ctx]
             ctx.unwatch()
             sock.close()
 
@@ -10044,6 +10054,20 @@ class Board:
             gevent.sleep(0.5)
             for conn in self.tokens.due(time.time()):
                 conn.ws.end(EndReason.TOKEN_EXPIRED, CloseCode.TOKEN_EXPIRED, "token expired")
+
+    @property
+    def control_connections(self) -> int:
+        return len(self.controls)
+
+    def control_idle_sweep(self) -> None:
+        """With --control-idle-timeout: end the control connections that have waited that
+        long for a line (within a quarter of it)."""
+        timeout = self.cfg.control_idle_timeout
+        while True:
+            gevent.sleep(max(0.25, timeout / 4))
+            now = time.monotonic()
+            for ctx in list(self.controls):
+                ctx.cut_if_idle(now, timeout)
 
     def idle_sweep(self) -> None:
         """With --idle-timeout: close sockets that sent nothing for that long. Between
@@ -10221,6 +10245,8 @@ class Board:
         ]
         if self.cfg.idle_timeout:
             self.background.append(gevent.spawn(self.idle_sweep))
+        if self.cfg.control_idle_timeout:
+            self.background.append(gevent.spawn(self.control_idle_sweep))
         if self.cfg.redis and self.cfg.redis_lost_timeout:
             self.background.append(gevent.spawn(self.watch_backplane))
         self.hub.start()

@@ -553,6 +553,19 @@ def test_an_idle_control_connection_is_closed(server_factory):
     started = time.monotonic()
     assert control.at_eof()
     assert 0.5 < time.monotonic() - started < 5
+    wait_until(lambda: "control connection idle for 1s: closing" in server.log(), what="its log")
+
+
+def test_a_control_connection_that_talks_and_a_quiet_watcher_stay_open(server_factory):
+    server = server_factory("--control-idle-timeout", "1")
+    talker, watcher = server.control(), server.control()
+    assert json.loads(watcher.ask('{"op":"watch"}'))["watching"]
+    for _ in range(6):  # 3 s of a line every half second: never idle for 1 s
+        assert talker.ask("PING") == "PONG"
+        time.sleep(0.5)
+    server.websocket("seen").close()
+    assert json.loads(watcher.line())["event"] == "connect"  # quiet for 3 s, still told
+    assert talker.ask("PING") == "PONG"
 
 
 # Connection limits ############################################################
