@@ -7845,7 +7845,7 @@ class ControlConnection:
         self.write_lock = gevent.lock.Semaphore()
         self.events: EventQueue | None = None
         self.pump: gevent.Greenlet | None = None
-        self.waiting_since = time.monotonic()  # when it began to wait for more lines
+        self.waiting_since: float | None = time.monotonic()  # since when it waits (None: busy)
         self.cut_idle = False  # closed by the idle sweep (Board.control_idle_sweep)
 
     def write(self, data: bytes) -> None:
@@ -7911,6 +7911,7 @@ class ControlConnection:
         while True:
             self.waiting_since = time.monotonic()
             data = sock.recv(65536)
+            self.waiting_since = None  # answering is not idling, however long it takes
             if not data:
                 if buffer and not self.cut_idle:  # a last line without \n gets its answer
                     self.answer_lines([bytes(buffer)])
@@ -8033,7 +8034,8 @@ class ControlConnection:
     def cut_if_idle(self, now: float, timeout: float) -> None:
         """End the connection when it has waited timeout for a line; a watcher may listen
         quietly for as long as it likes."""
-        if self.events is None and now - self.waiting_since >= timeout:
+        since = self.waiting_since
+        if self.events is None and since is not None and now - since >= timeout:
             log.info("control connection idle for %gs: closing", timeout)
             self.cut_idle = True
             try:

@@ -437,6 +437,20 @@ def test_a_hung_process_gets_timeout_never_ok_then_is_cut_off_and_comes_back(clu
     assert sleeper.recv() == "back"
 
 
+def test_a_control_line_answered_after_the_idle_timeout_is_answered_not_cut(cluster):
+    p0, p1 = cluster(2, "--control-idle-timeout", "1", "--redis-timeout", "2.5")
+    p1.websocket("sleeper")
+    os.kill(p1.proc.pid, signal.SIGSTOP)
+    try:
+        control = Control(p0.control_path)
+        started = time.monotonic()
+        assert control.ask("SEND MESSAGE sleeper x") == "ERROR Timeout"  # busy for 2.5 s
+        assert time.monotonic() - started > 1.5
+        assert control.ask("PING") == "PONG"
+    finally:
+        os.kill(p1.proc.pid, signal.SIGCONT)
+
+
 def test_a_beat_a_moment_ago_across_a_second_boundary_is_not_stale(redis_server):
     """Beats are timed to the microsecond: in whole seconds, a process that beat at x.9 was
     taken for dead at x+1.05 under --node-timeout 1 (a reap of a live process)."""

@@ -557,14 +557,14 @@ def test_an_idle_control_connection_is_closed(server_factory):
 
 
 def test_a_control_connection_that_talks_and_a_quiet_watcher_stay_open(server_factory):
-    server = server_factory("--control-idle-timeout", "1")
+    server = server_factory("--control-idle-timeout", "2")
     talker, watcher = server.control(), server.control()
     assert json.loads(watcher.ask('{"op":"watch"}'))["watching"]
-    for _ in range(6):  # 3 s of a line every half second: never idle for 1 s
+    for _ in range(18):  # 4.5 s of a line every quarter second: never idle for 2 s
         assert talker.ask("PING") == "PONG"
-        time.sleep(0.5)
+        time.sleep(0.25)
     server.websocket("seen").close()
-    assert json.loads(watcher.line())["event"] == "connect"  # quiet for 3 s, still told
+    assert json.loads(watcher.line())["event"] == "connect"  # quiet for 4.5 s, still told
     assert talker.ask("PING") == "PONG"
 
 
