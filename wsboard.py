@@ -3358,9 +3358,9 @@ class Batch:
 
     def release(self) -> float | None:
         """Write what is held; return how long its oldest frame waited, None if nothing."""
-        held, self.held = self.held, {}
-        if not held:
+        if not self.held:
             return None
+        held, self.held = self.held, {}
         for ws, frames in held.items():
             if ws.closed:
                 continue
@@ -7841,7 +7841,8 @@ class ControlConnection:
     def __init__(self, board: "Board", sock: socket.socket | None = None) -> None:
         self.board = board
         self.sock = sock
-        self.batch = Batch()
+        self.frames = Batch()  # where a read's frames wait, to go out together
+        self.batch: Batch | None = self.frames  # what the lines being answered hold frames in
         self.write_lock = gevent.lock.Semaphore()
         self.events: EventQueue | None = None
         self.pump: gevent.Greenlet | None = None
@@ -7916,6 +7917,12 @@ class ControlConnection:
                 if buffer and not self.cut_idle:  # a last line without \n gets its answer
                     self.answer_lines([bytes(buffer)])
                 return
+            if not buffer and data.endswith(b"\n"):  # the usual read: whole lines only
+                lines = data.split(b"\n")
+                lines.pop()
+                if not self.answer_lines(lines):
+                    return
+                continue
             buffer += data
             if b"\n" in data:
                 lines, buffer = split_lines(buffer)
@@ -7925,7 +7932,7 @@ class ControlConnection:
                 self.refuse_long_line()
                 return
 
-    def answer_lines(self, lines: Iterable[bytes]) -> bool:
+    def answer_lines(self, lines: list[bytes]) -> bool:
         """Answer lines in order; False when one was too long and the connection must end.
 
         Answers go out whenever 64 KiB are pending or the connection has had its slice of
@@ -7933,10 +7940,13 @@ class ControlConnection:
         lines goes to the hub in groups of SEND_GROUP (one call: answered and counted once);
         with --redis up to GROUPS_IN_FLIGHT groups are under way at once: the next group is
         read and started while the bus answers the ones before, so a run's pace is not one
-        bus round trip per group.
+        bus round trip per group. A read of one line is carried out as it comes, its frames
+        written at once: nothing waits for it, and a lone SEND is the latency that matters.
         """
         max_line = self.board.cfg.max_line
         counts = self.board.counts
+        many = len(lines) > 1
+        self.batch = self.frames if many else None  # a lone line's frames have none to wait for
         pending: list = []
         sends: list = []  # SEND lines not yet started
         flying: collections.deque = collections.deque()  # started groups' answers, in order
@@ -7954,7 +7964,7 @@ class ControlConnection:
                     continue
                 command = parse_control_line(line)
                 verb = VERBS_BY_NAME.get(command.verb)
-                if verb is not None and verb.groups:
+                if verb is not None and verb.groups and many:
                     sends.append(command.args)
                     if len(sends) < SEND_GROUP:
                         continue
@@ -7977,6 +7987,10 @@ class ControlConnection:
                     pending, size = [], 0
                     gevent.sleep(0)
                     started = time.monotonic()
+            if sends:
+                flying.append(self.start_group(sends))
+                sends = []
+            self.release()  # the frames go out before their answers are gathered
             self.flush(pending + self.settle(flying, sends))
             return True
         finally:
@@ -8021,7 +8035,7 @@ class ControlConnection:
 
     def release(self) -> None:
         """Let held frames out; time how long the oldest waited for the kernel."""
-        waited = self.batch.release()
+        waited = self.frames.release()
         if waited is not None:
             self.board.counts.delivery.observe(waited)
 
@@ -9422,7 +9436,7 @@ class Counts:
         self.command_seconds: dict[str, Buckets] = {}
         self.closes: collections.Counter = collections.Counter()  # EndReason names
         self.watchers_cut = 0
-        self.delivery = Buckets(LATENCY_BUCKETS)  # a command's frames, until the kernel has them
+        self.delivery = Buckets(LATENCY_BUCKETS)  # a read's held frames, until the kernel has them
 
     def sent(self, result: SendResult) -> None:
         if result.sockets or result.queued:
@@ -9540,7 +9554,7 @@ class BoardCollector:
         yield latency
         yield self.histogram(
             "wsboard_delivery_seconds",
-            "From a control command to its frames in the kernel (the oldest of a batch)",
+            "How long a control read's held frames waited for the kernel (the oldest of each)",
             counts.delivery,
         )
         yield self.histogram(

@@ -172,6 +172,18 @@ def test_crlf_lines_and_a_last_line_without_newline_are_answered(server):
     assert control.at_eof()
 
 
+def test_lines_that_arrive_in_pieces_are_answered_whole_and_in_order(server):
+    ws = server.websocket("pieces")
+    control = server.control()
+    # Whole lines, then a line cut in three reads, then whole lines with a cut one behind.
+    for piece in (b"SEND MESSAGE pieces a\n", b"SEND MES", b"SAGE pieces b", b"\nPING\nSEND ME"):
+        control.send(piece)
+        time.sleep(0.05)  # each piece its own read
+    control.send(b"SSAGE pieces c\nSEND MESSAGE pieces d\n")
+    assert [control.line() for _ in range(5)] == [b"OK", b"OK", b"PONG", b"OK", b"OK"]
+    assert [ws.recv() for _ in range(4)] == ["a", "b", "c", "d"]
+
+
 @pytest.mark.parametrize(
     "line, answer",
     [
