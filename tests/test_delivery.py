@@ -109,6 +109,43 @@ def test_a_frozen_peer_is_reaped_by_the_heartbeat(server_factory):
     frozen.close()
 
 
+@pytest.mark.parametrize(
+    "opening",
+    [
+        upgrade_request("?id=acks"),
+        b"GET /events?id=acks HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n",
+    ],
+    ids=["websocket", "event-stream"],
+)
+def test_a_second_message_does_not_wait_for_the_client_to_ack_the_first(server, opening):
+    """A client that delays its ACKs (TCP_QUICKACK off, as many do) must not hold the next
+    message back: with Nagle on, it waited for the delayed ACK, 40 ms at least here."""
+    control = server.control()
+    waits = []
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(opening)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        time.sleep(0.2)  # whatever follows the head (an event stream's first lines) comes
+        sock.setblocking(False)
+        try:
+            sock.recv(65536)
+        except BlockingIOError:
+            pass
+        sock.setblocking(True)
+        for text in ("one", "two"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)  # acks delayed
+            time.sleep(0.002)
+            started = time.monotonic()
+            assert control.ask(f"SEND MESSAGE acks {text}") == "OK"
+            assert text.encode() in sock.recv(65536)
+        waits.append(time.monotonic() - started)
+        sock.close()
+    assert min(waits) < 0.02, waits  # held for the ACK, each took about 40 ms
+
+
 def test_pings_are_sent_to_every_socket(server_factory):
     server = server_factory("--ping-interval", "0.3")
     sockets = [server.websocket(f"pinged{n}") for n in range(5)]
