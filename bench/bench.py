@@ -9,10 +9,11 @@ process pinned to core 1 (bench/loadgen.py). Then it measures:
 1. RSS per idle connection (VmRSS over the empty server's, divided by N) and idle CPU with
    heartbeats on;
 2. broadcast fan-out of a 100-byte message: command -> the server's OK (its send loop) and
-   command -> last receive (end to end), against the kernel floor (bench/floor.py), in blocks
-   that take turns between the servers and the floor;
+   command -> last receive (end to end), against the kernel floor (bench/floor.py);
 3. targeted SEND latency, command -> receive, p50 and p99, with the N clients open;
-4. pipelined SEND throughput to one socket over one control connection;
+4. pipelined SEND throughput to one socket over one control connection, after a warm-up
+   run that is not counted (Node's JIT and every server's caches come up to speed);
+   2, 3 and 4 in blocks that take turns between the servers (and the floor);
 5. the handshake (accept) rate while the N clients connect;
 6. 2 and 3 again with one client present that never reads.
 
@@ -303,38 +304,50 @@ def kernel_floor(n: int, rounds: int) -> list:
 SETTLE = 12.0
 
 
-def interleaved_fanout(names: list, n: int, blocks: int, rounds: int, settle: float) -> dict:
-    """Fan-out rounds per server (and the kernel floor), taken in blocks that take turns.
+def interleaved_blocks(
+    names: list, n: int, blocks: int, rounds: int, settle: float, sends: int, piped: int
+) -> dict:
+    """Fan-out rounds, SEND latency and pipelined SEND per server (and the kernel floor's
+    fan-out), taken in blocks that take turns.
 
     This machine is shared: a server measured a few minutes after another can meet a slower
-    machine. So each server runs `blocks` times, in turns with the others (and in reverse
-    order every other block), each time on fresh connections for `rounds` rounds, all before
-    its first ping round. Returns {name: (loops, ends)} with every round of every block."""
-    results: dict = {name: ([], []) for name in [*names, "floor"]}
+    machine, and one measurement of a few hundred milliseconds can meet a busy moment. So
+    each server runs `blocks` times, in turns with the others (and in reverse order every
+    other block), each time on fresh connections, all before its first ping round: `rounds`
+    fan-out rounds, `sends` targeted SENDs, a warm-up pipelined run of piped / 4 lines and
+    three of piped. Returns {name: {"loops", "ends", "latencies", "rates"}}, every round,
+    send and run of every block."""
+    results: dict = {
+        name: {"loops": [], "ends": [], "latencies": [], "rates": []} for name in [*names, "floor"]
+    }
     for block in range(blocks):
         order = [*names, "floor"] if block % 2 == 0 else ["floor", *reversed(names)]
         for name in order:
-            print(f"  fan-out block {block + 1}/{blocks}: {name}", flush=True)
+            print(f"  block {block + 1}/{blocks}: {name}", flush=True)
             if name == "floor":
-                results[name][0].extend(kernel_floor(n, rounds))
+                results[name]["loops"].extend(kernel_floor(n, rounds))
                 continue
             server = Server(name)
             swarm = Swarm(server.port, path_of(name), socketio=name == "socketio")
             try:
                 swarm.connect(n)
                 swarm.idle(settle)
-                loops, ends, _ = fanout(swarm, Control(server.control_path), n, rounds)
-                results[name][0].extend(loops)
-                results[name][1].extend(ends)
+                control = Control(server.control_path)
+                loops, ends, _ = fanout(swarm, control, n, rounds)
+                results[name]["loops"].extend(loops)
+                results[name]["ends"].extend(ends)
+                results[name]["latencies"].extend(send_latency(swarm, control, sends))
+                pipelined(swarm, control, max(1, piped // 4))  # warm-up, not counted
+                results[name]["rates"].extend(pipelined(swarm, control, piped) for _ in range(3))
             finally:
                 swarm.close()
                 server.stop()
     return results
 
 
-def measure(
-    name: str, n: int, rounds: int, latency_count: int, pipeline_count: int, quick: bool = False
-) -> dict:
+def measure(name: str, n: int, rounds: int, latency_count: int, quick: bool = False) -> dict:
+    """The figures taken on one server alone: memory, idle CPU, accepts, and fan-out and SEND
+    with a client that never reads (interleaved_blocks takes the others)."""
     server = Server(name)
     swarm = Swarm(server.port, path_of(name), socketio=name == "socketio")
     stuck = None
@@ -363,8 +376,6 @@ def measure(
         gc_before = gc_stats(control, name)
         _, ends, reads = fanout(swarm, control, n, rounds)
         gc_after = gc_stats(control, name)
-        latencies = send_latency(swarm, control, latency_count)
-        throughput = pipelined(swarm, control, pipeline_count)
         stuck = socket.create_connection(("127.0.0.1", server.port))
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stuck.sendall(HANDSHAKE.format(path=path_of(name)).encode())
@@ -384,9 +395,6 @@ def measure(
             "idle_cpu": idle_cpu,
             "accept_rate": accept_rate,
             "loadgen_ms": statistics.median(reads) * 1000,
-            "send_p50_ms": statistics.median(latencies) * 1000,
-            "send_p99_ms": p99(latencies) * 1000,
-            "pipelined": throughput,
             "before_stuck_ms": statistics.median(ends) * 1000,
             "slow_fanout_ms": statistics.median(slow_ends) * 1000,
             "gc_max_ms": gc_after["max_ms"] if gc_after else None,
@@ -506,16 +514,19 @@ def main() -> None:
     names = args.servers.split(",")
     rows, floors = [], {}
     for n in counts:
-        print(f"fan-out with {n:,} connections, {blocks} blocks in turns…", flush=True)
-        fan = interleaved_fanout(names, n, blocks, rounds, settle)
-        floors[n] = fan["floor"][0]
+        print(f"{n:,} connections, {blocks} blocks in turns…", flush=True)
+        taken = interleaved_blocks(names, n, blocks, rounds, settle, latency_count, pipeline_count)
+        floors[n] = taken["floor"]["loops"]
         for name in names:
             print(f"{name} with {n:,} connections…", flush=True)
-            row = measure(name, n, rounds, latency_count, pipeline_count, args.quick)
-            loops, ends = fan[name]
-            row["loop_ms"] = statistics.median(loops) * 1000
-            row["fanout_ms"] = statistics.median(ends) * 1000
-            row["fanout_p99_ms"] = p99(ends) * 1000
+            row = measure(name, n, rounds, latency_count, args.quick)
+            block = taken[name]
+            row["loop_ms"] = statistics.median(block["loops"]) * 1000
+            row["fanout_ms"] = statistics.median(block["ends"]) * 1000
+            row["fanout_p99_ms"] = p99(block["ends"]) * 1000
+            row["send_p50_ms"] = statistics.median(block["latencies"]) * 1000
+            row["send_p99_ms"] = p99(block["latencies"]) * 1000
+            row["pipelined"] = statistics.median(block["rates"])
             rows.append(row)
             print(
                 "  "
@@ -531,9 +542,10 @@ def main() -> None:
         f.write(
             f"# wsboard benchmark, {stamp}\n\n`bench/run{' --quick' if args.quick else ''}` on "
             f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"server on core 0, load generator on core 1. Fan-out: medians over {blocks} blocks "
-            f"of {rounds} rounds per server, the servers taking turns. Latency: {latency_count} "
-            f"sends.\n\n{body}\n"
+            f"server on core 0, load generator on core 1. Fan-out, SEND latency and pipelined "
+            f"SEND: {blocks} blocks per server, the servers taking turns, each {rounds} fan-out "
+            f"rounds, {latency_count} SENDs and 3 pipelined runs of {pipeline_count:,} after a "
+            f"warm-up; medians and p99 over every block.\n\n{body}\n"
         )
     plot(rows, base + ".png")
     print(body)
