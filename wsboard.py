@@ -6399,9 +6399,7 @@ class RedisTransport:
 
     def _subscriber(self) -> None:
         """Ask Redis for the routes that changed, many in one command, then a PING whose
-        PONG says they are in force. One batch is in flight at a time: what changes while
-        it is gathers into the next, so a burst of handshakes costs Redis a few round trips,
-        not one each."""
+        PONG says they are in force."""
         while True:
             self.changed.wait()
             self.changed.clear()
@@ -6419,7 +6417,6 @@ class RedisTransport:
             except (redis.RedisError, OSError) as exc:
                 self._trouble(exc)  # the reader sees the link break and starts again
                 done.set()
-            done.wait(self.cfg.redis_timeout)  # set by its PONG, or when the link goes down
 
     def _send_batch(self, link: object, add: list, drop: list, done: gevent.event.Event) -> None:
         prefix = self.cfg.redis_prefix + ":"
