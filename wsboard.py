@@ -58,7 +58,8 @@ from the hubs up through the actions and the verb table to its connection.
   A new operation is a method here.
 - Control line protocol: ``parse_control_line`` (pure) and ``VERBS``, whose rows carry their
   argument readers, usage, action and answer (a new verb is one row; ``HELP`` is made from
-  it); the JSON ops in ``JSON_OPS`` call the same actions.
+  it); ``parse_send_line``, the quick reading of a plain SEND line that a run is made of;
+  the JSON ops in ``JSON_OPS`` call the same actions.
 - Control connections: one greenlet per connection, batches, watchers; a run of SEND lines
   goes to the hub in groups, several under way at once (``GROUPS_IN_FLIGHT``).
 - Web routes: the Bottle routes (a new route goes here); each finds its ``Board`` in the
@@ -1336,12 +1337,15 @@ class QueueFull(WebSocketError):
     """A socket's backlog is over queue_messages or queue_bytes: it cannot keep up."""
 
 
+SHORT_TEXT_HEADS = [bytes((0x80 | OPCODE_TEXT, size)) for size in range(126)]  # made once
+
+
 def text_frame(text: str) -> bytes:
     """One unmasked, final text frame, as a server sends it."""
     payload = text.encode("utf-8")
     size = len(payload)
     if size < 126:
-        return bytes((0x80 | OPCODE_TEXT, size)) + payload
+        return SHORT_TEXT_HEADS[size] + payload
     if size < 0x10000:
         return struct.pack("!BBH", 0x80 | OPCODE_TEXT, 126, size) + payload
     return struct.pack("!BBQ", 0x80 | OPCODE_TEXT, 127, size) + payload
@@ -3401,34 +3405,55 @@ def deliver(
     already held for that socket, so one connection's messages keep their order.
     """
     encoded: dict = {}
-    delivered = sent = 0
-    for start in range(0, len(conns), YIELD_EVERY):
-        if start:
-            gevent.sleep(0)  # a fan-out to many sockets lets the others run meanwhile
-        for conn in conns[start : start + YIELD_EVERY] if len(conns) > YIELD_EVERY else conns:
-            ws = conn.ws
-            if ws.closed:  # closing: reported once when it was cut, skipped after
-                continue
-            frame = encoded.get(conn.framing)
-            if frame is None:
-                frame = encoded[conn.framing] = conn.framing.message(text, seq, topic)
-            try:
-                if batch is not None and (hold or ws in batch.held):
-                    batch.hold(ws, frame)
-                else:
-                    ws.send_frame_bytes(frame)
-                delivered += 1
-                sent += len(frame)
-            except QueueFull:
-                log.warning("dropped %s %s: send queue full", conn.client_id, conn.peer)
-            except WebSocketError as exc:
-                ws.ended(EndReason.CONNECTION_LOST, str(exc))
-                ws.abort()
-                log.warning("dropped %s %s: %s", conn.client_id, conn.peer, exc)
+    if len(conns) <= YIELD_EVERY:
+        delivered, sent = deliver_chunk(conns, text, seq, batch, hold, topic, encoded)
+    else:
+        delivered = sent = 0
+        for start in range(0, len(conns), YIELD_EVERY):
+            if start:
+                gevent.sleep(0)  # a fan-out to many sockets lets the others run meanwhile
+            chunk = conns[start : start + YIELD_EVERY]
+            took, size = deliver_chunk(chunk, text, seq, batch, hold, topic, encoded)
+            delivered, sent = delivered + took, sent + size
     if count is not None:
         count.messages += delivered
         count.bytes += sent
     return delivered
+
+
+def deliver_chunk(
+    conns: list[Connection],
+    text: str,
+    seq: int | None,
+    batch: Batch | None,
+    hold: bool,
+    topic: Topic | None,
+    encoded: dict,
+) -> tuple:
+    """deliver() to a few sockets without a turn for anyone else: (sockets, bytes) taken.
+    encoded: framing -> frame, shared by the chunks of one message."""
+    delivered = sent = 0
+    for conn in conns:
+        ws = conn.ws
+        if ws.closed:  # closing: reported once when it was cut, skipped after
+            continue
+        frame = encoded.get(conn.framing)
+        if frame is None:
+            frame = encoded[conn.framing] = conn.framing.message(text, seq, topic)
+        try:
+            if batch is not None and (hold or ws in batch.held):
+                batch.hold(ws, frame)
+            else:
+                ws.send_frame_bytes(frame)
+            delivered += 1
+            sent += len(frame)
+        except QueueFull:
+            log.warning("dropped %s %s: send queue full", conn.client_id, conn.peer)
+        except WebSocketError as exc:
+            ws.ended(EndReason.CONNECTION_LOST, str(exc))
+            ws.abort()
+            log.warning("dropped %s %s: %s", conn.client_id, conn.peer, exc)
+    return delivered, sent
 
 
 class Delivered:
@@ -3768,6 +3793,9 @@ class SendResult(NamedTuple):
     duplicate: bool = False  # a retry of a keyed send: nothing was sent again
     unconfirmed: tuple = ()  # ids (among missing) whose fate is unknown: see trouble
     trouble: str = ""  # why: TIMEOUT or UNAVAILABLE (scale-out only)
+
+
+new_send_result = functools.partial(tuple.__new__, SendResult)  # all 7 fields, quicker
 
 
 class IdempotencyKeys:
@@ -4348,7 +4376,9 @@ class LocalHub:
         """Send text to every socket of each id, keeping it in the inbox when that is on.
         With a key, a retry within the window is answered from the first send, in one step.
         count_all=False: the answer may stop counting once a socket took it (scale-out)."""
-        now = time.time() if key is not None or self.inbox is not None else 0.0
+        if key is None and self.inbox is None:
+            return self.send_unkept(ids, text, batch)
+        now = time.time()
         if key is not None and (earlier := self.keys.get(key, now)) is not None:
             return earlier._replace(duplicate=True)
         sockets, queued, seqs, missing = 0, 0, {}, []
@@ -4379,9 +4409,26 @@ class LocalHub:
         self, sends: Sequence[tuple], batch: Batch | None = None, count_all: bool = True
     ) -> Callable[[], list]:
         """Several sends, (ids, text, keep_offline) each, in order: done before it returns."""
-        send = self.send
-        results = [send(ids, text, keep, None, batch) for ids, text, keep in sends]
+        if self.inbox is None:
+            unkept = self.send_unkept
+            results = [unkept(ids, text, batch) for ids, text, _ in sends]
+        else:
+            send = self.send
+            results = [send(ids, text, keep, None, batch) for ids, text, keep in sends]
         return lambda: results
+
+    def send_unkept(self, ids: Sequence[str], text: str, batch: Batch | None) -> SendResult:
+        """send() without inbox or key, the control socket's hot path: each id's sockets get
+        text, and nothing is numbered or kept."""
+        sockets, missing = 0, []
+        held = self.registry.sockets_held  # deliver skips closing sockets itself
+        for client_id in ids if len(ids) == 1 else dict.fromkeys(ids):
+            conns = held(client_id)
+            took = deliver(conns, text, None, batch, count=self.delivered) if conns else 0
+            if not took:
+                missing.append(client_id)
+            sockets += took
+        return new_send_result((sockets, 0, {}, missing, False, (), ""))
 
     def broadcast(self, text: str, batch: Batch | None = None) -> int:
         """Send text to every open socket (not kept in any inbox); return how many took it."""
@@ -7492,6 +7539,28 @@ def parse_control_line(line: bytes) -> Command:
     return Command("error", (UNKNOWN_COMMAND,))
 
 
+# A SEND line as it usually comes, matched whole in one call: a run of them is the control
+# socket's hot path, where parse_control_line's steps cost more than carrying one out.
+SEND_LINE = re.compile(rb"SEND MESSAGE (" + CLIENT_ID_BYTES.pattern + rb") (.+)", re.DOTALL)
+
+
+def parse_send_line(line: bytes) -> tuple | None:
+    """A well-formed SEND MESSAGE line's (client id, text), as parse_control_line reads it;
+    None for any other line, which parse_control_line then reads (and refuses if it must)."""
+    match = SEND_LINE.fullmatch(line)
+    if match is None:
+        return None
+    raw_id, raw_text = match.groups()
+    if raw_text[-1] == 13:  # a CRLF line's \r is not part of the text
+        raw_text = raw_text[:-1]
+        if not raw_text:
+            return None
+    try:
+        return raw_id.decode("ascii"), raw_text.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def help_line() -> str:
     ops = ", ".join(sorted(JSON_OPS))
     return (
@@ -7953,6 +8022,7 @@ class ControlConnection:
         read and started while the bus answers the ones before, so a run's pace is not one
         bus round trip per group. A read of one line is carried out as it comes, its frames
         written at once: nothing waits for it, and a lone SEND is the latency that matters.
+        In a run, a plain SEND line is read by parse_send_line, at a quarter of the cost.
         """
         max_line = self.board.cfg.max_line
         counts = self.board.counts
@@ -7973,10 +8043,14 @@ class ControlConnection:
                     pending += [*self.settle(flying, sends), shutting_down_answer(line)]
                     sends = []
                     continue
-                command = parse_control_line(line)
-                verb = VERBS_BY_NAME.get(command.verb)
-                if verb is not None and verb.groups and many:
-                    sends.append(command.args)
+                args = parse_send_line(line) if many else None  # a run's usual line, quickly
+                if args is None:
+                    command = parse_control_line(line)
+                    verb = VERBS_BY_NAME.get(command.verb)
+                    if verb is not None and verb.groups and many:
+                        args = command.args
+                if args is not None:
+                    sends.append(args)
                     if len(sends) < SEND_GROUP:
                         continue
                     flying.append(self.start_group(sends))

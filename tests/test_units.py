@@ -112,6 +112,32 @@ def test_the_parser_finds_each_line_what_splitting_it_found(words, space):
     assert type(parse_control_line(line)) is Command
 
 
+SEND_PIECES = st.sampled_from(
+    [b"SEND MESSAGE", b"SEND", b"MESSAGE", b"a", b"x.y:z", b"a<b", b"x" * 128, b"x" * 129,
+     b"\xc3\xa9", b"\xff", b"", b"\r", b"\r\r", b" \r", b"hi there", b"{"]
+)  # fmt: skip
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(SEND_PIECES, max_size=5), st.sampled_from([b" ", b"  ", b""]))
+def test_the_quick_send_reading_takes_what_the_parser_takes_as_a_send(pieces, space):
+    line = space.join([b"SEND MESSAGE", *pieces]) if pieces[:1] != [b""] else space.join(pieces)
+    quick, command = wsboard.parse_send_line(line), parse_control_line(line)
+    if quick is None:
+        assert command.verb != "send"  # it leaves no SEND to the parser
+    else:
+        assert command == Command("send", quick)
+
+
+def test_the_quick_send_reading_keeps_spaces_and_drops_only_the_crlf():
+    assert wsboard.parse_send_line(b"SEND MESSAGE a  two  spaces ") == ("a", " two  spaces ")
+    assert wsboard.parse_send_line(b"SEND MESSAGE a caf\xc3\xa9\r") == ("a", "caf\u00e9")
+    refused = [b"SEND MESSAGE a", b"SEND MESSAGE a ", b"SEND MESSAGE a \r", b"SEND MESSAGE a<b x"]
+    for line in refused + [b"SEND MESSAGE a \xff", b"SEND  MESSAGE a x"]:
+        assert wsboard.parse_send_line(line) is None
+        assert parse_control_line(line).verb == "error"
+
+
 def test_every_command_answers_with_at_least_one_line():
     for verb, args in (("list", ()), ("send", ("nobody", "x")), ("error", ("why",))):
         lines = wsboard.run_command(Command(verb, args), wsboard.ControlConnection(wsboard.Board()))
