@@ -7561,6 +7561,12 @@ def parse_send_line(line: bytes) -> tuple | None:
         return None
 
 
+def read_control_line(line: bytes) -> Command:
+    """parse_control_line, with a plain SEND line read the quick way."""
+    send = parse_send_line(line)
+    return new_command(("send", send)) if send is not None else parse_control_line(line)
+
+
 def help_line() -> str:
     ops = ", ".join(sorted(JSON_OPS))
     return (
@@ -8020,14 +8026,13 @@ class ControlConnection:
         lines goes to the hub in groups of SEND_GROUP (one call: answered and counted once);
         with --redis up to GROUPS_IN_FLIGHT groups are under way at once: the next group is
         read and started while the bus answers the ones before, so a run's pace is not one
-        bus round trip per group. A read of one line is carried out as it comes, its frames
-        written at once: nothing waits for it, and a lone SEND is the latency that matters.
-        In a run, a plain SEND line is read by parse_send_line, at a quarter of the cost.
+        bus round trip per group. A plain SEND line is read by parse_send_line, at a quarter
+        of parse_control_line's cost.
         """
+        if len(lines) == 1:
+            return self.answer_line(lines[0])
         max_line = self.board.cfg.max_line
-        counts = self.board.counts
-        many = len(lines) > 1
-        self.batch = self.frames if many else None  # a lone line's frames have none to wait for
+        self.batch = self.frames
         pending: list = []
         sends: list = []  # SEND lines not yet started
         flying: collections.deque = collections.deque()  # started groups' answers, in order
@@ -8043,26 +8048,16 @@ class ControlConnection:
                     pending += [*self.settle(flying, sends), shutting_down_answer(line)]
                     sends = []
                     continue
-                args = parse_send_line(line) if many else None  # a run's usual line, quickly
-                if args is None:
-                    command = parse_control_line(line)
-                    verb = VERBS_BY_NAME.get(command.verb)
-                    if verb is not None and verb.groups and many:
-                        args = command.args
-                if args is not None:
-                    sends.append(args)
+                command = read_control_line(line)
+                verb = VERBS_BY_NAME.get(command.verb)
+                if verb is not None and verb.groups:
+                    sends.append(command.args)
                     if len(sends) < SEND_GROUP:
                         continue
                     flying.append(self.start_group(sends))
                     answers = flying.popleft()() if len(flying) > GROUPS_IN_FLIGHT else []
                 else:
-                    if command.verb == "error":
-                        log.warning("control error: %s: %r", command.args[0], line[:80])
-                    answers = self.settle(flying, sends)
-                    began = time.perf_counter()
-                    answers += run_command(command, self)
-                    if command.verb != "json":  # run_json counts its op
-                        counts.command(command.verb, time.perf_counter() - began)
+                    answers = self.settle(flying, sends) + self.carry_out(command, line)
                 sends = []
                 for answer in answers:
                     pending.append(answer)
@@ -8082,6 +8077,30 @@ class ControlConnection:
             if flying:  # the connection failed: what was started still settles its requests
                 self.settle(flying, [])
             self.release()
+
+    def answer_line(self, line: bytes) -> bool:
+        """A read of one line is carried out as it comes, its frames written at once:
+        nothing waits for it, and a lone SEND is the latency that matters."""
+        if len(line) > self.board.cfg.max_line:
+            self.refuse_long_line()
+            return False
+        self.batch = None
+        if self.board.draining:
+            answers = [shutting_down_answer(line)]
+        else:
+            answers = self.carry_out(read_control_line(line), line)
+        self.write(("\n".join(answers) + "\n").encode("utf-8"))
+        return True
+
+    def carry_out(self, command: Command, line: bytes) -> list:
+        """One command's answer lines, counted (and logged when refused as it was read)."""
+        if command.verb == "error":
+            log.warning("control error: %s: %r", command.args[0], line[:80])
+        began = time.perf_counter()
+        answers = run_command(command, self)
+        if command.verb != "json":  # run_json counts its op
+            self.board.counts.command(command.verb, time.perf_counter() - began)
+        return answers
 
     def settle(self, flying: collections.deque, sends: list) -> list:
         """The answers of every group under way, and of sends (started now), in order."""
