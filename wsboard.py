@@ -4771,10 +4771,10 @@ class Tally:
             self.trouble = trouble
 
     def result(self) -> SendResult:
-        return SendResult(
+        return new_send_result((
             self.sockets, self.queued, self.seq, self.missing, False, tuple(self.unconfirmed),
             self.trouble,
-        )  # fmt: skip
+        ))  # fmt: skip
 
 
 class Transport(typing.Protocol):
@@ -5177,7 +5177,10 @@ class Backplane:
         way when this returns; the call it returns waits for their answers, so the caller
         may start the next run meanwhile. count_all=False: once a socket here took it, the
         answer need not wait to count the others."""
-        sends = [(list(dict.fromkeys(ids)), text, keep) for ids, text, keep in sends]
+        sends = [
+            (ids if len(ids) == 1 else list(dict.fromkeys(ids)), text, keep)
+            for ids, text, keep in sends
+        ]
         if self.inbox is not None:
             return self._send_numbered(sends)
         return self._send_here_first(sends, batch, count_all)
