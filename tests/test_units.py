@@ -4,6 +4,7 @@ import io
 import json
 import os
 import struct
+import time
 
 import pytest
 from conftest import RecordingSocket, handshake
@@ -459,6 +460,45 @@ def test_a_fan_out_to_many_sockets_gives_other_greenlets_a_turn_between_chunks()
     assert wsboard.deliver(conns, "x", None) == len(conns)
     assert written_when_others_ran == [wsboard.YIELD_EVERY, wsboard.YIELD_EVERY]
     assert all(c.ws.frames == [b"\x81\x01x"] for c in conns)
+
+
+class PingedSocket(RecordingSocket):
+    """A socket that records when it was pinged."""
+
+    pong_due = 0.0
+    pinged_at = None
+
+    def ping(self, now: float) -> None:
+        self.pong_due, self.pinged_at = now, time.monotonic()
+
+
+def test_a_heartbeat_round_pings_in_chunks_spaced_apart():
+    """Pongs come back as fast as pings go out: a round sent at once made ten thousand pongs
+    arrive together, and a SEND behind them waited 130-158 ms."""
+    board = wsboard.Board(wsboard.Config(ping_interval=25))
+    count = 2 * wsboard.PING_CHUNK + 10
+    for n in range(count):
+        conn = wsboard.Connection(f"c{n}", f"1.{n}", "x:1", "10.0.0.1", PingedSocket(),
+                                  wsboard.FRAMINGS[""])  # fmt: skip
+        board.hub.attach(conn, handshake(f"c{n}"))
+    board.heartbeat_round(time.monotonic())
+    times = sorted(conn.ws.pinged_at for conn in board.hub.local_connections())
+    assert len(times) == count and None not in times
+    chunk = wsboard.PING_CHUNK
+    assert times[chunk - 1] - times[0] < wsboard.PING_SPACING / 2  # a chunk goes at once
+    assert times[chunk] - times[chunk - 1] >= wsboard.PING_SPACING * 0.9
+    assert times[2 * chunk] - times[2 * chunk - 1] >= wsboard.PING_SPACING * 0.9
+
+
+def test_a_heartbeat_round_stays_within_a_quarter_of_a_short_interval():
+    board = wsboard.Board(wsboard.Config(ping_interval=0.04))
+    for n in range(8 * wsboard.PING_CHUNK):
+        conn = wsboard.Connection(f"c{n}", f"1.{n}", "x:1", "10.0.0.1", PingedSocket(),
+                                  wsboard.FRAMINGS[""])  # fmt: skip
+        board.hub.attach(conn, handshake(f"c{n}"))
+    started = time.monotonic()
+    board.heartbeat_round(started)
+    assert time.monotonic() - started < 0.035  # 7 pauses of 1.25 ms; of PING_SPACING: 70 ms
 
 
 def test_an_idempotent_retry_echoes_its_own_ref():
