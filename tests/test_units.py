@@ -485,9 +485,9 @@ def test_a_heartbeat_round_pings_in_chunks_spaced_apart():
     times = sorted(conn.ws.pinged_at for conn in board.hub.local_connections())
     assert len(times) == count and None not in times
     chunk = wsboard.PING_CHUNK
-    assert times[chunk - 1] - times[0] < wsboard.PING_SPACING / 2  # a chunk goes at once
-    assert times[chunk] - times[chunk - 1] >= wsboard.PING_SPACING * 0.9
-    assert times[2 * chunk] - times[2 * chunk - 1] >= wsboard.PING_SPACING * 0.9
+    assert times[chunk - 1] - times[0] < wsboard.PING_SPACING  # a chunk goes at once
+    assert times[chunk] - times[chunk - 1] >= wsboard.PING_SPACING / 2  # without a pause: µs
+    assert times[2 * chunk] - times[2 * chunk - 1] >= wsboard.PING_SPACING / 2
 
 
 def test_a_heartbeat_round_stays_within_a_quarter_of_a_short_interval():
@@ -498,7 +498,7 @@ def test_a_heartbeat_round_stays_within_a_quarter_of_a_short_interval():
         board.hub.attach(conn, handshake(f"c{n}"))
     started = time.monotonic()
     board.heartbeat_round(started)
-    assert time.monotonic() - started < 0.035  # 7 pauses of 1.25 ms; of PING_SPACING: 70 ms
+    assert time.monotonic() - started < 0.05  # 7 pauses of 1.25 ms; of PING_SPACING: 70 ms
 
 
 def test_an_idempotent_retry_echoes_its_own_ref():
