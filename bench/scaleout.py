@@ -360,6 +360,9 @@ def fleet_pipelined(fleet: Fleet, control: Control, member: int, index: int, cou
     return count / (max(answered, fleet.received_at(member)) - started)
 
 
+PING_PERIOD = 25.0  # wsboard's default --ping-interval
+
+
 def processes_on_one_control_socket(
     redis: Redis, per_process: int, layouts: list, rounds: int, sends: int, piped: int
 ) -> None:
@@ -389,8 +392,8 @@ def processes_on_one_control_socket(
             spread = sorted(collections.Counter(held.values()).values(), reverse=True)
             kb = (server.rss_kb() - empty_kb) / total
             cpu = server.cpu_seconds()
-            time.sleep(10)
-            idle = (server.cpu_seconds() - cpu) / 10 * 100
+            time.sleep(PING_PERIOD)  # a whole period: each worker's round comes in its own phase
+            idle = (server.cpu_seconds() - cpu) / PING_PERIOD * 100
             control = Control(server.control_path)
             control.sock.sendall(b'{"op":"stats"}\n')
             mine = json.loads(control.line())["backplane"]["node"]
