@@ -10000,7 +10000,7 @@ SHUTDOWN_REASON = "server shutting down; reconnect"
 LOST_REASON = "backplane lost; reconnect to another server"
 
 
-PING_CHUNK = 256  # sockets a heartbeat round pings at once: their pongs come back together
+PING_CHUNK = 64  # sockets a heartbeat round pings at once: their pongs come back together
 PING_SPREAD = 0.25  # of the interval, over which a round's chunks are spread evenly
 
 
