@@ -1834,7 +1834,6 @@ class BoardSocket(_GeventWebSocket):
         self.closed = False
         self.stream = reader
         self.raw_read = reader.read
-        self.raw_write = self._write
         self.utf8validator = Utf8Validator()
         self.sock = sock
         self.cfg = cfg
@@ -1921,6 +1920,10 @@ class BoardSocket(_GeventWebSocket):
             raise QueueFull("send queue full")
         self.backlog.append(data)
         self.backlog_bytes += len(data)
+
+    # The stock send_frame writes through raw_write: a method here, not the bound method the
+    # stock __init__ keeps on the socket (a cycle: a closed socket waited for the collector).
+    raw_write = _write
 
     def _flush(self) -> None:
         """Drain the backlog with blocking writes, each within write_timeout, then go idle."""

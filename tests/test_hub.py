@@ -438,6 +438,28 @@ def test_a_hub_touches_only_what_socket_like_lists_and_boardsocket_offers_it():
         other.close()
 
 
+def test_a_socket_is_no_cycle_so_it_is_freed_when_let_go_not_by_the_collector():
+    """The stock __init__ kept a bound method of the socket on the socket: every closed socket
+    was a cycle of 7 objects that waited for a full collection, or for ever once settle_gc had
+    frozen it (10,000 sockets, a fifth replaced 20 times: 16.4 MB more RSS, 8.4 MB without it)."""
+    import socket
+    import sys
+
+    one, other = socket.socketpair()
+    try:
+        ws = wsboard.BoardSocket(
+            one, wsboard.SocketReader(one, b""), wsboard.Config(), wsboard.WebSocketProtocol()
+        )
+        ws.open([])
+        ws.send_frame("hi", ws.OPCODE_TEXT)  # the stock send_frame, through raw_write
+        other.settimeout(5)
+        assert other.recv(16) == b"\x81\x02hi"
+        assert sys.getrefcount(ws) == 2  # this name and the call's argument: nothing else
+    finally:
+        one.close()
+        other.close()
+
+
 def attributes_used(cls, name: str) -> set:
     """Every attribute that cls's code reads of the object it calls name (self.name, name)."""
     import inspect
