@@ -9770,15 +9770,17 @@ class MetricsApp:
 
 def freeze_step(count: int, previous: int, frozen_at: int) -> str | None:
     """What settle_gc does when its check finds count sockets (previous at the check before,
-    frozen_at when it last froze): None while they move or stay near frozen_at. "young" once
-    they grew and settled: a socket is no cycle, so one that closes is freed, frozen or not,
-    and the new objects need only a collection of the young generations before they are
+    frozen_at when it last froze): None while they stay near frozen_at. "young" as soon as
+    they grew, settled or not: a socket is no cycle, so one that closes is freed, frozen or
+    not, and the new objects need only a collection of the young generations before they are
     frozen too (a full one stalled a worker of 16,000 sockets for about 100 ms, and one of
-    16,700 under load for 370-530 ms). "all" once they shrank and settled: unfreeze and
-    collect everything, so no cycle that died while frozen is kept."""
-    if count != previous or abs(count - frozen_at) < max(1000, frozen_at // 10):
+    16,700 under load for 370-530 ms). "all" once they shrank and (nearly) settled: unfreeze
+    and collect everything, so no cycle that died while frozen is kept."""
+    if abs(count - frozen_at) < max(1000, frozen_at // 10):
         return None
-    return "young" if count > frozen_at else "all"
+    if count > frozen_at:
+        return "young"
+    return "all" if abs(count - previous) <= max(100, previous // 100) else None
 
 
 class GCWatch:
@@ -10288,11 +10290,11 @@ class Board:
                 self.heartbeat_round(time.monotonic())
             self.hub.expire(time.time())
 
-    def settle_gc(self, every: float = 5.0) -> None:
-        """After a burst of connections settles, freeze what is left, so the collector's full
-        passes stop walking every idle socket's objects (107 ms at 10k sockets, measured) and
-        cannot land inside a broadcast. A population that moved by 1,000 or 10% is frozen
-        anew, as freeze_step says."""
+    def settle_gc(self, every: float = 1.0) -> None:
+        """Freeze the collector's objects as the sockets grow (and once more after they
+        shrink), so its full passes do not walk every idle socket's objects (107 ms at 10k
+        sockets, measured), neither while a burst of connections comes in nor inside a
+        broadcast later. freeze_step says when, and how much to collect first."""
         frozen_at = previous = 0
         while True:
             gevent.sleep(every)
@@ -10305,8 +10307,7 @@ class Board:
                 gc.collect(2 if step == "all" else 1)
                 gc.freeze()
                 log.info(
-                    "froze %d objects after the sockets settled at %d (%s, %.0f ms)",
-                    gc.get_freeze_count(),
+                    "froze the collector's objects at %d sockets (%s, %.0f ms)",
                     count,
                     "collected all" if step == "all" else "collected the young",
                     (time.perf_counter() - started) * 1000,
