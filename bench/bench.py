@@ -299,8 +299,9 @@ def kernel_floor(n: int, rounds: int) -> list:
     return [float(x) for x in out.split()]
 
 
-# Long enough for every server's housekeeping after a burst of connections (wsboard settles
-# its collector within 11 s), short enough that a block ends before the first ping round.
+# Long enough for every server's housekeeping after a burst of connections (wsboard freezes
+# its collector's objects within a second of them), short enough that a block ends before
+# the first ping round.
 SETTLE = 12.0
 
 
@@ -355,8 +356,7 @@ def measure(name: str, n: int, rounds: int, latency_count: int, quick: bool = Fa
         empty = server.rss_kb()
         accept_rate = swarm.connect(n)
         # Every server pings each socket every 25 s, and answering 10k pings takes the load
-        # generator ~100 ms: wait for a round to end. By then wsboard has also settled its
-        # collector after the burst.
+        # generator ~100 ms: wait for a round to end.
         # --quick, a smoke run, waits for no ping round and takes idle CPU over 3 s.
         if quick:
             swarm.idle(1)
