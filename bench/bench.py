@@ -364,13 +364,18 @@ def measure(name: str, n: int, rounds: int, latency_count: int, quick: bool = Fa
             swarm.pump(lambda: swarm.pings >= n, timeout=60)
             time.sleep(0.5)
         per_conn = (server.rss_kb() - empty) * 1024 / n / 1000
-        # Idle CPU over one whole heartbeat period, its ping round included; then measure in
-        # the quiet that follows that round (the scenarios take about 12 s of the 25).
+        # Idle CPU over one whole heartbeat period, one ping round and all its pongs
+        # included: from a second after one round's last ping came to a second after the
+        # next's, since a server that pings everyone at once reads the pongs after its last
+        # ping. Then measure in the quiet that follows (the scenarios take about 13 s of 25).
+        if not quick:
+            swarm.idle(0.5)
         cpu_before, wall = server.cpu_seconds(), time.perf_counter()
         if quick:
             swarm.idle(3)
         else:
             swarm.pump(lambda target=swarm.pings + n: swarm.pings >= target, timeout=60)
+            swarm.idle(1.0)
         idle_cpu = 100 * (server.cpu_seconds() - cpu_before) / (time.perf_counter() - wall)
         control = Control(server.control_path)
         gc_before = gc_stats(control, name)
