@@ -8054,10 +8054,13 @@ class ControlConnection:
                     pending += [*self.settle(flying, sends), shutting_down_answer(line)]
                     sends = []
                     continue
-                command = read_control_line(line)
-                verb = VERBS_BY_NAME.get(command.verb)
-                if verb is not None and verb.groups:
-                    sends.append(command.args)
+                args = parse_send_line(line)  # a plain SEND line: no Command, no verb look-up
+                if args is None:
+                    command = parse_control_line(line)
+                    verb = VERBS_BY_NAME.get(command.verb)
+                    args = command.args if verb is not None and verb.groups else None
+                if args is not None:
+                    sends.append(args)
                     if len(sends) < SEND_GROUP:
                         continue
                     flying.append(self.start_group(sends))
