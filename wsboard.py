@@ -1808,6 +1808,7 @@ class BoardSocket(_GeventWebSocket):
 
     __slots__ = (
         "sock",
+        "raw",
         "cfg",
         "message_size",
         "backlog",
@@ -1836,6 +1837,8 @@ class BoardSocket(_GeventWebSocket):
         self.raw_read = reader.read
         self.utf8validator = Utf8Validator()
         self.sock = sock
+        # gevent's socket has a __getattr__, so every read of its _sock took the slow path
+        self.raw = getattr(sock, "_sock", sock)
         self.cfg = cfg
         self.message_size = 0
         self.backlog: collections.deque | None = collections.deque()  # held until open()
@@ -1885,7 +1888,7 @@ class BoardSocket(_GeventWebSocket):
     def _send_now(self, data: bytes) -> int:
         """What the kernel takes of data without waiting."""
         try:  # gevent's socket wraps a non-blocking one: asked directly, no wrapper per frame
-            return self.sock._sock.send(data)
+            return self.raw.send(data)
         except BlockingIOError:
             return 0
         except OSError as exc:
@@ -1901,7 +1904,7 @@ class BoardSocket(_GeventWebSocket):
         """Write now if the kernel takes it all; else queue the rest, within the bounds."""
         if self.backlog is None:
             try:  # _send_now, inline: a broadcast pays this for every socket
-                sent = self.sock._sock.send(data)
+                sent = self.raw.send(data)
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
