@@ -319,14 +319,17 @@ def interleaved_blocks(
     three of piped. Returns {name: {"loops", "ends", "latencies", "rates"}}, every round,
     send and run of every block."""
     results: dict = {
-        name: {"loops": [], "ends": [], "latencies": [], "rates": []} for name in [*names, "floor"]
+        name: {"loops": [], "ends": [], "latencies": [], "rates": [], "blocks": []}
+        for name in [*names, "floor"]
     }
     for block in range(blocks):
         order = [*names, "floor"] if block % 2 == 0 else ["floor", *reversed(names)]
         for name in order:
             print(f"  block {block + 1}/{blocks}: {name}", flush=True)
             if name == "floor":
-                results[name]["loops"].extend(kernel_floor(n, rounds))
+                loops = kernel_floor(n, rounds)
+                results[name]["loops"].extend(loops)
+                results[name]["blocks"].append({"loop": statistics.median(loops)})
                 continue
             server = Server(name)
             swarm = Swarm(server.port, path_of(name), socketio=name == "socketio")
@@ -335,11 +338,24 @@ def interleaved_blocks(
                 swarm.idle(settle)
                 control = Control(server.control_path)
                 loops, ends, _ = fanout(swarm, control, n, rounds)
-                results[name]["loops"].extend(loops)
-                results[name]["ends"].extend(ends)
-                results[name]["latencies"].extend(send_latency(swarm, control, sends))
+                latencies = send_latency(swarm, control, sends)
                 pipelined(swarm, control, max(1, piped // 4))  # warm-up, not counted
-                results[name]["rates"].extend(pipelined(swarm, control, piped) for _ in range(3))
+                rates = [pipelined(swarm, control, piped) for _ in range(3)]
+                for key, values in (
+                    ("loops", loops),
+                    ("ends", ends),
+                    ("latencies", latencies),
+                    ("rates", rates),
+                ):
+                    results[name][key].extend(values)
+                results[name]["blocks"].append(
+                    {
+                        "loop": statistics.median(loops),
+                        "e2e": statistics.median(ends),
+                        "p50": statistics.median(latencies),
+                        "rate": statistics.median(rates),
+                    }
+                )
             finally:
                 swarm.close()
                 server.stop()
@@ -434,6 +450,23 @@ COLUMNS = [
 ]
 
 
+def block_lines(spread: dict) -> str:
+    """Each block's medians, server by server: how far this run's figures moved from one
+    block to the next (the table's are over all blocks)."""
+    figures = [("loop", "loop", 1000, "{:.1f}"), ("e2e", "e2e", 1000, "{:.1f}")]
+    figures += [("p50", "p50", 1e6, "{:.0f}"), ("rate", "pipelined", 1, "{:,.0f}")]
+    lines = ["Each block's medians, in the order taken (loop and e2e ms, SEND p50 µs, msg/s):", ""]
+    for n, taken in spread.items():
+        for name, blocks in taken.items():
+            parts = [
+                title + " " + " ".join(fmt.format(block[key] * scale) for block in blocks)
+                for key, title, scale, fmt in figures
+                if blocks and key in blocks[0]
+            ]
+            lines.append(f"- {n:,} conns, {name}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def table(rows: list, floors: dict) -> str:
     lines = [
         "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
@@ -519,11 +552,12 @@ def main() -> None:
     rounds, latency_count, pipeline_count = (3, 100, 5000) if args.quick else (7, 2000, 20000)
     blocks, settle = (1, 3.0) if args.quick else (5, SETTLE)
     names = args.servers.split(",")
-    rows, floors = [], {}
+    rows, floors, spread = [], {}, {}
     for n in counts:
         print(f"{n:,} connections, {blocks} blocks in turns…", flush=True)
         taken = interleaved_blocks(names, n, blocks, rounds, settle, latency_count, pipeline_count)
         floors[n] = taken["floor"]["loops"]
+        spread[n] = {name: taken[name]["blocks"] for name in [*names, "floor"]}
         for name in names:
             print(f"{name} with {n:,} connections…", flush=True)
             row = measure(name, n, rounds, latency_count, args.quick)
@@ -552,7 +586,7 @@ def main() -> None:
             f"server on core 0, load generator on core 1. Fan-out, SEND latency and pipelined "
             f"SEND: {blocks} blocks per server, the servers taking turns, each {rounds} fan-out "
             f"rounds, {latency_count} SENDs and 3 pipelined runs of {pipeline_count:,} after a "
-            f"warm-up; medians and p99 over every block.\n\n{body}\n"
+            f"warm-up; medians and p99 over every block.\n\n{body}\n\n{block_lines(spread)}\n"
         )
     plot(rows, base + ".png")
     print(body)
