@@ -1322,6 +1322,7 @@ SUBPROTOCOL = "wsboard.v1"  # frames become {"seq": n, "data": text}; see docs/p
 OPCODE_TEXT = 0x1
 OPCODE_CLOSE = 0x8
 PING_FRAME = b"\x89\x00"  # an empty ping, the same bytes for every socket
+MASKED_EMPTY_PONG_HEAD = b"\x8a\x80"  # how a client's answer to it begins (4 mask bytes follow)
 FLUSH_BYTES = 256 * 1024  # queued frames joined into one write, up to this size
 
 
@@ -2085,6 +2086,25 @@ class BoardSocket(_GeventWebSocket):
     def handle_pong(self, header: Header, payload: bytes) -> None:
         self.pong_due = 0.0
 
+    def took_lone_pong(self) -> bool:
+        """Read what waits, up to a pong's 6 bytes, without blocking: True when it was an
+        empty masked pong (the answer to PING_FRAME), taken as receive() takes one. Else
+        what was read waits in the stream for the reading greenlet, which meets it first."""
+        if self.finished or self.stream.pending:
+            return False
+        try:
+            data = self.raw.recv(6)
+        except BlockingIOError:
+            return True  # nothing after all: the watcher waits on
+        except OSError:
+            return False  # the reading greenlet meets the error (or EOF) and ends the session
+        if len(data) < 6 or data[:2] != MASKED_EMPTY_PONG_HEAD:
+            self.stream.pending = data
+            return False
+        self.pong_due = 0.0
+        self.heard_at = time.monotonic()
+        return True
+
     def handle_ping(self, header: Header, payload: bytes) -> None:
         if not self.closed:  # after our close frame we send nothing more (RFC 6455, 5.5.1)
             super().handle_ping(header, payload)
@@ -2205,6 +2225,9 @@ class EventStream(BoardSocket):
             self.ended(EndReason.CLIENT_CLOSED, "closed by client")
         self.closed = True
         return None
+
+    def took_lone_pong(self) -> bool:
+        return False  # nothing a browser sends here is read as a frame
 
     def ping(self, now: float) -> None:
         self.send_frame_bytes(b": ping\n\n")
@@ -2668,8 +2691,12 @@ def start_session(board: "Board", conn: "Connection", sock: socket.socket) -> No
 
 
 def readable(board: "Board", conn: "Connection", sock: socket.socket) -> None:
-    """In the event loop: bytes (or EOF) are waiting; a greenlet reads them."""
-    conn.ws.watcher.stop()
+    """In the event loop: bytes (or EOF) are waiting; a greenlet reads them, unless they
+    were a heartbeat's pong alone, taken here (a greenlet per pong cost idle CPU)."""
+    ws = conn.ws
+    if ws.took_lone_pong():
+        return
+    ws.watcher.stop()
     gevent.spawn_raw(read_session, board, conn, sock)
 
 

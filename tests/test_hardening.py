@@ -564,6 +564,31 @@ def test_an_upgrade_whose_head_comes_in_pieces_still_opens(server_factory):
         assert frames[:4] == b"\x8a\x02hi"
 
 
+def test_a_pong_alone_in_pieces_or_with_a_frame_behind_it_is_read_whole(server_factory):
+    """A lone pong is taken in the event loop; one in pieces, or with a frame behind it in
+    the same segment, goes on to the reading greenlet, and nothing is lost on the way."""
+    server = server_factory()
+    pong = websocket.ABNF.create_frame("", websocket.ABNF.OPCODE_PONG).format()
+    ping = websocket.ABNF.create_frame("hi", websocket.ABNF.OPCODE_PING).format()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(upgrade_request("?id=ponger"))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        server.wait_listed(1)
+        sock.sendall(pong)  # alone
+        sock.sendall(pong[:3])  # in pieces
+        time.sleep(0.2)
+        sock.sendall(pong[3:])
+        sock.sendall(pong + ping)  # with a frame behind it, in one segment
+        frames = b""
+        while len(frames) < 4:
+            frames += sock.recv(64)
+        assert frames == b"\x8a\x02hi"  # the ping behind the pongs was read and answered
+        assert [row.split()[0] for row in server.control().list()] == ["ponger"]
+
+
 def test_a_refused_plain_upgrade_gets_its_status_and_the_connection_serves_on(server_factory):
     server = server_factory()
     page = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
