@@ -24,7 +24,8 @@ from the hubs up through the actions and the verb table to its connection.
   hook when there is one, and opens the socket with that protocol (its 101, or an event
   stream's 200).
 - A socket's session: ``start_session`` ... ``end_session``, driven by a read watcher (no
-  greenlet waits on an idle socket); each message goes to the socket's protocol.
+  greenlet waits on an idle socket, and a lone pong needs none); each message goes to the
+  socket's protocol.
 - Connections and delivery: ``Connection``, ``Registry``, the framings (plain, wsboard.v1,
   and the event stream's, one per stream since its ids carry the stream's position), what a
   resuming socket gets first (``opening_plan``), token refreshes and ``TokenClock`` (sockets
@@ -2673,7 +2674,8 @@ def redact(line: str) -> str:
 # parks no greenlet. A read watcher on its descriptor starts a short one when bytes arrive,
 # which reads whole messages (gevent-websocket's parser, blocking only inside a message),
 # hands each to the socket's protocol and ends when none is left; an idle socket costs its
-# objects alone (~2 KB against ~9 KB with a parked greenlet; see docs/performance.md).
+# objects alone (~2 KB against ~9 KB with a parked greenlet; see docs/performance.md). A
+# heartbeat's pong that comes alone is taken by the watcher's callback, with no greenlet.
 
 
 def start_session(board: "Board", conn: "Connection", sock: socket.socket) -> None:
