@@ -9804,7 +9804,7 @@ class MetricsApp:
 
 
 def freeze_step(count: int, previous: int, frozen_at: int) -> str | None:
-    """What settle_gc does when its check finds count sockets (previous at the check before,
+    """What freeze_gc does when its check finds count sockets (previous at the check before,
     frozen_at when it last froze): None while they stay near frozen_at. "young" as soon as
     they grew, settled or not: a socket is no cycle, so one that closes is freed, frozen or
     not, and the new objects need only a collection of the young generations before they are
@@ -10325,7 +10325,7 @@ class Board:
                 self.heartbeat_round(time.monotonic())
             self.hub.expire(time.time())
 
-    def settle_gc(self, every: float = 1.0) -> None:
+    def freeze_gc(self, every: float = 1.0) -> None:
         """Freeze the collector's objects as the sockets grow (and once more after they
         shrink), so its full passes do not walk every idle socket's objects (107 ms at 10k
         sockets, measured), neither while a burst of connections comes in nor inside a
@@ -10437,7 +10437,7 @@ class Board:
             self.background += self.pusher_webhooks.greenlets
         self.background += [
             gevent.spawn(self.heartbeat),
-            gevent.spawn(self.settle_gc),
+            gevent.spawn(self.freeze_gc),
             gevent.spawn(self.expiry_sweep),
         ]
         if self.cfg.idle_timeout:

@@ -440,7 +440,7 @@ def test_a_hub_touches_only_what_socket_like_lists_and_boardsocket_offers_it():
 
 def test_a_socket_is_no_cycle_so_it_is_freed_when_let_go_not_by_the_collector():
     """The stock __init__ kept a bound method of the socket on the socket: every closed socket
-    was a cycle of 7 objects that waited for a full collection, or for ever once settle_gc had
+    was a cycle of 7 objects that waited for a full collection, or for ever once the collector had
     frozen it (10,000 sockets, a fifth replaced 20 times: 16.4 MB more RSS, 8.4 MB without it)."""
     import socket
     import sys
